@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from tests.conftest import VOCAB, random_batch, tiny_config
+from xlip.losses import XLIPLoss
+from xlip.model.layers import attend
+from xlip.model.vision import VisionTransformer, load_timm_weights, patchify, unpatchify
+from xlip.model.xlip import XLIPModel
+
+
+def total_loss(model, cfg, batch, seed=0):
+    out = model(batch, generator=torch.Generator().manual_seed(seed))
+    losses = XLIPLoss(cfg)(out, batch)
+    return sum(v for k, v in losses.items() if k.endswith("_loss")), out, losses
+
+
+@pytest.mark.parametrize("mim,mlm", [("attention", "entity"), ("random", "random"),
+                                     ("none", "entity"), ("random", "none"), ("none", "none")])
+def test_every_parameter_gets_a_gradient(mim, mlm):
+    cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm})
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB)
+    loss, out, losses = total_loss(model, cfg, random_batch(cfg))
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    assert ("mim_loss" in losses) == (mim != "none")
+    assert ("mlm_loss" in losses) == (mlm != "none")
+
+
+def test_output_shapes(cfg):
+    model = XLIPModel(cfg, VOCAB)
+    batch = random_batch(cfg, B=3)
+    out = model(batch)
+    N = (32 // 8) ** 2
+    assert out["image_embed"].shape == (3, 16) and out["text_embed"].shape == (3, 16)
+    assert torch.allclose(out["image_embed"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert out["mim_pred"].shape == (3, N, 64) and out["mim_mask"].shape == (3, N)
+    assert out["mim_mask"].sum(1).tolist() == [N // 2] * 3
+    assert out["mim_scores"].shape == (3, N)
+    n_labels = int((batch["mlm_labels"] != -100).sum())
+    assert out["mlm_logits"].shape == (n_labels, VOCAB)
+
+
+def test_attention_scores_sum_to_number_of_guiding_tokens(cfg):
+    model = XLIPModel(cfg, VOCAB)
+    batch = random_batch(cfg, B=2)
+    out = model(batch)
+    # each guiding token spreads one unit of attention over the patches
+    assert torch.allclose(out["mim_scores"].sum(1), batch["guide_mask"].sum(1).float(), atol=1e-4)
+
+
+def test_masked_patches_follow_attention_scores(cfg):
+    """With high_share=1 the masked patches are exactly the top half by score."""
+    cfg = tiny_config(mim={"high_share": 0.999})
+    model = XLIPModel(cfg, VOCAB)
+    out = model(random_batch(cfg, B=2))
+    for b in range(2):
+        top = set(torch.argsort(out["mim_scores"][b], descending=True)[:8].tolist())
+        assert set(torch.nonzero(out["mim_mask"][b]).flatten().tolist()) == top
+
+
+def test_text_only_rows_skip_image_cross_attention(cfg):
+    cfg = tiny_config(mlm={"text_only": True})
+    model = XLIPModel(cfg, VOCAB)
+    batch = random_batch(cfg, B=4)
+    batch["has_image"] = torch.tensor([True, False, True, False])
+    batch["images"] = batch["images"][[0, 2]]
+    out = model(batch)
+    assert out["image_embed"].shape[0] == 2 and out["mim_pred"].shape[0] == 2
+    assert out["cl_rows"].tolist() == [0, 2]
+    assert set(out["mlm_rows"].tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_visible_forward_ignores_masked_pixels(stem):
+    cfg = tiny_config(vision={"stem": stem}).vision
+    vit = VisionTransformer(cfg).eval()
+    x = torch.randn(1, 1, 32, 32)
+    keep = torch.tensor([[0, 5, 10, 15]])
+    y = x.clone()
+    y[..., 8:16, 0:8] += 5.0  # patch 4 (row 1, col 0) is masked
+    a, b = vit(x, keep)["tokens"], vit(y, keep)["tokens"]
+    assert torch.allclose(a, b, atol=1e-6)
+    z = x.clone()
+    z[..., 0:8, 0:8] += 5.0  # patch 0 is visible
+    assert not torch.allclose(a, vit(z, keep)["tokens"])
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 1, 32, 32)
+    p = patchify(x, 8)
+    assert p.shape == (2, 16, 1, 8, 8)
+    assert torch.equal(p[0, 5, 0], x[0, 0, 8:16, 8:16])
+    assert torch.equal(unpatchify(p.flatten(2), 8), x)
+
+
+def test_explicit_and_sdpa_attention_agree():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    assert torch.allclose(attend(q, k, v, mask, "explicit"), attend(q, k, v, mask, "sdpa"),
+                          atol=1e-5)
+
+
+def test_load_timm_named_weights(tmp_path):
+    """A state dict with timm's ViT names (RGB, other grid, with head) loads into a 1-channel ViT."""
+    from safetensors.torch import save_file
+
+    cfg = tiny_config().vision
+    src = VisionTransformer(cfg)
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    rgb = state["patch_embed.proj.weight"].repeat(1, 3, 1, 1) / 3.0
+    state["patch_embed.proj.weight"] = rgb
+    state["head.weight"] = torch.zeros(10, 32)
+    state["head.bias"] = torch.zeros(10)
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    torch.save(state, tmp_path / "vit.pth")
+    for name in ("vit.safetensors", "vit.pth"):
+        dst = VisionTransformer(cfg)
+        missing = load_timm_weights(dst, tmp_path / name)
+        assert missing == []
+        x = torch.randn(2, 1, 32, 32)
+        assert torch.allclose(dst(x)["cls"], src(x)["cls"], atol=1e-5)
+    # a different grid: position table resized
+    big = VisionTransformer(tiny_config(vision={"image_size": 48}).vision)
+    load_timm_weights(big, tmp_path / "vit.safetensors")
+    assert big.pos_embed.shape == (1, 37, 32)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        load_timm_weights(VisionTransformer(tiny_config(vision={"width": 64}).vision),
+                          tmp_path / "vit.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_timm_weights(dst, tmp_path / "nope.pth")
+
+
+def test_one_batch_overfit(cfg):
+    """All three losses fall far on one repeated batch."""
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB)
+    batch = random_batch(cfg, B=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(120):
+        loss, out, losses = total_loss(model, cfg, batch, seed=step % 2)
+        if first is None:
+            first = {k: float(v.detach()) for k, v in losses.items() if k.endswith("_loss")}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = {k: float(v) for k, v in losses.items() if k.endswith("_loss")}
+    assert last["cl_loss"] < 0.1 * first["cl_loss"]
+    assert last["mlm_loss"] < 0.2 * first["mlm_loss"]
+    assert last["mim_loss"] < 0.7 * first["mim_loss"]

@@ -1,0 +1,80 @@
+"""Python API: load a pre-trained XLIP folder, encode images and texts, classify zero-shot.
+
+A model folder holds ``config.yaml``, ``model.safetensors`` and ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import BertConfig
+
+from xlip.config import Config, load_config, save_config
+from xlip.data.images import prepare_image
+from xlip.eval.zeroshot import class_embeddings, positive_probability
+from xlip.model.xlip import XLIPModel
+from xlip.text.tokenizer import load_tokenizer
+from xlip.train.checkpoint import load_weights, save_text_files, save_weights
+
+
+class XLIP:
+    """A pre-trained XLIP model with its tokenizer and config."""
+
+    def __init__(self, model: XLIPModel, tokenizer, cfg: Config) -> None:
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "XLIP":
+        path = Path(path)
+        for name in ("config.yaml", "model.safetensors", "text_config.json", "tokenizer"):
+            if not (path / name).exists():
+                raise FileNotFoundError(f"{path} is not an xlip model folder: {name} missing")
+        cfg = load_config(path / "config.yaml")
+        tokenizer = load_tokenizer(path / "tokenizer")
+        text_config = BertConfig.from_json_file(str(path / "text_config.json"))
+        model = XLIPModel(cfg, len(tokenizer), text_config)
+        load_weights(model, path / "model.safetensors")
+        return cls(model.to(device), tokenizer, cfg)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, path / "config.yaml")
+        save_weights(self.model, path / "model.safetensors")
+        save_text_files(self.model, self.tokenizer, path)
+        return path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _images(self, images: Tensor | Sequence[str | Path]) -> Tensor:
+        if isinstance(images, Tensor):
+            return images.to(self.device)
+        size = self.cfg.vision.image_size
+        return torch.stack([prepare_image(p, size) for p in images]).to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor | Sequence[str | Path]) -> Tensor:
+        """Image paths, or a normalised (B, 1, H, W) tensor → (B, E) unit-norm embeddings."""
+        return self.model.encode_image(self._images(images))
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=self.cfg.text.max_length,
+                             return_tensors="pt").to(self.device)
+        return self.model.encode_text(enc["input_ids"], enc["attention_mask"])
+
+    @torch.no_grad()
+    def zero_shot(self, images: Tensor | Sequence[str | Path],
+                  findings: Sequence[str]) -> dict[str, np.ndarray]:
+        """Probability that each finding is present: {finding: (B,) array}."""
+        emb = self.encode_image(images)
+        cls, _ = class_embeddings(self.model, self.tokenizer, findings, self.cfg.text.max_length)
+        prob = positive_probability(emb, cls, float(self.model.scale())).cpu().numpy()
+        return {f: prob[:, j] for j, f in enumerate(findings)}

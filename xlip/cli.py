@@ -1,0 +1,144 @@
+"""The ``xlip`` command: parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from xlip.config import ConfigError
+
+OVERRIDES_HELP = "dotted config overrides, e.g. train.steps=100 mim.policy=random"
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from xlip.config import load_config
+    from xlip.train.loop import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    out = pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"model written to {out}")
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from xlip.api import XLIP
+    from xlip.eval.zeroshot import evaluate_zeroshot, markdown_table, write_results
+
+    m = XLIP.from_pretrained(args.model)
+    cfg = m.cfg
+    manifest = args.manifest or cfg.data.eval_manifest
+    if not manifest:
+        raise ConfigError("no evaluation manifest: pass --manifest or set data.eval_manifest")
+    result = evaluate_zeroshot(m.model, m.tokenizer, manifest, args.split or cfg.data.eval_split,
+                               args.findings or cfg.eval.findings, cfg.vision.image_size,
+                               cfg.text.max_length, cfg.eval.batch_size, cfg.eval.bootstrap)
+    result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
+    js, md = write_results(result, Path(args.out or args.model))
+    print(markdown_table(result))
+    print(f"written: {js} {md}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from xlip.data.synthetic import SynthConfig, montage, synthesize
+
+    cfg = SynthConfig(size=args.size)
+    if args.montage:
+        print(f"montage written to {montage(args.montage, seed=args.seed, cfg=cfg)}")
+        if not args.out:
+            return 0
+    if not args.out:
+        raise ConfigError("xlip data synth needs --out DIR (or only --montage FILE.png)")
+    path = synthesize(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                      cfg=cfg, image_only_fraction=args.image_only,
+                      text_only_fraction=args.text_only, workers=args.workers, progress=True)
+    print(f"manifest written to {path}")
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from xlip.data.manifest import load_manifest
+    from xlip.text.sections import select_text
+    from xlip.text.tokenizer import train_wordpiece
+
+    texts = []
+    for m in args.manifests:
+        texts += [select_text(r.text, args.text_policy) for r in
+                  load_manifest(m, verify_images=False) if r.text and r.split == args.split]
+    tok = train_wordpiece(texts, args.out, vocab_size=args.vocab_size)
+    print(f"WordPiece vocabulary of {len(tok)} tokens from {len(texts)} reports → {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from xlip.demo import run_demo
+
+    result = run_demo(Path(args.out), args.overrides, quick=args.quick)
+    print(json.dumps({"mean_auc": result["mean_auc"]}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xlip", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="synthetic corpus → tokenizer → pre-train → zero-shot")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a one-minute smoke version")
+    d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    d.set_defaults(func=_demo)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_cmd", required=True)
+    s = data.add_parser("synth", help="write the synthetic chest X-ray corpus")
+    s.add_argument("--out")
+    s.add_argument("--n-train", type=int, default=20000)
+    s.add_argument("--n-test", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=128)
+    s.add_argument("--image-only", type=float, default=0.25)
+    s.add_argument("--text-only", type=float, default=0.1)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--montage", help="also write a labelled contact sheet to this PNG")
+    s.set_defaults(func=_synth)
+
+    tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd",
+                                                                        required=True)
+    t = tk.add_parser("train", help="train a WordPiece vocabulary on manifest reports")
+    t.add_argument("manifests", nargs="+")
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int, default=4000)
+    t.add_argument("--split", default="train")
+    t.add_argument("--text-policy", default="findings_impression")
+    t.set_defaults(func=_tokenizer_train)
+
+    pt = sub.add_parser("pretrain", help="pre-train XLIP")
+    pt.add_argument("--config", help="YAML config file")
+    pt.add_argument("--resume", help="'latest' or a checkpoint folder")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pt.set_defaults(func=_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_cmd", required=True)
+    z = ev.add_parser("zeroshot", help="zero-shot classification with disease prompts")
+    z.add_argument("--model", required=True, help="model folder (a pre-training run)")
+    z.add_argument("--manifest", help="default: data.eval_manifest of the model's config")
+    z.add_argument("--split", help="default: data.eval_split")
+    z.add_argument("--findings", nargs="*", help="default: every label in the split")
+    z.add_argument("--out", help="folder for zeroshot.json/.md (default: the model folder)")
+    z.set_defaults(func=_zeroshot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"xlip: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Typed configuration: one dataclass per part, named presets, YAML load/save, validation.
+
+A config file is a nested YAML mapping whose top-level keys are the fields of :class:`Config`.
+Command-line overrides use dotted keys (``train.lr=3e-4``). Unknown keys, empty values and
+contradictory settings raise :class:`ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as written."""
+
+
+# name: (width, depth, heads)
+VIT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "micro": (192, 6, 3),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+# name: (hidden, layers, heads, intermediate)
+BERT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "micro": (128, 2, 2, 512),
+    "tiny": (256, 4, 4, 1024),
+    "small": (512, 4, 8, 2048),
+    "base": (768, 12, 12, 3072),
+}
+MIM_POLICIES = ("attention", "random", "none")
+MLM_POLICIES = ("entity", "random", "none")
+KINDS = ("paired", "image_only", "text_only")
+
+
+@dataclass
+class VisionConfig:
+    """Plain-PyTorch ViT. ``preset`` sets width/depth/heads unless they are given explicitly."""
+
+    preset: str = "tiny"
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 1
+    width: int = 0  # 0: from preset
+    depth: int = 0
+    heads: int = 0
+    mlp_ratio: float = 4.0
+    stem: str = "linear"  # linear | conv (non-overlapping, stays inside each patch)
+    attn_impl: str = "explicit"  # explicit | sdpa
+    pretrained: str = ""  # timm-named ViT state dict (.safetensors / .pth / .bin)
+
+    def resolved(self) -> tuple[int, int, int]:
+        w, d, h = VIT_PRESETS[self.preset] if self.preset != "custom" else (0, 0, 0)
+        return self.width or w, self.depth or d, self.heads or h
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    """Hugging Face BERT text encoder, from a preset or a local pretrained directory."""
+
+    preset: str = "tiny"
+    pretrained: str = ""  # local HF directory holding a BertModel (+ tokenizer)
+    tokenizer: str = ""  # local tokenizer directory; default: `pretrained`
+    max_length: int = 96
+    hidden: int = 0  # 0: from preset
+    layers: int = 0
+    heads: int = 0
+    intermediate: int = 0
+    attn_impl: str = "eager"  # eager | sdpa (transformers attention implementation)
+
+    def resolved(self) -> tuple[int, int, int, int]:
+        p = BERT_PRESETS[self.preset] if self.preset != "custom" else (0, 0, 0, 0)
+        return (self.hidden or p[0], self.layers or p[1], self.heads or p[2],
+                self.intermediate or p[3])
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 256  # shared contrastive space
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    mae_decoder_width: int = 256
+    mae_decoder_depth: int = 4
+    mae_decoder_heads: int = 8
+    mm_decoder_depth: int = 2  # multimodal text decoder for EntMLM (width = text hidden)
+
+
+@dataclass
+class MIMConfig:
+    policy: str = "attention"  # attention | random | none
+    ratio: float = 0.5
+    high_share: float = 0.75  # share of masked patches drawn from the top half by score
+    norm_pix: bool = True
+
+
+@dataclass
+class MLMConfig:
+    policy: str = "entity"  # entity | random | none
+    max_ratio: float = 0.5  # cap on masked words
+    min_ratio: float = 0.15  # floor, topped up with random words
+    prompts: bool = False  # disease-kind prompts take part in MLM
+    text_only: bool = False  # reports without images train MLM (image cross-attention skipped)
+
+
+@dataclass
+class LossConfig:
+    w_cl: float = 1.0
+    w_mim: float = 1.0
+    w_mlm: float = 1.0
+
+
+@dataclass
+class SourceConfig:
+    """One manifest (or one kind of its rows) drawn into each batch with a weight."""
+
+    manifest: str = ""
+    kind: str = "paired"  # paired | image_only | text_only
+    weight: float = 1.0
+    split: str = "train"
+    name: str = ""  # for logging; default: kind
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    eval_manifest: str = ""  # held-out manifest for zero-shot evaluation
+    eval_split: str = "test"
+    text_policy: str = "findings_impression"
+    batch_size: int = 64
+    num_workers: int = 1
+    augment: bool = True
+    verify_images: bool = True  # open every image once when a manifest is loaded
+    skip_bad: bool = False  # train without rejected rows (still written to a rejects file)
+    prompt_negatives: int = 0  # sampled "No {finding}." sentences added to label prompts
+    shuffle_pairs: bool = False  # control experiment: break image-report pairing
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/xlip"
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 50
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    threads: int = 0  # torch intra-op threads; 0: leave as is
+
+
+@dataclass
+class EvalConfig:
+    findings: list[str] = field(default_factory=list)  # empty: every label present in eval set
+    bootstrap: int = 200
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mim: MIMConfig = field(default_factory=MIMConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        validate(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError on values out of range or settings that contradict each other."""
+    v, t = cfg.vision, cfg.text
+    _choice("vision.preset", v.preset, [*VIT_PRESETS, "custom"])
+    _choice("vision.stem", v.stem, ("linear", "conv"))
+    _choice("vision.attn_impl", v.attn_impl, ("explicit", "sdpa"))
+    _choice("text.preset", t.preset, [*BERT_PRESETS, "custom"])
+    _choice("text.attn_impl", t.attn_impl, ("eager", "sdpa"))
+    _choice("mim.policy", cfg.mim.policy, MIM_POLICIES)
+    _choice("mlm.policy", cfg.mlm.policy, MLM_POLICIES)
+    _choice("train.precision", cfg.train.precision, ("bf16", "fp32"))
+    from xlip.text.sections import TEXT_POLICIES
+
+    _choice("data.text_policy", cfg.data.text_policy, TEXT_POLICIES)
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"vision.image_size={v.image_size} is not a multiple of "
+                          f"vision.patch_size={v.patch_size}")
+    width, depth, heads = v.resolved()
+    if not (width and depth and heads) or width % heads:
+        raise ConfigError(f"vision: width {width} / depth {depth} / heads {heads} invalid "
+                          "(preset 'custom' needs all three; width must divide by heads)")
+    if v.stem == "conv" and v.patch_size % 4:
+        raise ConfigError("vision.stem=conv needs vision.patch_size divisible by 4")
+    if not t.pretrained:
+        hidden, layers, theads, _ = t.resolved()
+        if not (hidden and layers and theads) or hidden % theads:
+            raise ConfigError(f"text: hidden {hidden} / layers {layers} / heads {theads} invalid")
+    if t.max_length < 8:
+        raise ConfigError("text.max_length must be at least 8")
+    for name in ("ratio", "high_share"):
+        x = getattr(cfg.mim, name)
+        if not 0.0 < x < 1.0:
+            raise ConfigError(f"mim.{name}={x} must lie strictly between 0 and 1")
+    if not 0.0 < cfg.mlm.min_ratio <= cfg.mlm.max_ratio < 1.0:
+        raise ConfigError(f"need 0 < mlm.min_ratio ({cfg.mlm.min_ratio}) <= mlm.max_ratio "
+                          f"({cfg.mlm.max_ratio}) < 1")
+    for term, policy in (("mim", cfg.mim.policy), ("mlm", cfg.mlm.policy)):
+        w = getattr(cfg.loss, f"w_{term}")
+        if w < 0:
+            raise ConfigError(f"loss.w_{term}={w} is negative")
+        if w == 0 and policy != "none":
+            raise ConfigError(f"loss.w_{term}=0 but {term}.policy={policy}: set "
+                              f"{term}.policy=none to switch the task off")
+    if cfg.loss.w_cl < 0:
+        raise ConfigError("loss.w_cl is negative")
+    if cfg.loss.w_cl == 0 and cfg.mim.policy == "none" and cfg.mlm.policy == "none":
+        raise ConfigError("every loss is switched off (loss.w_cl=0, mim.policy=none, "
+                          "mlm.policy=none): nothing to train")
+    if cfg.mim.policy == "attention" and cfg.mlm.policy == "none":
+        raise ConfigError("mim.policy=attention scores patches with the cross-attention that "
+                          "EntMLM trains, but mlm.policy=none; use mim.policy=random or "
+                          "switch MLM on")
+    if cfg.mlm.text_only and cfg.mlm.policy == "none":
+        raise ConfigError("mlm.text_only=true needs an mlm.policy other than none")
+    for i, s in enumerate(cfg.data.sources):
+        _choice(f"data.sources[{i}].kind", s.kind, KINDS)
+        if not s.manifest:
+            raise ConfigError(f"data.sources[{i}].manifest is empty: give the manifest path")
+        if s.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
+        if s.kind == "text_only" and not cfg.mlm.text_only:
+            raise ConfigError(f"data.sources[{i}] is text_only but mlm.text_only=false: "
+                              "text-only reports only train EntMLM; set mlm.text_only=true")
+    if cfg.data.batch_size < 2:
+        raise ConfigError("data.batch_size must be at least 2 (contrastive loss needs negatives)")
+    tr = cfg.train
+    if tr.steps < 1 or tr.grad_accum < 1 or tr.lr <= 0:
+        raise ConfigError("train.steps, train.grad_accum and train.lr must be positive")
+    if tr.warmup_steps >= tr.steps and tr.steps > 1:
+        raise ConfigError(f"train.warmup_steps={tr.warmup_steps} must be below "
+                          f"train.steps={tr.steps}")
+    if len(tuple(tr.betas)) != 2:
+        raise ConfigError("train.betas needs two numbers, e.g. [0.9, 0.98]")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}; valid keys under "
+                              f"{path or 'the top level'}: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if value is None or (isinstance(value, str) and value.strip() == "" and tp is not str):
+        raise ConfigError(f"config key {path!r} is empty: give it a value or remove it")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = get_args(tp)
+        return tuple(_coerce(a, v, path) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if tp is int and float(value) != int(value):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data or {}, "").validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=3e-4'`` → (['train', 'lr'], 0.0003). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has no key")
+    if raw.strip() == "":
+        raise ConfigError(f"override {text!r} gives config key {key!r} an empty value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def merge(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = _plain(base)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted overrides, then validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        try:
+            return from_dict(merge(data, overrides or []))
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from None
+    return from_dict(merge(data, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

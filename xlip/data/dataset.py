@@ -1,0 +1,264 @@
+"""Training data: per-source datasets, the mixed-kind batch sampler and the XLIP collator.
+
+A *source* is the rows of one kind (paired / image-only / text-only) from one manifest, drawn
+into every batch with a configured weight. The collator tokenises texts, builds disease-kind
+prompts for image-only rows, marks AttMIM guiding tokens and applies EntMLM masking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from xlip.config import Config, SourceConfig
+from xlip.data.images import prepare_image
+from xlip.data.manifest import ManifestError, Record, load_manifest
+from xlip.masking import mask_tokens, select_mlm_words
+from xlip.text.ner import extract_entities
+from xlip.text.prompts import label_prompt
+from xlip.text.sections import select_text
+
+
+@dataclass
+class Sample:
+    """One row ready for collation."""
+
+    source: int
+    kind: str  # paired | image_only | text_only
+    text: str  # report section text, or "" for image-only rows (prompt made in collate)
+    labels: tuple[str, ...]
+    image: Tensor | None  # (C, H, W)
+    seed: int  # per-draw seed for prompt/masking randomness
+
+
+def source_records(src: SourceConfig, cfg: Config, manifests: dict[str, list[Record]],
+                   rejects_dir: Path | None = None) -> list[Record]:
+    """Rows of ``src.kind`` and ``src.split`` from its manifest (manifests cached by path)."""
+    key = str(Path(src.manifest).resolve())
+    if key not in manifests:
+        rejects = (rejects_dir / f"{Path(src.manifest).stem}.rejects.csv") if rejects_dir else None
+        manifests[key] = load_manifest(src.manifest, verify_images=cfg.data.verify_images,
+                                       rejects=rejects, skip_bad=cfg.data.skip_bad)
+    rows = [r for r in manifests[key] if r.split == src.split and r.kind == src.kind]
+    if not rows:
+        raise ManifestError(f"{src.manifest}: no {src.kind} rows in split {src.split!r} "
+                            f"(data source {src.name or src.kind})")
+    return rows
+
+
+class MixedDataset(Dataset):
+    """All sources concatenated; index = (source offset + row)."""
+
+    def __init__(self, cfg: Config, train: bool = True, rejects_dir: Path | None = None) -> None:
+        self.cfg, self.train = cfg, train
+        cache: dict[str, list[Record]] = {}
+        self.sources = cfg.data.sources
+        self.records = [source_records(s, cfg, cache, rejects_dir) for s in self.sources]
+        self.names = [s.name or s.kind for s in self.sources]
+        if len(set(self.names)) != len(self.names):
+            raise ManifestError(f"data source names repeat: {self.names}; set data.sources[i].name")
+        self.offsets = [0]
+        for recs in self.records:
+            self.offsets.append(self.offsets[-1] + len(recs))
+        # control experiment: every row takes the text/labels of another row of its source
+        self.partner = [list(range(len(r))) for r in self.records]
+        if cfg.data.shuffle_pairs:
+            g = random.Random(cfg.train.seed + 7919)
+            for p in self.partner:
+                g.shuffle(p)
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def findings(self) -> list[str]:
+        """Every label that occurs in the training sources, sorted."""
+        return sorted({lab for recs in self.records for r in recs for lab in r.labels})
+
+    def locate(self, index: int) -> tuple[int, int]:
+        for s in range(len(self.records)):
+            if index < self.offsets[s + 1]:
+                return s, index - self.offsets[s]
+        raise IndexError(index)
+
+    def __getitem__(self, item: tuple[int, int]) -> Sample:
+        index, seed = item
+        s, i = self.locate(index)
+        rec = self.records[s][i]
+        other = self.records[s][self.partner[s][i]]
+        rng = random.Random(seed)
+        image = None
+        if rec.image:
+            image = prepare_image(rec.image, self.cfg.vision.image_size,
+                                  rng if (self.train and self.cfg.data.augment) else None)
+        text = select_text(other.text, self.cfg.data.text_policy) if other.text else ""
+        if rec.kind != "image_only" and not text.strip():
+            raise ManifestError(f"{rec.source} row {rec.row}: report is empty after section "
+                                f"selection (data.text_policy={self.cfg.data.text_policy})")
+        return Sample(s, self.sources[s].kind, text, other.labels, image, seed)
+
+
+class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches with a fixed number of rows from each source, by weight (largest remainder).
+
+    Pure function of (seed, step): the k-th draw from source s is row ``perm_{s,e}[k mod n_s]``
+    with epoch e = k // n_s, so resuming needs only the step. DDP-aware: rank r of w takes
+    rows [r·B, (r+1)·B) of the global batch of w·B.
+    """
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int,
+                 seed: int = 0, start_step: int = 0, steps: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.sizes, self.seed = list(sizes), seed
+        self.batch_size, self.rank, self.world = batch_size, rank, world_size
+        self.start_step, self.steps = start_step, steps
+        self.quota = quotas(weights, batch_size * world_size)
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self._perm: dict[tuple[int, int], list[int]] = {}
+
+    def perm(self, s: int, epoch: int) -> list[int]:
+        key = (s, epoch)
+        if key not in self._perm:
+            if len(self._perm) > 4 * len(self.sizes):
+                self._perm.clear()
+            p = list(range(self.sizes[s]))
+            random.Random(hash_int(f"{self.seed}/{s}/{epoch}")).shuffle(p)
+            self._perm[key] = p
+        return self._perm[key]
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        out = []
+        for s, q in enumerate(self.quota):
+            n = self.sizes[s]
+            for k in range(step * q, (step + 1) * q):
+                row = self.perm(s, k // n)[k % n]
+                out.append((self.offsets[s] + row, hash_int(f"{self.seed}/{s}/{k}")))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while self.steps is None or step < self.steps:
+            b = self.global_batch(step)
+            yield b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            step += 1
+
+    def __len__(self) -> int:
+        return (self.steps or 0) - self.start_step
+
+
+def quotas(weights: Sequence[float], total: int) -> list[int]:
+    """Split ``total`` by ``weights`` with the largest-remainder method (each ≥ 1 if possible)."""
+    w = [x / sum(weights) for x in weights]
+    raw = [x * total for x in w]
+    q = [int(r) for r in raw]
+    for i in sorted(range(len(w)), key=lambda i: raw[i] - q[i], reverse=True)[:total - sum(q)]:
+        q[i] += 1
+    for i in range(len(q)):  # every source appears in each batch
+        if q[i] == 0 and total >= len(q):
+            j = max(range(len(q)), key=lambda j: q[j])
+            q[i], q[j] = 1, q[j] - 1
+    return q
+
+
+def hash_int(text: str) -> int:
+    """Stable 63-bit hash (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class Collator:
+    """Samples → batch dict for :class:`xlip.model.xlip.XLIP`.
+
+    Keys: ``images`` (Bi, C, H, W) for rows with an image, ``has_image`` (B,), ``input_ids`` /
+    ``attention_mask`` (B, L) clean text (report or prompt), ``text_key`` (B,) identical texts
+    share a key, ``guide_mask`` (B, L) AttMIM guiding tokens, ``mlm_*`` masked reports of the
+    rows in ``mlm_rows``, ``source`` (B,).
+    """
+
+    def __init__(self, cfg: Config, tokenizer, train: bool = True,
+                 findings: Sequence[str] = ()) -> None:
+        """findings: the label vocabulary that negative prompt sentences are drawn from."""
+        self.cfg, self.tok, self.train = cfg, tokenizer, train
+        self.findings = [f for f in findings if f != "No Finding"]
+        self.special = set(tokenizer.all_special_ids)
+        self.vocab = len(tokenizer)
+
+    def text_for(self, s: Sample, rng: random.Random) -> tuple[str, bool]:
+        """(text, is_prompt)."""
+        if s.kind == "image_only":
+            negatives: list[str] = []
+            if self.cfg.data.prompt_negatives and self.train:
+                pool = [f for f in self.findings if f not in s.labels]
+                negatives = rng.sample(pool, min(len(pool), self.cfg.data.prompt_negatives))
+            return label_prompt(s.labels, rng if self.train else None, negatives), True
+        return s.text, False
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
+        cfg = self.cfg
+        rngs = [random.Random(s.seed ^ 0x5EED) for s in samples]
+        texts, prompt = zip(*(self.text_for(s, r) for s, r in zip(samples, rngs)))
+        enc = self.tok(list(texts), padding="longest", truncation=True,
+                       max_length=cfg.text.max_length, return_offsets_mapping=True,
+                       return_tensors="pt")
+        B, L = enc["input_ids"].shape
+        guide = torch.zeros(B, L, dtype=torch.bool)
+        mlm_rows, mlm_ids, mlm_labels = [], [], []
+        for b, (s, text, is_prompt) in enumerate(zip(samples, texts, prompt)):
+            ids = enc["input_ids"][b].tolist()
+            offsets = enc["offset_mapping"][b].tolist()
+            word_ids = enc.word_ids(b)
+            spans = [] if is_prompt else [(e.start, e.end) for e in extract_entities(text)]
+            ent_tok = [w is not None and any(a < o[1] and o[0] < z for a, z in spans)
+                       for w, o in zip(word_ids, offsets)]
+            content = [w is not None for w in word_ids]
+            guide[b] = torch.tensor(ent_tok if any(ent_tok) else content)
+            in_mlm = (cfg.mlm.policy != "none" and
+                      (s.kind == "paired" or (s.kind == "text_only" and cfg.mlm.text_only) or
+                       (is_prompt and cfg.mlm.prompts)))
+            if in_mlm:
+                words = word_spans(word_ids, offsets, text)
+                ent_words = [w for w, (a, z) in words.items()
+                             if any(x < z and a < y for x, y in spans)]
+                chosen = select_mlm_words(sorted(words), ent_words, cfg.mlm.policy,
+                                          cfg.mlm.max_ratio, cfg.mlm.min_ratio, rngs[b])
+                masked, labels = mask_tokens(ids, word_ids, chosen, self.tok.mask_token_id,
+                                             self.vocab, self.special, rngs[b])
+                mlm_rows.append(b)
+                mlm_ids.append(masked)
+                mlm_labels.append(labels)
+        has_image = torch.tensor([s.image is not None for s in samples])
+        images = [s.image for s in samples if s.image is not None]
+        batch = {
+            "images": torch.stack(images) if images else torch.zeros(0, 1, 1, 1),
+            "has_image": has_image,
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "text_key": torch.tensor([hash_int(t) for t in texts], dtype=torch.long),
+            "guide_mask": guide & enc["attention_mask"].bool(),
+            "source": torch.tensor([s.source for s in samples]),
+            "mlm_rows": torch.tensor(mlm_rows, dtype=torch.long),
+            "mlm_input_ids": torch.tensor(mlm_ids, dtype=torch.long).reshape(-1, L),
+            "mlm_attention_mask": enc["attention_mask"][mlm_rows] if mlm_rows else
+            torch.zeros(0, L, dtype=torch.long),
+            "mlm_labels": torch.tensor(mlm_labels, dtype=torch.long).reshape(-1, L),
+        }
+        return batch
+
+
+def word_spans(word_ids: list[int | None], offsets: list[list[int]],
+               text: str) -> dict[int, tuple[int, int]]:
+    """Character span of each word that contains a letter or digit (punctuation excluded)."""
+    spans: dict[int, list[int]] = {}
+    for w, (a, z) in zip(word_ids, offsets):
+        if w is None:
+            continue
+        if w in spans:
+            spans[w][1] = z
+        else:
+            spans[w] = [a, z]
+    return {w: (a, z) for w, (a, z) in spans.items() if any(c.isalnum() for c in text[a:z])}

@@ -1,0 +1,34 @@
+"""Classification metrics with bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def auc(y: np.ndarray, score: np.ndarray) -> float:
+    return float(roc_auc_score(y, score))
+
+
+def bootstrap_ci(y: np.ndarray, score: np.ndarray, n: int = 200, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUC (resamples that lack a class are skipped)."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() == y[idx].max():
+            continue
+        vals.append(roc_auc_score(y[idx], score[idx]))
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
+def f1_acc(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
+    pred = prob >= threshold
+    tp = float(np.sum(pred & (y == 1)))
+    fp = float(np.sum(pred & (y == 0)))
+    fn = float(np.sum(~pred & (y == 1)))
+    f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
+    return f1, float(np.mean(pred == (y == 1)))

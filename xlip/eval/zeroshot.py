@@ -1,0 +1,115 @@
+"""Zero-shot classification: per finding, a positive and a negative prompt set; an image's score
+is the softmax probability of the positive set. AUC, F1 and ACC with bootstrap 95% CIs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xlip.data.images import prepare_image
+from xlip.data.manifest import ManifestError, Record, load_manifest
+from xlip.eval.metrics import auc, bootstrap_ci, f1_acc
+from xlip.text.prompts import zeroshot_prompts
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, findings: Sequence[str],
+                     max_length: int) -> tuple[torch.Tensor, dict[str, dict[str, list[str]]]]:
+    """(F, 2, E): for each finding the mean unit embedding of its positive and negative prompts."""
+    device = next(model.parameters()).device
+    out, used = [], {}
+    for f in findings:
+        pos, neg = zeroshot_prompts(f)
+        used[f] = {"positive": list(pos), "negative": list(neg)}
+        pair = []
+        for prompts in (pos, neg):
+            enc = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
+            e = model.encode_text(enc["input_ids"], enc["attention_mask"]).mean(dim=0)
+            pair.append(F.normalize(e, dim=-1))
+        out.append(torch.stack(pair))
+    return torch.stack(out), used
+
+
+@torch.no_grad()
+def encode_images(model, paths: Sequence[str], size: int, batch_size: int = 128) -> torch.Tensor:
+    device = next(model.parameters()).device
+    embs = []
+    for i in range(0, len(paths), batch_size):
+        x = torch.stack([prepare_image(p, size) for p in paths[i:i + batch_size]]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            embs.append(model.encode_image(x).float())
+    return torch.cat(embs)
+
+
+def positive_probability(image_emb: torch.Tensor, class_emb: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """(B, E) × (F, 2, E) → (B, F): softmax over [positive, negative] of scaled cosines."""
+    logits = scale * torch.einsum("be,fke->bfk", image_emb.float(), class_emb.float())
+    return logits.softmax(dim=-1)[..., 0]
+
+
+def eval_records(manifest: str | Path, split: str) -> list[Record]:
+    rows = [r for r in load_manifest(manifest, verify_images=False)
+            if r.split == split and r.image and r.labels]
+    if not rows:
+        raise ManifestError(f"{manifest}: no rows with image and labels in split {split!r}")
+    return rows
+
+
+def default_findings(records: Sequence[Record]) -> list[str]:
+    """Labels (other than No Finding) with at least one positive and one negative image."""
+    names = sorted({lab for r in records for lab in r.labels} - {"No Finding"})
+    return [f for f in names if 0 < sum(f in r.labels for r in records) < len(records)]
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, tokenizer, manifest: str | Path, split: str = "test",
+                      findings: Sequence[str] = (), image_size: int = 224, max_length: int = 96,
+                      batch_size: int = 128, bootstrap: int = 200) -> dict:
+    model.eval()
+    records = eval_records(manifest, split)
+    findings = list(findings) or default_findings(records)
+    unknown = [f for f in findings if not any(f in r.labels for r in records)]
+    if unknown:
+        raise ValueError(f"eval.findings {unknown} never occur in {manifest} split {split!r}")
+    img = encode_images(model, [r.image for r in records], image_size, batch_size)
+    cls, prompts = class_embeddings(model, tokenizer, findings, max_length)
+    prob = positive_probability(img, cls.to(img.device), float(model.scale())).cpu().numpy()
+    per, details = {}, {}
+    for j, f in enumerate(findings):
+        y = np.array([f in r.labels for r in records], dtype=int)
+        a = auc(y, prob[:, j])
+        lo, hi = bootstrap_ci(y, prob[:, j], n=bootstrap, seed=j)
+        f1, acc = f1_acc(y, prob[:, j])
+        per[f] = a
+        details[f] = {"auc": a, "auc_ci95": [lo, hi], "f1": f1, "acc": acc,
+                      "positives": int(y.sum()), "n": int(len(y))}
+    return {"mean_auc": float(np.mean(list(per.values()))), "per_finding": per,
+            "details": details, "manifest": str(manifest), "split": split,
+            "n_images": len(records), "prompts": prompts}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| finding | AUC | 95% CI | F1 | ACC | positives / n |",
+             "|---|---|---|---|---|---|"]
+    for f, d in result["details"].items():
+        lo, hi = d["auc_ci95"]
+        lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['f1']:.3f} | "
+                     f"{d['acc']:.3f} | {d['positives']} / {d['n']} |")
+    lines.append(f"| **mean** | **{result['mean_auc']:.3f}** | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out_dir: Path, name: str = "zeroshot") -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    js.write_text(json.dumps(result, indent=2))
+    md.write_text(f"# Zero-shot classification\n\n{result['manifest']} split "
+                  f"`{result['split']}`, {result['n_images']} images\n\n" + markdown_table(result))
+    return js, md

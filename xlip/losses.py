@@ -1,0 +1,107 @@
+"""Losses as modules over the model's output dict.
+
+Each loss returns a per-sample vector (for per-source logging) and a scalar. The composite
+:class:`XLIPLoss` returns ``{"cl_loss", "mim_loss", "mlm_loss"}`` (weighted) for the trainer
+to sum, plus ``*_per_sample`` tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xlip.config import Config
+from xlip.model.vision import patchify
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the gradient of the local part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE with multi-positive targets.
+
+    Samples whose texts are identical (``text_key`` equal) are positives of each other; the
+    target row is uniform over the positives. Embeddings are gathered across ranks, so the
+    negatives are the global batch (all ranks must use the same local batch size).
+    """
+
+    def forward(self, image: Tensor, text: Tensor, logit_scale: Tensor,
+                text_key: Tensor) -> tuple[Tensor, Tensor]:
+        """image, text: (B, E) L2-normalised; text_key: (B,) int64. Returns (scalar, (B,))."""
+        all_img, all_txt = gather_with_grad(image), gather_with_grad(text)  # (G, E)
+        all_key = gather_with_grad(text_key)
+        pos = (text_key[:, None] == all_key[None, :]).float()  # (B, G)
+        target = pos / pos.sum(dim=1, keepdim=True)
+        logits_i2t = logit_scale * image.float() @ all_txt.float().t()  # (B, G)
+        logits_t2i = logit_scale * text.float() @ all_img.float().t()  # (B, G)
+        loss_i = -(target * F.log_softmax(logits_i2t, dim=1)).sum(dim=1)
+        loss_t = -(target * F.log_softmax(logits_t2i, dim=1)).sum(dim=1)
+        per = 0.5 * (loss_i + loss_t)  # (B,)
+        return per.mean(), per
+
+
+class MIMLoss(nn.Module):
+    """MSE on masked patches, target pixels normalised per patch (MAE ``norm_pix_loss``)."""
+
+    def __init__(self, patch_size: int, norm_pix: bool = True) -> None:
+        super().__init__()
+        self.p, self.norm_pix = patch_size, norm_pix
+
+    def target(self, images: Tensor) -> Tensor:
+        t = patchify(images, self.p).flatten(2).float()  # (B, N, C·p·p)
+        if self.norm_pix:
+            mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
+            t = (t - mean) / (var + 1e-6).sqrt()
+        return t
+
+    def forward(self, pred: Tensor, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """pred: (B, N, C·p·p); images: (B, C, H, W); mask: (B, N) 1 = masked."""
+        err = ((pred.float() - self.target(images)) ** 2).mean(dim=-1)  # (B, N)
+        per = (err * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return (err * mask).sum() / mask.sum().clamp(min=1), per
+
+
+class MLMLoss(nn.Module):
+    """Cross-entropy on masked positions only (labels -100 elsewhere)."""
+
+    def forward(self, logits: Tensor, labels: Tensor, rows: Tensor,
+                batch: int) -> tuple[Tensor, Tensor]:
+        """logits: (M, V) at the M labelled positions; labels: (M,); rows: (M,) sample index."""
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (M,)
+        per = torch.zeros(batch, device=ce.device).index_add_(0, rows, ce)
+        count = torch.zeros(batch, device=ce.device).index_add_(0, rows, torch.ones_like(ce))
+        return ce.mean(), per / count.clamp(min=1)
+
+
+class XLIPLoss(nn.Module):
+    """L = w_cl·CL + w_mim·MIM + w_mlm·MLM over the model's output dict."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.w = cfg.loss
+        self.cl = ContrastiveLoss()
+        self.mim = MIMLoss(cfg.vision.patch_size, cfg.mim.norm_pix)
+        self.mlm = MLMLoss()
+
+    def forward(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if "image_embed" in out and self.w.w_cl > 0:
+            loss, per = self.cl(out["image_embed"], out["text_embed"], out["logit_scale"],
+                                out["cl_text_key"])
+            losses["cl_loss"], losses["cl_per_sample"] = self.w.w_cl * loss, per
+        if "mim_pred" in out:
+            loss, per = self.mim(out["mim_pred"], out["mim_images"], out["mim_mask"])
+            losses["mim_loss"], losses["mim_per_sample"] = self.w.w_mim * loss, per
+        if "mlm_logits" in out:
+            loss, per = self.mlm(out["mlm_logits"], out["mlm_labels"], out["mlm_rows"],
+                                 out["mlm_batch"])
+            losses["mlm_loss"], losses["mlm_per_sample"] = self.w.w_mlm * loss, per
+        return losses

@@ -1,0 +1,50 @@
+"""Text encoder: a Hugging Face ``BertModel`` built from a preset or loaded from a local dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor, nn
+from transformers import BertConfig, BertModel
+
+from xlip.config import TextConfig
+
+
+def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = None) -> BertModel:
+    """A BertModel from ``config`` (random init; weights loaded later), else from the local
+    pretrained directory, else from the preset."""
+    if config is not None:
+        config._attn_implementation = cfg.attn_impl
+        return BertModel(config, add_pooling_layer=False)
+    if cfg.pretrained:
+        p = Path(cfg.pretrained)
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"text.pretrained: {p} is not a local Hugging Face model "
+                                    "directory (no config.json); nothing is downloaded")
+        model = BertModel.from_pretrained(str(p), local_files_only=True,
+                                          add_pooling_layer=False,
+                                          attn_implementation=cfg.attn_impl)
+        if model.config.vocab_size < vocab_size:
+            raise ValueError(f"{p}: model vocabulary ({model.config.vocab_size}) is smaller "
+                             f"than the tokenizer's ({vocab_size}); use the model's tokenizer")
+        return model
+    hidden, layers, heads, inter = cfg.resolved()
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=inter,
+                        max_position_embeddings=max(cfg.max_length, 128))
+    config._attn_implementation = cfg.attn_impl
+    return BertModel(config, add_pooling_layer=False)
+
+
+class TextEncoder(nn.Module):
+    """Wraps BertModel: token states (B, L, H) and the [CLS] state (B, H)."""
+
+    def __init__(self, cfg: TextConfig, vocab_size: int,
+                 config: BertConfig | None = None) -> None:
+        super().__init__()
+        self.bert = build_bert(cfg, vocab_size, config)
+        self.hidden = self.bert.config.hidden_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return {"cls": states[:, 0], "tokens": states}

@@ -1,0 +1,159 @@
+"""Vision Transformer in plain PyTorch with a visible-only (MAE) forward.
+
+Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks.N.attn.qkv`` ...) so ViT/DeiT/MAE weights saved from timm load from a
+local file with :func:`load_timm_weights`.
+
+Patches are cut out *before* the embedding, so the embedding (linear or the convolutional stem)
+only ever sees one patch: a masked patch can never leak into a visible one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xlip.config import VisionConfig
+from xlip.model.layers import Block, init_weights, sincos_2d
+
+
+def patchify(images: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) → (B, N, C, p, p) with N = (H/p)·(W/p), row-major over the grid."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C, p, p)
+
+
+def unpatchify(patches: Tensor, p: int, channels: int = 1) -> Tensor:
+    """(B, N, C·p·p) → (B, C, H, W) for a square grid."""
+    B, N, _ = patches.shape
+    g = int(round(N ** 0.5))
+    x = patches.reshape(B, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, channels, g * p, g * p)
+
+
+class PatchEmbed(nn.Module):
+    """Embeds patches one at a time: (M, C, p, p) → (M, D).
+
+    ``linear``: one p×p convolution with stride p (timm's ``patch_embed.proj``).
+    ``conv``: 4×4/s4 → 2×2/s2 → ... → projection, non-overlapping kernels inside the patch.
+    """
+
+    def __init__(self, patch: int, in_chans: int, dim: int, stem: str = "linear") -> None:
+        super().__init__()
+        self.stem_kind = stem
+        if stem == "linear":
+            self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+            return
+        layers: list[nn.Module] = []
+        ch, size, width = in_chans, patch, dim // 4
+        layers += [nn.Conv2d(ch, width, kernel_size=4, stride=4), nn.GELU()]
+        ch, size = width, size // 4
+        while size > 1:
+            nxt = min(ch * 2, dim)
+            layers += [nn.Conv2d(ch, nxt, kernel_size=2, stride=2), nn.GELU()]
+            ch, size = nxt, size // 2
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(ch, dim, kernel_size=1)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        x = self.stem(patches) if self.stem_kind == "conv" else patches
+        return self.proj(x).flatten(1)  # (M, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with CLS token; ``forward(images, keep_ids)`` encodes all or only the kept patches.
+
+    Returns a dict: ``cls`` (B, D) and ``tokens`` (B, K, D) — the final-normed patch tokens in
+    the order of ``keep_ids`` (all N patches in grid order when ``keep_ids`` is None).
+    """
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        width, depth, heads = cfg.resolved()
+        self.cfg, self.width = cfg, width
+        self.patch_size, self.grid = cfg.patch_size, cfg.grid
+        self.num_patches = cfg.grid ** 2
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, width, cfg.stem)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, width))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, cfg.mlp_ratio, cfg.attn_impl) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.apply(init_weights)
+        with torch.no_grad():
+            self.pos_embed[0, 1:] = sincos_2d(width, cfg.grid)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, images: Tensor, keep_ids: Tensor | None = None) -> dict[str, Tensor]:
+        B = images.shape[0]
+        patches = patchify(images, self.patch_size)  # (B, N, C, p, p)
+        pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
+        if keep_ids is not None:
+            idx = keep_ids[:, :, None, None, None].expand(-1, -1, *patches.shape[2:])
+            patches = torch.gather(patches, 1, idx)  # (B, K, C, p, p)
+            pos = torch.gather(pos, 1, keep_ids[:, :, None].expand(-1, -1, pos.shape[-1]))
+        K = patches.shape[1]
+        x = self.patch_embed(patches.flatten(0, 1)).reshape(B, K, -1) + pos  # (B, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return {"cls": x[:, 0], "tokens": x[:, 1:]}
+
+
+def load_timm_weights(model: VisionTransformer, path: str | Path) -> list[str]:
+    """Load a timm-named ViT state dict from a local file into ``model``.
+
+    RGB patch embeddings are summed to one channel, position tables are resized bicubically to
+    the model's grid, the classification head is dropped. Returns the keys the file did not
+    provide (the model keeps its initialisation there). Shape mismatches raise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision.pretrained: {path} does not exist; give a local "
+                                "timm ViT state dict (.safetensors, .pth or .bin)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_"))}
+    own = model.state_dict()
+    w = state.get("patch_embed.proj.weight")
+    if w is not None and w.shape[1] != model.cfg.in_chans:
+        if model.cfg.in_chans != 1:
+            raise ValueError(f"{path}: patch embedding has {w.shape[1]} channels, model "
+                             f"{model.cfg.in_chans}")
+        state["patch_embed.proj.weight"] = w.sum(dim=1, keepdim=True)
+    pe = state.get("pos_embed")
+    if pe is not None and pe.shape != own["pos_embed"].shape:
+        state["pos_embed"] = _resize_pos_embed(pe, model.grid)
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shapes do not match the configured ViT "
+                         f"(check vision.preset / patch_size): {'; '.join(bad[:5])}")
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ValueError(f"{path}: keys not in an xlip ViT: {unexpected[:8]} — is this a "
+                         "timm VisionTransformer state dict?")
+    missing = [k for k in own if k not in state]
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def _resize_pos_embed(pe: Tensor, grid: int) -> Tensor:
+    cls, table = pe[:, :1], pe[:, 1:]  # (1, 1, D), (1, g*g, D)
+    old = int(round(table.shape[1] ** 0.5))
+    table = table.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    table = F.interpolate(table.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)

@@ -1,0 +1,131 @@
+"""The XLIP model: composes ViT, BERT, projections, the MAE decoder and the multimodal decoder.
+
+``forward(batch)`` returns a dict of named outputs that the losses in :mod:`xlip.losses` read:
+
+- CL: ``image_embed`` (Bi, E), ``text_embed`` (Bi, E), ``logit_scale``, ``cl_text_key``, ``cl_rows``
+- AttMIM: ``mim_pred`` (Bi, N, C·p·p), ``mim_mask`` (Bi, N), ``mim_images``, ``mim_scores``, ``mim_rows``
+- EntMLM: ``mlm_logits`` (M, V), ``mlm_labels`` (M,), ``mlm_rows`` (M,), ``mlm_batch``
+
+``*_rows`` index the batch rows each output belongs to (for per-source logging).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xlip.config import Config
+from xlip.masking import attention_masking, random_masking
+from xlip.model.decoders import MAEDecoder, MultimodalDecoder
+from xlip.model.text import TextEncoder
+from xlip.model.vision import VisionTransformer, load_timm_weights
+
+
+class XLIPModel(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int, text_config=None) -> None:
+        """text_config: a transformers BertConfig to build the text encoder from (used when
+        loading a saved model, whose weights replace the initialisation)."""
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.vision = VisionTransformer(cfg.vision)
+        if cfg.vision.pretrained and text_config is None:
+            load_timm_weights(self.vision, cfg.vision.pretrained)
+        self.text = TextEncoder(cfg.text, vocab_size, text_config)
+        vdim, tdim, m = self.vision.width, self.text.hidden, cfg.model
+        self.image_proj = nn.Linear(vdim, m.embed_dim, bias=False)
+        self.text_proj = nn.Linear(tdim, m.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
+        self.mae_decoder = None
+        if cfg.mim.policy != "none":
+            patch_pixels = cfg.vision.in_chans * cfg.vision.patch_size ** 2
+            self.mae_decoder = MAEDecoder(vdim, tdim, m.mae_decoder_width, m.mae_decoder_depth,
+                                          m.mae_decoder_heads, self.vision.num_patches,
+                                          patch_pixels)
+        # the multimodal decoder serves EntMLM and scores patches for AttMIM
+        self.mm_decoder = None
+        if cfg.mlm.policy != "none" or cfg.mim.policy == "attention":
+            heads = self.text.bert.config.num_attention_heads
+            self.mm_decoder = MultimodalDecoder(tdim, vdim, m.mm_decoder_depth, heads,
+                                                self.text.bert.config.vocab_size)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+
+    # -- encoders -----------------------------------------------------------------------------
+
+    def scale(self) -> Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.model.max_logit_scale)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) normalised images → (B, E) unit-norm embeddings."""
+        return F.normalize(self.image_proj(self.vision(images)["cls"]).float(), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) token ids → (B, E) unit-norm embeddings."""
+        cls = self.text(input_ids, attention_mask)["cls"]
+        return F.normalize(self.text_proj(cls).float(), dim=-1)
+
+    # -- training forward ---------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor],
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        cfg, out = self.cfg, {}
+        has_image = batch["has_image"]  # (B,) bool
+        img_rows = has_image.nonzero().squeeze(1)  # (Bi,)
+        images = batch["images"]  # (Bi, C, H, W), aligned with img_rows
+        txt = self.text(batch["input_ids"], batch["attention_mask"])  # tokens (B, L, H)
+        full = self.vision(images) if len(img_rows) else None  # cls (Bi, D), tokens (Bi, N, D)
+
+        if full is not None and cfg.loss.w_cl > 0:
+            out["image_embed"] = F.normalize(self.image_proj(full["cls"]).float(), dim=-1)
+            out["text_embed"] = F.normalize(self.text_proj(txt["cls"][img_rows]).float(), dim=-1)
+            out["logit_scale"] = self.scale()
+            out["cl_text_key"] = batch["text_key"][img_rows]
+            out["cl_rows"] = img_rows
+
+        if full is not None and self.mae_decoder is not None:
+            guide = batch["guide_mask"][img_rows]  # (Bi, L) bool
+            text_states = txt["tokens"][img_rows]
+            N = self.vision.num_patches
+            if cfg.mim.policy == "attention":
+                scores = self.mm_decoder.patch_scores(text_states.detach(), guide,
+                                                      full["tokens"].detach())  # (Bi, N)
+                keep, mask, restore = attention_masking(scores, cfg.mim.ratio,
+                                                        cfg.mim.high_share, generator)
+                out["mim_scores"] = scores
+            else:
+                keep, mask, restore = random_masking(len(img_rows), N, cfg.mim.ratio,
+                                                     generator, images.device)
+            visible = self.vision(images, keep)["tokens"]  # (Bi, K, D)
+            out["mim_pred"] = self.mae_decoder(visible, restore, text_states, guide)
+            out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, images, img_rows
+
+        if self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel():
+            rows = batch["mlm_rows"]  # (Bm,) rows of the batch that take part in MLM
+            mtxt = self.text(batch["mlm_input_ids"], batch["mlm_attention_mask"])["tokens"]
+            ctx, gate = self._image_context(full, has_image, rows, mtxt)
+            states = self.mm_decoder(mtxt, batch["mlm_attention_mask"].bool(), ctx, gate)
+            labels = batch["mlm_labels"]  # (Bm, L)
+            sel = labels != -100
+            out["mlm_logits"] = self.mm_decoder.logits(states[sel])  # (M, V)
+            out["mlm_labels"] = labels[sel]
+            out["mlm_rows"] = rows[:, None].expand_as(labels)[sel]
+            out["mlm_batch"] = has_image.shape[0]
+        return out
+
+    def _image_context(self, full: dict[str, Tensor] | None, has_image: Tensor, rows: Tensor,
+                       like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Full patch tokens for each MLM row; zeros and a closed gate for rows without image."""
+        if full is None:
+            n = self.vision.num_patches
+            return like.new_zeros(len(rows), n, self.vision.width), like.new_zeros(len(rows))
+        pos = torch.cumsum(has_image.long(), 0) - 1  # row → index among image rows
+        rows_have = has_image[rows]
+        if bool(rows_have.all()):
+            return full["tokens"][pos[rows]], None
+        idx = pos[rows].clamp(min=0)
+        ctx = full["tokens"][idx] * rows_have[:, None, None].to(full["tokens"].dtype)
+        return ctx, rows_have.float()

@@ -1,0 +1,227 @@
+"""The training loop: AdamW, warmup + cosine, bf16 autocast, accumulation, clipping,
+non-finite abort, atomic checkpoints with resume, JSONL metrics and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from xlip.config import Config, save_config
+from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset
+from xlip.losses import XLIPLoss
+from xlip.model.xlip import XLIPModel
+from xlip.text.tokenizer import load_tokenizer
+from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
+                                   save_checkpoint, save_text_files, save_weights,
+                                   set_rng_state)
+from xlip.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term becomes NaN or infinite."""
+
+
+NO_DECAY = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "logit_scale")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay for norms, biases, position/class embeddings and other 1-D params."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in NO_DECAY)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: Config):
+    tr = cfg.train
+
+    def f(step: int) -> float:
+        if step < tr.warmup_steps:
+            return (step + 1) / tr.warmup_steps
+        t = (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)
+        return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def tokenizer_dir(cfg: Config) -> str:
+    path = cfg.text.tokenizer or cfg.text.pretrained
+    if not path:
+        raise FileNotFoundError("no tokenizer: set text.tokenizer (train one with `xlip "
+                                "tokenizer train`) or text.pretrained (a local HF model dir)")
+    return path
+
+
+def autocast(cfg: Config, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class MetricLog:
+    """Averages loss terms between log lines, per term and per data source."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.samples, self.t0 = 0, time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+            batch: dict[str, torch.Tensor]) -> None:
+        self.samples += int(batch["has_image"].shape[0])
+        for key, value in losses.items():
+            if key.endswith("_loss"):
+                self.sums[key] += float(value.detach())
+                self.counts[key] += 1
+            elif key.endswith("_per_sample"):
+                term = key[: -len("_per_sample")]
+                rows = out[f"{term}_rows"]
+                if term == "mlm":  # per-sample vector is over all rows; keep rows with tokens
+                    rows = rows.unique()
+                    value = value[rows]
+                src = batch["source"][rows]
+                for s in src.unique().tolist():
+                    sel = value[src == s].detach().float()
+                    name = f"{term}_loss/{self.names[s]}"
+                    self.sums[name] += float(sel.sum())
+                    self.counts[name] += len(sel)
+
+    def flush(self) -> dict[str, float]:
+        row = {k: self.sums[k] / max(self.counts[k], 1) for k in sorted(self.sums)}
+        row["samples_per_s"] = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+        self.reset()
+        return row
+
+
+def build_loader(cfg: Config, dataset: MixedDataset, collate: Collator, start_step: int,
+                 info: DistInfo) -> DataLoader:
+    tr = cfg.train
+    sampler = MixedBatchSampler([len(r) for r in dataset.records],
+                                [s.weight for s in cfg.data.sources], cfg.data.batch_size,
+                                seed=tr.seed, start_step=start_step * tr.grad_accum,
+                                steps=tr.steps * tr.grad_accum, rank=info.rank,
+                                world_size=info.world_size)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=cfg.data.num_workers, persistent_workers=False,
+                      prefetch_factor=4 if cfg.data.num_workers else None)
+
+
+def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> Path:
+    """Pre-train XLIP as ``cfg`` says; returns the run folder."""
+    info = init_distributed()
+    tr = cfg.train
+    if tr.threads:
+        torch.set_num_threads(tr.threads)
+    torch.manual_seed(tr.seed + info.rank)
+    random.seed(tr.seed + info.rank)
+    out_dir = Path(tr.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_src = tokenizer_dir(cfg)
+    tok = load_tokenizer(tok_src)
+    if not cfg.data.sources:
+        raise ValueError("data.sources is empty: name at least one manifest to train on")
+    dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
+    collate = Collator(cfg, tok, train=True, findings=dataset.findings())
+    model = XLIPModel(cfg, len(tok)).to(info.device)
+    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
+                            betas=tuple(tr.betas), fused=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    start = 0
+    if resume:
+        ck = resolve_checkpoint(out_dir, resume)
+        load_weights(model, ck / "model.safetensors")
+        state = load_state(ck)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+        set_rng_state(state["rng"])
+    if info.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+        save_text_files(model, tok, out_dir)
+    net = DDP(model) if info.world_size > 1 else model
+    criterion = XLIPLoss(cfg)
+    loader = build_loader(cfg, dataset, collate, start, info)
+    log = MetricLog(dataset.names)
+    metrics_path = out_dir / "metrics.jsonl"
+    if not resume and metrics_path.exists() and info.is_main:
+        metrics_path.unlink()
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tr.steps, initial=start, desc="pretrain", dynamic_ncols=True,
+                   file=sys.stderr)
+    model.train()
+    batches = iter(loader)
+    t_start = time.perf_counter()
+    for step in range(start, tr.steps):
+        for micro in range(tr.grad_accum):
+            batch = to_device(next(batches), info.device)
+            gen = torch.Generator(device=info.device).manual_seed(
+                tr.seed * 1_000_003 + (step * tr.grad_accum + micro) * 7 + info.rank)
+            with autocast(cfg, info.device):
+                out = net(batch, generator=gen)
+                losses = criterion(out, batch)
+            total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+            check_finite(losses, step)
+            (total / tr.grad_accum).backward()
+            log.add(losses, out, batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   tr.clip_grad if tr.clip_grad > 0 else 1e12)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % tr.log_every == 0 or done == tr.steps:
+            row = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in log.flush().items()}
+            row.update(step=done, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                       logit_scale=float(model.scale()),
+                       elapsed_s=time.perf_counter() - t_start)
+            if info.is_main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if bar is not None:
+                    bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in row.items()
+                                     if k.endswith("_loss")} | {"sps": f"{row['samples_per_s']:.0f}"})
+        if bar is not None:
+            bar.update(1)
+        if info.is_main and (done % tr.ckpt_every == 0 or done == tr.steps):
+            save_checkpoint(out_dir, done, model, cfg,
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    if bar is not None:
+        bar.close()
+    if info.is_main:
+        save_weights(model, out_dir / "model.safetensors")
+    barrier()
+    return out_dir
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    bad = {k: float(v) for k, v in losses.items() if k.endswith("_loss") and not torch.isfinite(v)}
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step + 1}: {bad}. Lower train.lr, raise "
+            "train.warmup_steps, keep train.clip_grad > 0, or try train.precision=fp32; "
+            "resume from the last checkpoint with --resume latest")
