@@ -156,7 +156,7 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_accum: int = 1
     clip_grad: float = 1.0
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32) | bf16 | fp32
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200
@@ -213,7 +213,7 @@ def validate(cfg: Config) -> None:
     _choice("text.attn_impl", t.attn_impl, ("eager", "sdpa"))
     _choice("mim.policy", cfg.mim.policy, MIM_POLICIES)
     _choice("mlm.policy", cfg.mlm.policy, MLM_POLICIES)
-    _choice("train.precision", cfg.train.precision, ("bf16", "fp32"))
+    _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
     from xlip.text.sections import TEXT_POLICIES
 
     _choice("data.text_policy", cfg.data.text_policy, TEXT_POLICIES)

@@ -15,6 +15,7 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.eval.metrics import auc, bootstrap_ci, f1_acc
 from xlip.text.prompts import zeroshot_prompts
+from xlip.train.precision import use_bf16
 
 
 @torch.no_grad()
@@ -42,7 +43,8 @@ def encode_images(model, paths: Sequence[str], size: int, batch_size: int = 128)
     embs = []
     for i in range(0, len(paths), batch_size):
         x = torch.stack([prepare_image(p, size) for p in paths[i:i + batch_size]]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=use_bf16("auto", device)):
             embs.append(model.encode_image(x).float())
     return torch.cat(embs)
 

@@ -25,6 +25,7 @@ from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
                                    save_checkpoint, save_text_files, save_weights,
                                    set_rng_state)
+from xlip.train.precision import use_bf16
 from xlip.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 
 
@@ -68,7 +69,8 @@ def tokenizer_dir(cfg: Config) -> str:
 
 
 def autocast(cfg: Config, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=use_bf16(cfg.train.precision, device))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -197,7 +199,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
         if done % tr.log_every == 0 or done == tr.steps:
             row = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in log.flush().items()}
             row.update(step=done, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
-                       logit_scale=float(model.scale()),
+                       logit_scale=float(model.scale().detach()),
                        elapsed_s=time.perf_counter() - t_start)
             if info.is_main:
                 with metrics_path.open("a") as f:
