@@ -320,6 +320,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if tp in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         if tp is int and float(value) != int(value):

@@ -136,6 +136,8 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     tr = cfg.train
     if tr.threads:
         torch.set_num_threads(tr.threads)
+    # denormal floats (tiny Adam second moments, small grads) run ~100x slower on x86 CPUs
+    torch.set_flush_denormal(True)
     torch.manual_seed(tr.seed + info.rank)
     random.seed(tr.seed + info.rank)
     out_dir = Path(tr.out_dir)
@@ -150,7 +152,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
                             betas=tuple(tr.betas), fused=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    start = 0
+    start, state = 0, None
     if resume:
         ck = resolve_checkpoint(out_dir, resume)
         load_weights(model, ck / "model.safetensors")
@@ -158,7 +160,6 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
-        set_rng_state(state["rng"])
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")
         save_text_files(model, tok, out_dir)
@@ -176,7 +177,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
         bar = tqdm(total=tr.steps, initial=start, desc="pretrain", dynamic_ncols=True,
                    file=sys.stderr)
     model.train()
-    batches = iter(loader)
+    batches = iter(loader)  # draws a base seed from the global RNG: before restoring it
+    if state is not None:
+        set_rng_state(state["rng"])
     t_start = time.perf_counter()
     for step in range(start, tr.steps):
         for micro in range(tr.grad_accum):
@@ -221,7 +224,8 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
 
 
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
-    bad = {k: float(v) for k, v in losses.items() if k.endswith("_loss") and not torch.isfinite(v)}
+    bad = {k: float(v.detach()) for k, v in losses.items()
+           if k.endswith("_loss") and not torch.isfinite(v)}
     if bad:
         raise NonFiniteLossError(
             f"non-finite loss at step {step + 1}: {bad}. Lower train.lr, raise "

@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from xlip.config import ConfigError, Config, from_dict, load_config, save_config
+
+
+def test_defaults_validate():
+    cfg = from_dict({})
+    assert cfg.mim.policy == "attention" and cfg.mlm.policy == "entity"
+    assert cfg.vision.resolved() == (192, 12, 3)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"train": {"steps": 5, "warmup_steps": 1},
+                                 "vision": {"preset": "small"}}))
+    cfg = load_config(p, ["train.lr=3e-4", "mim.policy=random", "train.betas=[0.9, 0.95]"])
+    assert cfg.train.steps == 5 and cfg.train.lr == 3e-4 and cfg.mim.policy == "random"
+    assert cfg.train.betas == (0.9, 0.95) and cfg.vision.resolved()[0] == 384
+
+
+def test_save_roundtrip(tmp_path):
+    cfg = from_dict({"data": {"sources": [{"manifest": "m.csv", "kind": "image_only",
+                                           "weight": 0.25}]}})
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and isinstance(again.data.sources[0].weight, float)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.lrr=1"], r"unknown config key 'train.lrr' \(did you mean train.lr\?\)"),
+    (["mim.policy=attentive"], r"mim.policy: unknown value 'attentive'; choose one of "
+                               "attention, random, none"),
+    (["mlm.policy=bert"], "mlm.policy: unknown value 'bert'"),
+    (["train.lr="], "empty value"),
+    (["train.steps=ten"], "train.steps: expected a number"),
+    (["vision.image_size=100"], "not a multiple of vision.patch_size"),
+    (["loss.w_mim=0"], "loss.w_mim=0 but mim.policy=attention"),
+    (["mlm.min_ratio=0.6"], "mlm.min_ratio"),
+    (["mlm.policy=none", "loss.w_mlm=0"], "mim.policy=attention scores patches"),
+    (["bogus.key=1"], "unknown config key 'bogus'"),
+    (["train.warmup_steps=2000"], "warmup_steps"),
+])
+def test_bad_overrides_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_empty_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr:\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: config key 'train.lr' is empty"):
+        load_config(p)
+
+
+def test_source_validation():
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].kind: unknown value 'pairs'"):
+        from_dict({"data": {"sources": [{"manifest": "m.csv", "kind": "pairs"}]}})
+    with pytest.raises(ConfigError, match="text_only but mlm.text_only=false"):
+        from_dict({"data": {"sources": [{"manifest": "m.csv", "kind": "text_only"}]}})
+    with pytest.raises(ConfigError, match="manifest is empty"):
+        from_dict({"data": {"sources": [{"kind": "paired"}]}})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_clip_baseline_is_valid():
+    cfg = load_config(None, ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"])
+    assert isinstance(cfg, Config)

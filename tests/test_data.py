@@ -1,0 +1,193 @@
+import csv
+import random
+import shutil
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset, quotas
+from xlip.data.manifest import ManifestError, load_manifest
+from xlip.data.synthetic import SynthConfig, synthesize
+from xlip.text.ner import extract_entities
+from xlip.text.tokenizer import load_tokenizer, train_wordpiece
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    manifest = synthesize(root, n_train=80, n_test=20, seed=3, cfg=SynthConfig(size=32))
+    texts = [r.text for r in load_manifest(manifest, verify_images=False) if r.text]
+    train_wordpiece(texts, root / "tok", vocab_size=500, min_frequency=1)
+    return manifest, root / "tok"
+
+
+def data_cfg(manifest, tok, **mlm):
+    return tiny_config(
+        data={"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.75},
+                          {"manifest": str(manifest), "kind": "image_only", "weight": 0.25}],
+              "batch_size": 8, "num_workers": 0},
+        text={"tokenizer": str(tok), "max_length": 96}, mlm=mlm)
+
+
+def collate_batch(cfg, tok, step=0):
+    ds = MixedDataset(cfg)
+    sampler = MixedBatchSampler([len(r) for r in ds.records], [0.75, 0.25], 8, seed=0,
+                                start_step=step, steps=step + 1)
+    items = next(iter(sampler))
+    samples = [ds[i] for i in items]
+    return samples, Collator(cfg, tok, findings=ds.findings())(samples)
+
+
+def test_entity_mlm_masks_whole_entity_words_only(corpus):
+    manifest, tokdir = corpus
+    tok = load_tokenizer(tokdir)
+    cfg = data_cfg(manifest, tokdir)
+    samples, batch = collate_batch(cfg, tok)
+    rows = batch["mlm_rows"].tolist()
+    assert rows == [i for i, s in enumerate(samples) if s.kind == "paired"]
+    enc = tok([samples[r].text for r in rows], padding="longest", truncation=True,
+              max_length=96, return_offsets_mapping=True)
+    for j, r in enumerate(rows):
+        text = samples[r].text
+        ids, labels = batch["input_ids"][r], batch["mlm_labels"][j]
+        masked = labels != -100
+        assert masked.any()
+        assert torch.equal(labels[masked], ids[masked])  # labels are the original tokens
+        assert not masked[batch["attention_mask"][r] == 0].any()  # never padding
+        assert not masked[0]  # never [CLS]
+        # unmasked positions keep their token
+        assert torch.equal(batch["mlm_input_ids"][j][~masked], ids[~masked])
+        words = enc.word_ids(j)
+        spans = [(e.start, e.end) for e in extract_entities(text)]
+        by_word = {}
+        for t, w in enumerate(words):
+            if w is not None:
+                by_word.setdefault(w, []).append(t)
+        n_words = 0
+        for w, toks in by_word.items():
+            a, z = enc["offset_mapping"][j][toks[0]][0], enc["offset_mapping"][j][toks[-1]][1]
+            if not any(c.isalnum() for c in text[a:z]):
+                continue
+            n_words += 1
+            states = {bool(masked[t]) for t in toks}
+            assert len(states) == 1, "a word is masked whole or not at all"
+        masked_words = [w for w, toks in by_word.items() if masked[toks[0]]]
+        entity_words = [w for w, toks in by_word.items()
+                        if any(x < enc["offset_mapping"][j][toks[-1]][1] and
+                               enc["offset_mapping"][j][toks[0]][0] < y for x, y in spans)]
+        ent_masked = [w for w in masked_words if w in entity_words]
+        # entity words go first: all masked words are entities unless there were too few
+        if len(entity_words) >= max(1, round(0.15 * n_words)):
+            assert ent_masked == masked_words
+        assert len(masked_words) <= max(1, int(0.5 * n_words)) or len(ent_masked) < len(masked_words)
+
+
+def test_guide_mask_entities_for_reports_all_tokens_for_prompts(corpus):
+    manifest, tokdir = corpus
+    tok = load_tokenizer(tokdir)
+    samples, batch = collate_batch(data_cfg(manifest, tokdir), tok)
+    for i, s in enumerate(samples):
+        content = batch["attention_mask"][i].bool().clone()
+        ids = batch["input_ids"][i]
+        content &= (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
+        guide = batch["guide_mask"][i]
+        if s.kind == "image_only":
+            assert torch.equal(guide, content)
+        else:
+            assert guide.sum() < content.sum() and not (guide & ~content).any()
+
+
+def test_identical_prompts_share_text_key(corpus):
+    manifest, tokdir = corpus
+    tok = load_tokenizer(tokdir)
+    cfg = data_cfg(manifest, tokdir)
+    ds = MixedDataset(cfg)
+    coll = Collator(cfg, tok, train=False)
+    img_only = [ds[(ds.offsets[1] + i, i)] for i in range(len(ds.records[1]))]
+    batch = coll(img_only)
+    texts = [coll.text_for(s, random.Random(0))[0] for s in img_only]
+    for a in range(len(texts)):
+        for b in range(len(texts)):
+            assert (texts[a] == texts[b]) == bool(batch["text_key"][a] == batch["text_key"][b])
+
+
+def test_sampler_quotas_determinism_and_ranks():
+    assert quotas([0.75, 0.25], 64) == [48, 16]
+    assert quotas([1, 1, 1], 10) == [4, 3, 3]
+    assert quotas([0.99, 0.01], 8) == [7, 1]
+    s = MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=5)
+    batches = list(s)
+    assert len(batches) == 5 and all(len(b) == 8 for b in batches)
+    assert sum(i < 10 for i, _ in batches[0]) == 6
+    # resume: the sampler started at step 3 yields the same batches
+    assert list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, start_step=3, steps=5)) == batches[3:]
+    # each epoch of a source visits every row once
+    first = [i for b in batches[:5] for i, _ in b if i < 10][:10]
+    assert sorted(first) == list(range(10))
+    # two ranks split the global batch of the one-process run with twice the batch
+    one = list(MixedBatchSampler([10, 7], [0.75, 0.25], 16, seed=1, steps=2))
+    r0 = list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=2, rank=0, world_size=2))
+    r1 = list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=2, rank=1, world_size=2))
+    assert [a + b for a, b in zip(r0, r1)] == one
+
+
+def _rewrite(manifest, dst, edit):
+    rows = list(csv.DictReader(open(manifest)))
+    edit(rows)
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_missing_and_corrupt_images_are_refused_with_rejects(corpus, tmp_path):
+    manifest, _ = corpus
+    shutil.copytree(manifest.parent / "images", tmp_path / "images")
+    (tmp_path / "images" / "train" / "000001.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+
+    def edit(rows):
+        rows[2]["image"] = "images/train/does_not_exist.png"
+        rows[1]["image"] = "images/train/000001.png"
+        rows[1]["text"] = rows[1]["text"] or "No acute cardiopulmonary abnormality."
+        rows[4]["labels"] = "Cardiomegally"
+
+    bad = tmp_path / "manifest.csv"
+    _rewrite(manifest, bad, edit)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(bad)
+    msg = str(err.value)
+    assert "3 of" in msg and "row 3" in msg and "missing image file" in msg
+    assert "row 2" in msg and "unreadable image" in msg
+    assert "row 5" in msg and "Cardiomegally" in msg and "Cardiomegaly" in msg
+    rejects = list(csv.DictReader(open(tmp_path / "manifest.rejects.csv")))
+    assert [r["row"] for r in rejects] == ["2", "3", "5"]
+    kept = load_manifest(bad, skip_bad=True)
+    assert len(kept) == len(load_manifest(manifest)) - 3
+
+
+def test_image_without_text_or_labels_rejected(corpus, tmp_path):
+    manifest, _ = corpus
+    shutil.copytree(manifest.parent / "images", tmp_path / "images")
+
+    def edit(rows):
+        rows[0]["text"], rows[0]["labels"] = "", ""
+
+    _rewrite(manifest, tmp_path / "m.csv", edit)
+    with pytest.raises(ManifestError, match="row 1.*needs labels"):
+        load_manifest(tmp_path / "m.csv")
+
+
+def test_tokenizer_dir_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer directory .* does not exist.*xlip tokenizer train"):
+        load_tokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_trained_tokenizer_roundtrip(corpus):
+    tok = load_tokenizer(corpus[1])
+    enc = tok("Small left pleural effusion.")
+    assert enc["input_ids"][0] == tok.cls_token_id and enc["input_ids"][-1] == tok.sep_token_id
+    assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "small left pleural effusion."

@@ -1,0 +1,114 @@
+"""The training loop: resume equality, metrics, non-finite abort, CLI runs of every policy."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_config
+from xlip.cli import main
+from xlip.config import save_config
+from xlip.data.manifest import load_manifest
+from xlip.data.synthetic import SynthConfig, synthesize
+from xlip.text.tokenizer import train_wordpiece
+from xlip.train.loop import NonFiniteLossError, pretrain
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    manifest = synthesize(root, n_train=64, n_test=16, seed=5, cfg=SynthConfig(size=32))
+    texts = [r.text for r in load_manifest(manifest, verify_images=False) if r.text]
+    train_wordpiece(texts, root / "tok", vocab_size=400, min_frequency=1)
+    return manifest, root / "tok"
+
+
+def run_cfg(corpus, out, **train):
+    manifest, tok = corpus
+    return tiny_config(
+        data={"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.75},
+                          {"manifest": str(manifest), "kind": "image_only", "weight": 0.25}],
+              "batch_size": 8, "num_workers": 0, "eval_manifest": str(manifest)},
+        text={"tokenizer": str(tok), "max_length": 96},
+        train={"out_dir": str(out), "steps": 4, "warmup_steps": 1, "log_every": 1,
+               "ckpt_every": 2, **train})
+
+
+def test_resume_continues_at_the_right_step_with_the_same_state(corpus, tmp_path):
+    full = pretrain(run_cfg(corpus, tmp_path / "full"), progress=False)
+    # a second run that "crashed" after step 2: only the step-2 checkpoint survives
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_0000002", part / "checkpoints" / "step_0000002")
+    (part / "checkpoints" / "latest").write_text("step_0000002\n")
+    pretrain(run_cfg(corpus, part), resume="latest", progress=False)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(full / "checkpoints" / "step_0000004" / "state.pt", weights_only=True)
+    sb = torch.load(part / "checkpoints" / "step_0000004" / "state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 4
+    for ka, kb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(ka["exp_avg"], kb["exp_avg"]) and torch.equal(ka["exp_avg_sq"], kb["exp_avg_sq"])
+    assert sa["scheduler"] == sb["scheduler"]
+    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 4]
+
+
+def test_metrics_log_every_term_and_source(corpus, tmp_path):
+    out = pretrain(run_cfg(corpus, tmp_path / "run", steps=2), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = set(rows[-1])
+    for term in ("cl_loss", "mim_loss", "mlm_loss", "cl_loss/paired", "cl_loss/image_only",
+                 "mim_loss/paired", "mim_loss/image_only", "mlm_loss/paired", "lr",
+                 "samples_per_s", "grad_norm", "logit_scale"):
+        assert term in keys, term
+    assert "mlm_loss/image_only" not in keys  # prompts stay out of MLM by default
+    for name in ("config.yaml", "model.safetensors", "text_config.json", "tokenizer",
+                 "checkpoints/latest"):
+        assert (out / name).exists()
+
+
+def test_non_finite_loss_aborts_with_a_clear_message(corpus, tmp_path, monkeypatch):
+    from xlip import losses
+
+    orig = losses.MIMLoss.forward
+
+    def broken(self, pred, images, mask):
+        loss, per = orig(self, pred, images, mask)
+        return loss * float("nan"), per
+
+    monkeypatch.setattr(losses.MIMLoss, "forward", broken)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1: \{'mim_loss'"):
+        pretrain(run_cfg(corpus, tmp_path / "nan"), progress=False)
+
+
+@pytest.mark.parametrize("mim,mlm", [("attention", "entity"), ("random", "random"),
+                                     ("none", "entity"), ("random", "none"), ("none", "none")])
+def test_cli_pretrain_and_zeroshot_for_each_policy(corpus, tmp_path, mim, mlm, capsys):
+    cfg = run_cfg(corpus, tmp_path / "run", steps=2)
+    save_config(cfg, tmp_path / "c.yaml")
+    extra = [f"mim.policy={mim}", f"mlm.policy={mlm}"]
+    extra += ["loss.w_mim=0"] if mim == "none" else []
+    extra += ["loss.w_mlm=0"] if mlm == "none" else []
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--quiet", *extra]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert ("mim_loss" in rows[-1]) == (mim != "none")
+    assert ("mlm_loss" in rows[-1]) == (mlm != "none")
+    assert main(["eval", "zeroshot", "--model", str(tmp_path / "run"), "--split", "test"]) == 0
+    result = json.loads((tmp_path / "run" / "zeroshot.json").read_text())
+    assert 0.0 <= result["mean_auc"] <= 1.0 and result["per_finding"]
+
+
+def test_cli_refuses_bad_input(corpus, tmp_path, capsys):
+    cfg = run_cfg(corpus, tmp_path / "run")
+    save_config(cfg, tmp_path / "c.yaml")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "mim.policy=magic"]) == 2
+    assert "mim.policy: unknown value 'magic'" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"),
+                 f"text.tokenizer={tmp_path / 'missing_tok'}"]) == 2
+    assert "tokenizer directory" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "train.steps="]) == 2
+    assert "empty value" in capsys.readouterr().err
