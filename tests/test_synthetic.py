@@ -48,10 +48,10 @@ def _global_stats(images: list[np.ndarray]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[np.ndarray], list[dict], list[str]]:
-    """600 studies at 128 px: images, findings, reports."""
+    """1000 studies at 128 px: images, findings, reports."""
     images, findings, reports = [], [], []
     cfg = SynthConfig()
-    for i in range(600):
+    for i in range(1000):
         image, f, report = study(11, "train", i, cfg)
         images.append(image), findings.append(f), reports.append(report)
     return images, findings, reports
@@ -172,9 +172,10 @@ def test_prevalence_is_configurable():
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC by the rank-sum statistic (ties get average ranks)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(score)
+    ranks = np.empty(len(score))
+    ranks[np.argsort(score, kind="stable")] = np.arange(1, len(score) + 1)
+    _, tie, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(tie, weights=ranks) / counts)[tie]
     pos = y.sum()
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * (len(y) - pos)))
 
@@ -199,7 +200,7 @@ def _logistic_cv_scores(x: np.ndarray, y: np.ndarray, folds: int = 5, l2: float 
 def test_global_statistics_do_not_reveal_findings(corpus):
     """No finding is readable from global intensity statistics (mean, std, 5/50/95th
     percentiles): a cross-validated logistic regression and every single statistic stay at
-    AUC <= 0.70 (typical values: 0.48-0.63)."""
+    AUC <= 0.70 (on this corpus: regression 0.43-0.63, best single statistic <= 0.58)."""
     images, findings, _ = corpus
     stats = _global_stats(images)
     aucs = {}
