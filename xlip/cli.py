@@ -80,6 +80,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import yaml
+
+    from xlip.bench import run_bench
+
+    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    base.pop("data", None)
+    rows = run_bench(base, args.group, args.batch_size, args.steps,
+                     out=Path(args.out) if args.out else None)
+    print(f"| variant | s/step | samples/s | ratio |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | "
+              f"{r['ratio_to_first']:.2f} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xlip", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--findings", nargs="*", help="default: every label in the split")
     z.add_argument("--out", help="folder for zeroshot.json/.md (default: the model folder)")
     z.set_defaults(func=_zeroshot)
+    b = sub.add_parser("bench", help="side-by-side speed ratios of training-step variants")
+    b.add_argument("--config", help="model config YAML (default: the built-in defaults)")
+    b.add_argument("--group", choices=["attention", "precision", "tasks"], default="attention")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=int, default=5)
+    b.add_argument("--out", help="write the rows as JSON here")
+    b.set_defaults(func=_bench)
     return p
 
 

@@ -52,6 +52,7 @@ class VisionConfig:
     heads: int = 0
     mlp_ratio: float = 4.0
     stem: str = "linear"  # linear | conv (non-overlapping, stays inside each patch)
+    pool: str = "cls"  # global image feature: cls | avg (mean of the patch tokens)
     attn_impl: str = "explicit"  # explicit | sdpa
     pretrained: str = ""  # timm-named ViT state dict (.safetensors / .pth / .bin)
 
@@ -77,6 +78,7 @@ class TextConfig:
     heads: int = 0
     intermediate: int = 0
     attn_impl: str = "eager"  # eager | sdpa (transformers attention implementation)
+    pool: str = "cls"  # global text feature: cls | mean (over non-padding tokens)
 
     def resolved(self) -> tuple[int, int, int, int]:
         p = BERT_PRESETS[self.preset] if self.preset != "custom" else (0, 0, 0, 0)
@@ -209,8 +211,10 @@ def validate(cfg: Config) -> None:
     _choice("vision.preset", v.preset, [*VIT_PRESETS, "custom"])
     _choice("vision.stem", v.stem, ("linear", "conv"))
     _choice("vision.attn_impl", v.attn_impl, ("explicit", "sdpa"))
+    _choice("vision.pool", v.pool, ("cls", "avg"))
     _choice("text.preset", t.preset, [*BERT_PRESETS, "custom"])
     _choice("text.attn_impl", t.attn_impl, ("eager", "sdpa"))
+    _choice("text.pool", t.pool, ("cls", "mean"))
     _choice("mim.policy", cfg.mim.policy, MIM_POLICIES)
     _choice("mlm.policy", cfg.mlm.policy, MLM_POLICIES)
     _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))

@@ -87,7 +87,7 @@ def evaluate_zeroshot(model, tokenizer, manifest: str | Path, split: str = "test
     for j, f in enumerate(findings):
         y = np.array([f in r.labels for r in records], dtype=int)
         a = auc(y, prob[:, j])
-        lo, hi = bootstrap_ci(y, prob[:, j], n=bootstrap, seed=j)
+        lo, hi = bootstrap_ci(y, prob[:, j], n=bootstrap, seed=j) if bootstrap else (a, a)
         f1, acc = f1_acc(y, prob[:, j])
         per[f] = a
         details[f] = {"auc": a, "auc_ci95": [lo, hi], "f1": f1, "acc": acc,

@@ -37,14 +37,22 @@ def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = Non
 
 
 class TextEncoder(nn.Module):
-    """Wraps BertModel: token states (B, L, H) and the [CLS] state (B, H)."""
+    """Wraps BertModel: token states (B, L, H) and a pooled state (B, H)."""
 
     def __init__(self, cfg: TextConfig, vocab_size: int,
                  config: BertConfig | None = None) -> None:
         super().__init__()
         self.bert = build_bert(cfg, vocab_size, config)
         self.hidden = self.bert.config.hidden_size
+        self.pool = cfg.pool
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """Token states (B, L, H); ``pooled`` (B, H) is the [CLS] state or the mean over the
+        non-padding tokens (``text.pool``)."""
         states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return {"cls": states[:, 0], "tokens": states}
+        if self.pool == "cls":
+            pooled = states[:, 0]
+        else:
+            m = attention_mask[:, :, None].to(states.dtype)  # (B, L, 1)
+            pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        return {"pooled": pooled, "tokens": states}

@@ -58,6 +58,10 @@ class PatchEmbed(nn.Module):
             ch, size = nxt, size // 2
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(ch, dim, kernel_size=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # GELU-aware He init: keeps token variance ~1
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, patches: Tensor) -> Tensor:
         x = self.stem(patches) if self.stem_kind == "conv" else patches
@@ -67,7 +71,8 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT with CLS token; ``forward(images, keep_ids)`` encodes all or only the kept patches.
 
-    Returns a dict: ``cls`` (B, D) and ``tokens`` (B, K, D) — the final-normed patch tokens in
+    Returns a dict: ``cls`` (B, D), ``pooled`` (B, D) — the CLS state or the mean of the
+    patch tokens (``vision.pool``) — and ``tokens`` (B, K, D) — the final-normed patch tokens in
     the order of ``keep_ids`` (all N patches in grid order when ``keep_ids`` is None).
     """
 
@@ -84,6 +89,9 @@ class VisionTransformer(nn.Module):
             Block(width, heads, cfg.mlp_ratio, cfg.attn_impl) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.apply(init_weights)
+        if cfg.stem == "linear":  # as MAE: xavier on the flattened patch projection
+            w = self.patch_embed.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         with torch.no_grad():
             self.pos_embed[0, 1:] = sincos_2d(width, cfg.grid)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -103,7 +111,9 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
-        return {"cls": x[:, 0], "tokens": x[:, 1:]}
+        tokens = x[:, 1:]
+        pooled = x[:, 0] if self.cfg.pool == "cls" else tokens.mean(dim=1)
+        return {"cls": x[:, 0], "pooled": pooled, "tokens": tokens}
 
 
 def load_timm_weights(model: VisionTransformer, path: str | Path) -> list[str]:

@@ -61,12 +61,12 @@ class XLIPModel(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalised images → (B, E) unit-norm embeddings."""
-        return F.normalize(self.image_proj(self.vision(images)["cls"]).float(), dim=-1)
+        return F.normalize(self.image_proj(self.vision(images)["pooled"]).float(), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) token ids → (B, E) unit-norm embeddings."""
-        cls = self.text(input_ids, attention_mask)["cls"]
-        return F.normalize(self.text_proj(cls).float(), dim=-1)
+        pooled = self.text(input_ids, attention_mask)["pooled"]
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     # -- training forward ---------------------------------------------------------------------
 
@@ -80,8 +80,8 @@ class XLIPModel(nn.Module):
         full = self.vision(images) if len(img_rows) else None  # cls (Bi, D), tokens (Bi, N, D)
 
         if full is not None and cfg.loss.w_cl > 0:
-            out["image_embed"] = F.normalize(self.image_proj(full["cls"]).float(), dim=-1)
-            out["text_embed"] = F.normalize(self.text_proj(txt["cls"][img_rows]).float(), dim=-1)
+            out["image_embed"] = F.normalize(self.image_proj(full["pooled"]).float(), dim=-1)
+            out["text_embed"] = F.normalize(self.text_proj(txt["pooled"][img_rows]).float(), dim=-1)
             out["logit_scale"] = self.scale()
             out["cl_text_key"] = batch["text_key"][img_rows]
             out["cl_rows"] = img_rows

@@ -1,0 +1,68 @@
+"""A short XLIP pre-training run learns findings from pixels; a shuffled-pair control does not.
+
+These are the slow tests (a few minutes on 2 CPU cores): deselect with -m "not slow".
+"""
+
+import json
+
+import pytest
+
+from xlip.config import from_dict
+from xlip.data.manifest import load_manifest
+from xlip.data.synthetic import SynthConfig, synthesize
+from xlip.eval.zeroshot import evaluate_zeroshot
+from xlip.api import XLIP
+from xlip.text.tokenizer import train_wordpiece
+from xlip.train.loop import pretrain
+
+pytestmark = pytest.mark.slow
+
+STEPS = 160
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    manifest = synthesize(root, n_train=4000, n_test=300, seed=11, cfg=SynthConfig(size=64),
+                          workers=2)
+    texts = [r.text for r in load_manifest(manifest, verify_images=False)
+             if r.text and r.split == "train"]
+    train_wordpiece(texts, root / "tok", vocab_size=1000)
+    return manifest, root / "tok"
+
+
+def learn_cfg(corpus, out, **data):
+    manifest, tok = corpus
+    return from_dict({
+        "vision": {"preset": "custom", "width": 96, "depth": 4, "heads": 3, "image_size": 64,
+                   "patch_size": 8, "stem": "conv", "pool": "avg"},
+        "text": {"preset": "custom", "hidden": 64, "layers": 2, "heads": 2,
+                 "intermediate": 256, "max_length": 96, "tokenizer": str(tok),
+                 "pool": "mean"},
+        "model": {"embed_dim": 64, "mae_decoder_width": 64, "mae_decoder_depth": 1,
+                  "mae_decoder_heads": 2, "mm_decoder_depth": 1},
+        "data": {"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.75},
+                             {"manifest": str(manifest), "kind": "image_only",
+                              "weight": 0.25}],
+                 "batch_size": 64, "num_workers": 1, "verify_images": False, **data},
+        "train": {"out_dir": str(out), "steps": STEPS, "warmup_steps": 30, "lr": 5e-4,
+                  "log_every": 20, "ckpt_every": STEPS, "seed": 0},
+    })
+
+
+def zeroshot(run, manifest):
+    m = XLIP.from_pretrained(run)
+    return evaluate_zeroshot(m.model, m.tokenizer, manifest, "test", image_size=64,
+                             bootstrap=0)
+
+
+def test_pretraining_beats_chance_and_shuffled_control_does_not(corpus, tmp_path):
+    manifest, _ = corpus
+    real = zeroshot(pretrain(learn_cfg(corpus, tmp_path / "real"), progress=False), manifest)
+    ctrl = zeroshot(pretrain(learn_cfg(corpus, tmp_path / "shuffled", shuffle_pairs=True),
+                             progress=False), manifest)
+    print(json.dumps({"real": real["per_finding"], "real_mean": real["mean_auc"],
+                      "shuffled": ctrl["per_finding"], "shuffled_mean": ctrl["mean_auc"]}))
+    assert real["mean_auc"] >= 0.62, real["per_finding"]
+    assert abs(ctrl["mean_auc"] - 0.5) <= 0.06, ctrl["per_finding"]
+    assert real["mean_auc"] - ctrl["mean_auc"] >= 0.1
