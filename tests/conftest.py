@@ -54,3 +54,18 @@ def random_batch(cfg: Config, B: int = 4, L: int = 10, seed: int = 0) -> dict:
 @pytest.fixture
 def cfg() -> Config:
     return tiny_config()
+
+
+def build_corpus(root, n_train: int, n_test: int, seed: int, size: int, vocab_size: int,
+                 workers: int = 1, min_frequency: int = 1):
+    """A synthetic corpus and a WordPiece tokenizer trained on its training reports."""
+    from xlip.data.manifest import load_manifest
+    from xlip.data.synthetic import SynthConfig, synthesize
+    from xlip.text.tokenizer import train_wordpiece
+
+    manifest = synthesize(root, n_train=n_train, n_test=n_test, seed=seed,
+                          cfg=SynthConfig(size=size), workers=workers)
+    texts = [r.text for r in load_manifest(manifest, verify_images=False)
+             if r.text and r.split == "train"]
+    train_wordpiece(texts, root / "tok", vocab_size=vocab_size, min_frequency=min_frequency)
+    return manifest, root / "tok"

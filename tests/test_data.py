@@ -5,21 +5,17 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import build_corpus, tiny_config
 from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset, quotas
 from xlip.data.manifest import ManifestError, load_manifest
-from xlip.data.synthetic import SynthConfig, synthesize
 from xlip.text.ner import extract_entities
-from xlip.text.tokenizer import load_tokenizer, train_wordpiece
+from xlip.text.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    manifest = synthesize(root, n_train=80, n_test=20, seed=3, cfg=SynthConfig(size=32))
-    texts = [r.text for r in load_manifest(manifest, verify_images=False) if r.text]
-    train_wordpiece(texts, root / "tok", vocab_size=500, min_frequency=1)
-    return manifest, root / "tok"
+    return build_corpus(tmp_path_factory.mktemp("corpus"), 80, 20, seed=3, size=32,
+                        vocab_size=500)
 
 
 def data_cfg(manifest, tok, **mlm):

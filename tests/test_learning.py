@@ -7,12 +7,10 @@ import json
 
 import pytest
 
+from tests.conftest import build_corpus
 from xlip.config import from_dict
-from xlip.data.manifest import load_manifest
-from xlip.data.synthetic import SynthConfig, synthesize
 from xlip.eval.zeroshot import evaluate_zeroshot
 from xlip.api import XLIP
-from xlip.text.tokenizer import train_wordpiece
 from xlip.train.loop import pretrain
 
 pytestmark = pytest.mark.slow
@@ -22,13 +20,8 @@ STEPS = 160
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learn")
-    manifest = synthesize(root, n_train=4000, n_test=300, seed=11, cfg=SynthConfig(size=64),
-                          workers=2)
-    texts = [r.text for r in load_manifest(manifest, verify_images=False)
-             if r.text and r.split == "train"]
-    train_wordpiece(texts, root / "tok", vocab_size=1000)
-    return manifest, root / "tok"
+    return build_corpus(tmp_path_factory.mktemp("learn"), 4000, 300, seed=11, size=64,
+                        vocab_size=1000, workers=2, min_frequency=2)
 
 
 def learn_cfg(corpus, out, **data):

@@ -7,22 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
+from tests.conftest import build_corpus, tiny_config
 from xlip.cli import main
 from xlip.config import save_config
-from xlip.data.manifest import load_manifest
-from xlip.data.synthetic import SynthConfig, synthesize
-from xlip.text.tokenizer import train_wordpiece
 from xlip.train.loop import NonFiniteLossError, pretrain
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    manifest = synthesize(root, n_train=64, n_test=16, seed=5, cfg=SynthConfig(size=32))
-    texts = [r.text for r in load_manifest(manifest, verify_images=False) if r.text]
-    train_wordpiece(texts, root / "tok", vocab_size=400, min_frequency=1)
-    return manifest, root / "tok"
+    return build_corpus(tmp_path_factory.mktemp("corpus"), 64, 16, seed=5, size=32,
+                        vocab_size=400)
 
 
 def run_cfg(corpus, out, **train):
