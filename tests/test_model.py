@@ -148,7 +148,7 @@ def test_one_batch_overfit(cfg):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = {k: float(v) for k, v in losses.items() if k.endswith("_loss")}
+    last = {k: float(v.detach()) for k, v in losses.items() if k.endswith("_loss")}
     assert last["cl_loss"] < 0.1 * first["cl_loss"]
     assert last["mlm_loss"] < 0.2 * first["mlm_loss"]
     assert last["mim_loss"] < 0.7 * first["mim_loss"]
