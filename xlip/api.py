@@ -14,8 +14,7 @@ from torch import Tensor
 from transformers import BertConfig
 
 from xlip.config import Config, load_config, save_config
-from xlip.data.images import prepare_image
-from xlip.eval.zeroshot import class_embeddings, positive_probability
+from xlip.eval.zeroshot import class_embeddings, encode_images, positive_probability
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import load_weights, save_text_files, save_weights
@@ -52,16 +51,13 @@ class XLIP:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _images(self, images: Tensor | Sequence[str | Path]) -> Tensor:
-        if isinstance(images, Tensor):
-            return images.to(self.device)
-        size = self.cfg.vision.image_size
-        return torch.stack([prepare_image(p, size) for p in images]).to(self.device)
-
     @torch.no_grad()
     def encode_image(self, images: Tensor | Sequence[str | Path]) -> Tensor:
         """Image paths, or a normalised (B, 1, H, W) tensor → (B, E) unit-norm embeddings."""
-        return self.model.encode_image(self._images(images))
+        if isinstance(images, Tensor):
+            return self.model.encode_image(images.to(self.device))
+        return encode_images(self.model, [str(p) for p in images], self.cfg.vision.image_size,
+                             self.cfg.eval.batch_size)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:

@@ -77,7 +77,7 @@ class XLIPModel(nn.Module):
         img_rows = has_image.nonzero().squeeze(1)  # (Bi,)
         images = batch["images"]  # (Bi, C, H, W), aligned with img_rows
         txt = self.text(batch["input_ids"], batch["attention_mask"])  # tokens (B, L, H)
-        full = self.vision(images) if len(img_rows) else None  # cls (Bi, D), tokens (Bi, N, D)
+        full = self.vision(images) if len(img_rows) else None  # pooled (Bi, D), tokens (Bi, N, D)
 
         if full is not None and cfg.loss.w_cl > 0:
             out["image_embed"] = F.normalize(self.image_proj(full["pooled"]).float(), dim=-1)

@@ -25,8 +25,8 @@ from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
                                    save_checkpoint, save_text_files, save_weights,
                                    set_rng_state)
-from xlip.train.precision import use_bf16
 from xlip.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from xlip.train.precision import use_bf16
 
 
 class NonFiniteLossError(RuntimeError):
