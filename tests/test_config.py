@@ -40,6 +40,9 @@ def test_save_roundtrip(tmp_path):
     (["mlm.policy=none", "loss.w_mlm=0"], "mim.policy=attention scores patches"),
     (["bogus.key=1"], "unknown config key 'bogus'"),
     (["train.warmup_steps=2000"], "warmup_steps"),
+    (["vision.stem=hybrid", "vision.patch_size=12", "vision.image_size=96"],
+     "stem=hybrid needs vision.patch_size a power of two"),
+    (["vision.stem=resnet"], "vision.stem: unknown value 'resnet'"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -14,10 +14,11 @@ def total_loss(model, cfg, batch, seed=0):
     return sum(v for k, v in losses.items() if k.endswith("_loss")), out, losses
 
 
-@pytest.mark.parametrize("mim,mlm", [("attention", "entity"), ("random", "random"),
-                                     ("none", "entity"), ("random", "none"), ("none", "none")])
-def test_every_parameter_gets_a_gradient(mim, mlm):
-    cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm})
+@pytest.mark.parametrize("mim,mlm,stem", [
+    ("attention", "entity", "linear"), ("random", "random", "conv"), ("none", "entity", "linear"),
+    ("random", "none", "linear"), ("none", "none", "linear"), ("attention", "entity", "hybrid")])
+def test_every_parameter_gets_a_gradient(mim, mlm, stem):
+    cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm}, vision={"stem": stem})
     torch.manual_seed(0)
     model = XLIPModel(cfg, VOCAB)
     loss, out, losses = total_loss(model, cfg, random_batch(cfg))
@@ -73,19 +74,40 @@ def test_text_only_rows_skip_image_cross_attention(cfg):
     assert set(out["mlm_rows"].tolist()) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv"])
-def test_visible_forward_ignores_masked_pixels(stem):
+@pytest.mark.parametrize("stem,train", [("linear", False), ("conv", False), ("hybrid", False),
+                                        ("hybrid", True)])
+def test_visible_forward_ignores_masked_pixels(stem, train):
     cfg = tiny_config(vision={"stem": stem}).vision
-    vit = VisionTransformer(cfg).eval()
-    x = torch.randn(1, 1, 32, 32)
-    keep = torch.tensor([[0, 5, 10, 15]])
+    torch.manual_seed(0)
+    vit = VisionTransformer(cfg).train(train)  # train: BatchNorm uses the batch's statistics
+    x = torch.randn(2, 1, 32, 32)
+    keep = torch.tensor([[0, 5, 10, 15], [1, 4, 11, 14]])
     y = x.clone()
-    y[..., 8:16, 0:8] += 5.0  # patch 4 (row 1, col 0) is masked
+    y[0, :, 8:16, 0:8] += 5.0  # sample 0, patch 4 (row 1, col 0): masked there
+    y[1, :, 0:8, 0:8] -= 3.0  # sample 1, patch 0: masked there
     a, b = vit(x, keep)["tokens"], vit(y, keep)["tokens"]
     assert torch.allclose(a, b, atol=1e-6)
     z = x.clone()
-    z[..., 0:8, 0:8] += 5.0  # patch 0 is visible
-    assert not torch.allclose(a, vit(z, keep)["tokens"])
+    z[0, :, 0:8, 0:8] += 5.0  # patch 0 is visible in sample 0
+    assert not torch.allclose(a[0], vit(z, keep)["tokens"][0])
+
+
+def test_hybrid_stem_masked_pass_leaves_batchnorm_running_stats_alone():
+    vit = VisionTransformer(tiny_config(vision={"stem": "hybrid"}).vision).train()
+    bn = next(m for m in vit.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(4, 1, 32, 32) * 3 + 1
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.momentum)
+    vit(x, torch.tensor([[0, 5, 10, 15]] * 4))
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert bn.momentum == before[2]
+    vit(x)  # the full-image pass does update them
+    assert not torch.equal(bn.running_mean, before[0])
+
+
+def test_hybrid_stem_tokens_follow_the_patch_grid():
+    cfg = tiny_config(vision={"stem": "hybrid", "image_size": 64, "patch_size": 16}).vision
+    out = VisionTransformer(cfg).eval()(torch.randn(2, 1, 64, 64))
+    assert out["tokens"].shape == (2, 16, 32)
 
 
 def test_patchify_roundtrip():

@@ -51,7 +51,7 @@ class VisionConfig:
     depth: int = 0
     heads: int = 0
     mlp_ratio: float = 4.0
-    stem: str = "linear"  # linear | conv (non-overlapping, stays inside each patch)
+    stem: str = "linear"  # linear | conv (inside each patch) | hybrid (whole-image CNN + BN)
     pool: str = "cls"  # global image feature: cls | avg (mean of the patch tokens)
     attn_impl: str = "explicit"  # explicit | sdpa
     pretrained: str = ""  # timm-named ViT state dict (.safetensors / .pth / .bin)
@@ -209,7 +209,7 @@ def validate(cfg: Config) -> None:
     """Raise ConfigError on values out of range or settings that contradict each other."""
     v, t = cfg.vision, cfg.text
     _choice("vision.preset", v.preset, [*VIT_PRESETS, "custom"])
-    _choice("vision.stem", v.stem, ("linear", "conv"))
+    _choice("vision.stem", v.stem, ("linear", "conv", "hybrid"))
     _choice("vision.attn_impl", v.attn_impl, ("explicit", "sdpa"))
     _choice("vision.pool", v.pool, ("cls", "avg"))
     _choice("text.preset", t.preset, [*BERT_PRESETS, "custom"])
@@ -230,6 +230,9 @@ def validate(cfg: Config) -> None:
                           "(preset 'custom' needs all three; width must divide by heads)")
     if v.stem == "conv" and v.patch_size % 4:
         raise ConfigError("vision.stem=conv needs vision.patch_size divisible by 4")
+    if v.stem == "hybrid" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
+        raise ConfigError("vision.stem=hybrid needs vision.patch_size a power of two "
+                          "(one stride-2 stage per halving)")
     if not t.pretrained:
         hidden, layers, theads, _ = t.resolved()
         if not (hidden and layers and theads) or hidden % theads:

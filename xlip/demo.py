@@ -50,7 +50,9 @@ def run_demo(out: Path, overrides: list[str] | None = None, quick: bool = False)
     else:
         print(f"[1/4] synthetic corpus already at {manifest}")
     print("[2/4] training a WordPiece tokenizer on the training reports")
-    texts = [select_text(r.text, cfg.data.text_policy)
+    # whole reports (findings + impression) whatever data.text_policy trains on: the vocabulary
+    # then also covers the negated phrasing of prompts ("No pleural effusion.")
+    texts = [select_text(r.text, "findings_impression")
              for r in load_manifest(manifest, verify_images=False)
              if r.text and r.split == "train"]
     train_wordpiece(texts, out / "tokenizer", vocab_size=2000)

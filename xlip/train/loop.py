@@ -149,6 +149,10 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
     collate = Collator(cfg, tok, train=True, findings=dataset.findings())
     model = XLIPModel(cfg, len(tok)).to(info.device)
+    if info.world_size > 1 and info.device.type == "cuda":
+        # BatchNorm (vision.stem=hybrid) over the global batch; SyncBatchNorm runs on GPUs only,
+        # so CPU processes keep per-process batch statistics
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
                             betas=tuple(tr.betas), fused=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
