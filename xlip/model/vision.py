@@ -9,8 +9,8 @@ Patch embeddings (``vision.stem``):
 - ``linear``: one p×p projection per patch (timm's ``patch_embed.proj``, loads ViT/MAE weights).
 - ``conv``: a small convolutional stem applied to each patch on its own.
 - ``hybrid``: a convolutional network with BatchNorm over the whole image, down to the patch
-  grid (a hybrid ViT, as ViT-R50). Its receptive field crosses patch borders; from scratch it
-  learns many times faster than the per-patch stems (see README, "Measured").
+  grid (a hybrid ViT, as ViT-R50). Its receptive field crosses patch borders; trained from
+  scratch it learns much faster than the per-patch stems (figures in the README, "Config").
 
 A masked patch never leaks into a visible one: ``linear`` and ``conv`` cut the patches out
 before embedding; ``hybrid`` blanks the masked patches' pixels before the stem sees the image.
