@@ -44,6 +44,15 @@ def unpatchify(patches: Tensor, p: int, channels: int = 1) -> Tensor:
     return x.reshape(B, channels, g * p, g * p)
 
 
+def he_init_convs(module: nn.Module) -> None:
+    """GELU-aware He init of every convolution (keeps activation variance ~1), zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class PatchEmbed(nn.Module):
     """Embeds patches one at a time: (M, C, p, p) → (M, D).
 
@@ -67,10 +76,7 @@ class PatchEmbed(nn.Module):
             ch, size = nxt, size // 2
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(ch, dim, kernel_size=1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):  # GELU-aware He init: keeps token variance ~1
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        he_init_convs(self)
 
     def forward(self, patches: Tensor) -> Tensor:
         x = self.stem(patches) if self.stem_kind == "conv" else patches
@@ -95,11 +101,7 @@ class HybridStem(nn.Module):
             ch = w
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(ch, dim, kernel_size=1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        he_init_convs(self)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.proj(self.stem(images)).flatten(2).transpose(1, 2)  # (B, N, D)
@@ -123,10 +125,8 @@ def frozen_bn_stats(module: nn.Module):
 def blank_patches(images: Tensor, keep_ids: Tensor, p: int) -> Tensor:
     """Zero every pixel outside the kept patches (images are normalised to zero mean)."""
     B, _, H, W = images.shape
-    keep = torch.zeros(B, (H // p) * (W // p), dtype=images.dtype, device=images.device)
-    keep.scatter_(1, keep_ids, 1.0)
-    keep = keep.reshape(B, 1, H // p, 1, W // p, 1).expand(-1, -1, -1, p, -1, p)
-    return images * keep.reshape(B, 1, H, W)
+    keep = images.new_zeros(B, (H // p) * (W // p)).scatter_(1, keep_ids, 1.0)  # (B, N)
+    return images * unpatchify(keep[:, :, None].expand(-1, -1, p * p), p)  # (B, 1, H, W)
 
 
 class VisionTransformer(nn.Module):
