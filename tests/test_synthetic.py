@@ -233,6 +233,20 @@ def test_reports_match_labels(corpus):
             assert "lungs are clear" in text or "clear lungs" in text or "no " in text
 
 
+def test_impression_summarises_devices_and_up_to_three_findings(corpus):
+    _, findings, reports = corpus
+    with_devices = 0
+    for f, report in zip(findings, reports):
+        impression = report.split("IMPRESSION:")[1].lower()
+        named = "support devices" in impression or "lines and tubes" in impression
+        assert named == ("Support Devices" in f), report
+        with_devices += named
+        shown = [n for n in f if n not in ("Support Devices", "Cardiomegaly")
+                 and any(k in impression for k in KEYWORDS[n])]
+        assert len(shown) <= 3, report
+    assert with_devices > 50
+
+
 def test_report_length_and_variety(corpus):
     _, _, reports = corpus
     words = np.array([len(r.split()) for r in reports])

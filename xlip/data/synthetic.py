@@ -1485,8 +1485,9 @@ def write_report(findings: dict[str, dict], rng: np.random.Generator) -> str:
     """A free-text report, ``"FINDINGS: ...\\nIMPRESSION: ..."``, true of the given findings.
 
     Every present finding is described in the findings section with its laterality, zone and
-    size/severity in varied wording, and summarised (up to three) in the impression; absent
-    findings are negated at random; normal studies read as normal. About 18-70 words.
+    size/severity in varied wording, and summarised (up to three) in the impression, which also
+    always names any support devices; absent findings are negated at random; normal studies
+    read as normal. About 18-70 words.
     """
     unknown = set(findings) - set(SYNTH_FINDINGS)
     if unknown:
@@ -1514,10 +1515,13 @@ def write_report(findings: dict[str, dict], rng: np.random.Generator) -> str:
     impressions = [picks[n][1] for n in disease][:3]
     if not impressions:
         impressions = [_choice(rng, _NORMAL_IMPRESSIONS)]
-    if "Support Devices" in findings and (not disease or rng.random() < 0.5):
-        impressions.insert(0 if not disease else len(impressions), picks["Support Devices"][1])
+    # tubes and lines are always summarised, as in practice (first when the study is otherwise
+    # normal, else last)
+    devices = [picks["Support Devices"][1]] if "Support Devices" in findings else []
+    lead = not disease
 
     def compose(body: list[str], negs: list[str], imp: list[str]) -> str:
+        imp = devices + imp if lead else imp + devices
         return f"FINDINGS: {' '.join(body + negs)}\nIMPRESSION: {' '.join(imp)}"
 
     body = [picks[n][0] for n in order]
@@ -1530,7 +1534,7 @@ def write_report(findings: dict[str, dict], rng: np.random.Generator) -> str:
     if len(report.split()) > hi:  # too long: fewer negations, shortest wording, shorter impression
         negs = negs[:1] if negs and negs[0] in _CLEAR_LUNGS else []
         body = [min(options[n][0], key=len) for n in order]
-        impressions = [min(options[n][1], key=len) for n in disease][:2] or impressions
+        impressions = [min(options[n][1], key=len) for n in disease][: 2 - bool(devices)] or impressions
         report = compose(body, negs, impressions)
     return report
 
