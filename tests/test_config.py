@@ -43,6 +43,7 @@ def test_save_roundtrip(tmp_path):
     (["vision.stem=hybrid", "vision.patch_size=12", "vision.image_size=96"],
      "stem=hybrid needs vision.patch_size a power of two"),
     (["vision.stem=resnet"], "vision.stem: unknown value 'resnet'"),
+    (["text.dropout=1.0"], r"text.dropout=1.0 must lie in \[0, 1\)"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

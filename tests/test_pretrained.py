@@ -32,6 +32,19 @@ def test_text_encoder_and_tokenizer_from_local_hf_dir():
     assert out["mlm_logits"].shape[-1] == 30522
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_text_dropout_reaches_preset_and_pretrained_berts(p):
+    for text in ({}, {"pretrained": str(minilm.get_model_path()), "max_length": 32}):
+        model = XLIPModel(tiny_config(text={**text, "dropout": p}), 30522)
+        bert = model.text.bert.config
+        assert bert.hidden_dropout_prob == p and bert.attention_probs_dropout_prob == p
+    ids = torch.randint(5, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    model.train()
+    same = torch.equal(model.encode_text(ids, mask), model.encode_text(ids, mask))
+    assert same == (p == 0.0)  # train mode: random only while dropout is on
+
+
 def test_missing_pretrained_dir_is_a_clear_error(tmp_path):
     cfg = tiny_config(text={"pretrained": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="not a local Hugging Face model directory"):

@@ -79,6 +79,7 @@ class TextConfig:
     intermediate: int = 0
     attn_impl: str = "eager"  # eager | sdpa (transformers attention implementation)
     pool: str = "cls"  # global text feature: cls | mean (over non-padding tokens)
+    dropout: float = 0.1  # BERT hidden and attention-probability dropout (preset or pretrained)
 
     def resolved(self) -> tuple[int, int, int, int]:
         p = BERT_PRESETS[self.preset] if self.preset != "custom" else (0, 0, 0, 0)
@@ -239,6 +240,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"text: hidden {hidden} / layers {layers} / heads {theads} invalid")
     if t.max_length < 8:
         raise ConfigError("text.max_length must be at least 8")
+    if not 0.0 <= t.dropout < 1.0:
+        raise ConfigError(f"text.dropout={t.dropout} must lie in [0, 1)")
     for name in ("ratio", "high_share"):
         x = getattr(cfg.mim, name)
         if not 0.0 < x < 1.0:

@@ -23,7 +23,9 @@ def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = Non
                                     "directory (no config.json); nothing is downloaded")
         model = BertModel.from_pretrained(str(p), local_files_only=True,
                                           add_pooling_layer=False,
-                                          attn_implementation=cfg.attn_impl)
+                                          attn_implementation=cfg.attn_impl,
+                                          hidden_dropout_prob=cfg.dropout,
+                                          attention_probs_dropout_prob=cfg.dropout)
         if model.config.vocab_size < vocab_size:
             raise ValueError(f"{p}: model vocabulary ({model.config.vocab_size}) is smaller "
                              f"than the tokenizer's ({vocab_size}); use the model's tokenizer")
@@ -31,7 +33,8 @@ def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = Non
     hidden, layers, heads, inter = cfg.resolved()
     config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=inter,
-                        max_position_embeddings=max(cfg.max_length, 128))
+                        max_position_embeddings=max(cfg.max_length, 128),
+                        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     config._attn_implementation = cfg.attn_impl
     return BertModel(config, add_pooling_layer=False)
 
