@@ -72,6 +72,15 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_label(args: argparse.Namespace) -> int:
+    from xlip.text.labeller import label_csv
+
+    summary = label_csv(args.input, args.out, args.text_column, args.text_policy, args.prefix)
+    print(summary.describe())
+    print(f"written: {args.out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from xlip.demo import run_demo
 
@@ -128,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="train")
     t.add_argument("--text-policy", default="findings_impression")
     t.set_defaults(func=_tokenizer_train)
+
+    txt = sub.add_parser("text", help="report text").add_subparsers(dest="text_cmd",
+                                                                     required=True)
+    lb = txt.add_parser("label", help="add NER labels (present / negative / uncertain) to a "
+                                      "CSV of reports")
+    lb.add_argument("input", help="CSV with a header row")
+    lb.add_argument("--out", required=True, help="CSV to write: every input row + 3 columns")
+    lb.add_argument("--text-column", default="text")
+    lb.add_argument("--text-policy", default="findings_impression",
+                    help="report sections the NER reads: findings_impression | impression | "
+                         "findings | longest")
+    lb.add_argument("--prefix", default="", help="prefix for the added column names")
+    lb.set_defaults(func=_text_label)
 
     pt = sub.add_parser("pretrain", help="pre-train XLIP")
     pt.add_argument("--config", help="YAML config file")
