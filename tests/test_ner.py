@@ -96,7 +96,13 @@ CASES = [
     ("Linear scarring at the lung bases.", {("Fibrosis", P)}),
     ("Right apical pneumothoraces.", {(PTX, P)}),
     ("Dense right upper lobe opacities.", {(LO, P)}),
-    ("Lungs are hyperexpanded but clear.", {("Emphysema", P)}),
+    # hyperinflation is a sign that goes with COPD, not emphysema itself (IU: "hyperdistention")
+    ("Lungs are hyperexpanded but clear.", set()),
+    ("Mildly hyperinflated lungs.", set()),
+    ("Bilateral airspace opacities.", {(LO, P)}),  # an opacity, not (yet) a consolidation
+    ("Left basilar airspace disease.", {("Consolidation", P)}),
+    ("Pulmonary vascular engorgement appears within normal limits.", {("Edema", A)}),
+    ("Vascular congestion is within the limits of normal.", {("Edema", A)}),
     ("Pericardial effusion.", set()),
     ("Subcutaneous emphysema in the left chest wall.", set()),
     # devices

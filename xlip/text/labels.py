@@ -109,7 +109,7 @@ _ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     ),
     "Emphysema": (
         "pulmonary emphysema", "copd", "pulmonary disease, chronic obstructive",
-        "chronic obstructive pulmonary disease", "hyperinflation", "air trapping",
+        "chronic obstructive pulmonary disease",
     ),
     "Fibrosis": ("pulmonary fibrosis", "interstitial fibrosis", "fibrotic band"),
     "Hernia": (

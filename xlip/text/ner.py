@@ -15,7 +15,10 @@ Matching
     ``acute cardiopulmonary abnormality``), and a normalised term for anatomy and modifiers
     (``lungs`` -> ``lung``, ``bilaterally`` -> ``bilateral``). Granulomas are ``Nodule`` (see
     :mod:`xlip.text.labels`); ``pleural thickening`` is ``Pleural Thickening`` and other pleural
-    abnormalities (plaques, pleural scarring) are ``Pleural Other``.
+    abnormalities (plaques, pleural scarring) are ``Pleural Other``. An *airspace opacity* is
+    ``Lung Opacity`` (a description), *airspace disease* ``Consolidation``. Hyperinflation
+    (``hyperexpanded lungs``, ``air trapping``) is outside the vocabulary: a sign that goes with
+    COPD, not emphysema (Indiana University's MeSH indexers file it as lung hyperdistention).
 
 Assertion (present / absent / uncertain), per sentence
     Sentences end at ``.``, ``!``, ``?`` (not after ``dr.``, ``vs.``, ``e.g.``) and blank lines.
@@ -27,8 +30,8 @@ Assertion (present / absent / uncertain), per sentence
     (``but``, ``however``, ``although``, ``except``, ``which``, ``with``, ``there is``, ``;``,
     ``:``, ...), the sentence end, another pre-trigger, or a determiner opening a new phrase after
     ``,``/``and`` (``No effusion and the ET tube ...``). A post-trigger (``is absent``, ``has
-    resolved``, ``not seen``, ``removed``; uncertainty: ``cannot be excluded``, ``not ruled out``,
-    ``is suspected``) applies backwards in the same way. ``versus`` makes uncertain the nearest
+    resolved``, ``not seen``, ``removed``, ``within normal limits``; uncertainty: ``cannot be
+    excluded``, ``not ruled out``, ``is suspected``) applies backwards in the same way. ``versus`` makes uncertain the nearest
     finding before it and the entities after it. Pseudo-triggers (``no change``, ``no increase``,
     ``not only``, ``no interval change``, ...) do nothing. Inside a negated clause, ``suggest(s)``,
     ``suggestive of``, ``concerning for``, ``consistent with`` continue the negation (``No
@@ -145,6 +148,7 @@ _FINDING_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "opacification",
         "opacified",
         "(lung|pulmonary|parenchymal) (opacity|opacification)",
+        "(airspace|air space|alveolar) (opacity|opacification)",
         "ground glass (opacity|opacification)",
         "(reticular|reticulonodular|interstitial) opacity",
         "density",
@@ -182,8 +186,8 @@ _FINDING_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "Consolidation": (
         "consolidation",
         "consolidative (opacity|process|change)",
-        "(airspace|air space) (disease|opacity|opacification|consolidation|process)",
-        "alveolar (opacity|consolidation)",
+        "(airspace|air space) (disease|consolidation|process)",
+        "alveolar consolidation",
         "air bronchogram",
     ),
     "Pneumonia": (
@@ -243,18 +247,10 @@ _FINDING_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "emphysema",
         "emphysematous",
         "emphysematous change",
-        "(pulmonary |)hyperinflation",
-        "hyperinflated",
-        "hyperexpansion",
-        "hyperexpanded",
-        "hyperaeration",
-        "hyperaerated",
-        "overinflation",
         "copd",
         "chronic obstructive pulmonary disease",
         "bulla",
         "bullous (disease|change)",
-        "air trapping",
     ),
     "Fibrosis": (
         "fibrosis",
@@ -339,6 +335,10 @@ _OTHER_FINDING_TERMS: tuple[str, ...] = (
     "peribronchial cuffing",
     "pulmonary hypertension",
     "low lung volume",
+    # signs that go with COPD but are not emphysema (IU's indexers file them as hyperdistention)
+    "(pulmonary |)(hyperinflation|hyperexpansion|hyperaeration|overinflation)",
+    "(hyperinflated|hyperexpanded|hyperaerated|overinflated)",
+    "air trapping",
     "(cardiopulmonary|intrathoracic|pulmonary|lung|osseous) (abnormality|disease|process)",
     "(cardiopulmonary|pulmonary) finding",
     "acute (cardiopulmonary |intrathoracic |pulmonary |osseous |)"
@@ -592,7 +592,8 @@ _TRIGGERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "not appreciated", "not present", "not evident", "not demonstrated", "not detected",
         "not apparent", "no longer seen", "no longer present", "no longer visualized",
         "no longer identified", "no longer evident", "no longer apparent", "ruled out",
-        "has cleared", "have cleared", "cleared",
+        "has cleared", "have cleared", "cleared", "within normal limits",
+        "within (the |)limits of normal",
     ),
     _UNC_PRE: (
         "may", "might", "could", "possible", "possibly", "probable", "probably", "likely",
