@@ -55,9 +55,13 @@ def test_label_columns_for_every_row(tmp_path):
                for c in ("labels", "negative_labels", "uncertain_labels"))
     assert (summary.rows, summary.labelled, summary.empty) == (4, 2, 2)
     rejects = _read(summary.rejects)
-    assert [(r["line"], r["uid"]) for r in rejects] == [("4", "r3"), ("5", "r4")]
+    assert [(r["row"], r["uid"]) for r in rejects] == [("3", "r3"), ("4", "r4")]
     assert rejects[0]["reason"] == "empty report"
     assert "text policy 'findings_impression'" in rejects[1]["reason"]
+    # re-run on clean input: the old rejects file does not linger
+    label_csv(_write(tmp_path / "in.csv", ["uid", "report"], [list(REPORTS[1])]),
+              tmp_path / "out" / "labelled.csv", text_column="report")
+    assert not summary.rejects.exists()
 
 
 def test_bad_input_is_refused_with_the_fix(tmp_path):
@@ -78,7 +82,8 @@ def test_bad_input_is_refused_with_the_fix(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    src = _write(tmp_path / "in.csv", ["text"], [["Moderate cardiomegaly."], [""]])
+    src = tmp_path / "in.csv"
+    src.write_text("\ufefftext\nModerate cardiomegaly.\n\"\"\n", encoding="utf-8")  # with a BOM
     out = tmp_path / "out.csv"
     assert main(["text", "label", str(src), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

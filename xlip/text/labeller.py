@@ -5,8 +5,8 @@ finds present), ``negative_labels`` (explicitly absent) and ``uncertain_labels``
 ``;``-separated list of canonical names (:mod:`xlip.text.labels`) in canonical order. The text the
 NER reads is chosen by a text policy (:func:`xlip.text.sections.select_text`), so an indication
 such as "rule out pneumonia" does not become a label. A row whose selected text is empty keeps
-empty label columns and is also listed, with its reason, in ``<out>.rejects.csv``: no row is
-dropped.
+empty label columns and is also listed, with its row number (1 = first data row) and reason,
+in ``<out>.rejects.csv``: no row is dropped.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
         raise FileNotFoundError(f"{src}: no such CSV file")
     if src.resolve() == out.resolve():
         raise ValueError(f"{out}: the output must not overwrite the input; choose another --out")
-    with src.open(newline="", encoding="utf-8") as fh:
+    with src.open(newline="", encoding="utf-8-sig") as fh:  # a BOM is not part of a name
         reader = csv.DictReader(fh)
         header = list(reader.fieldnames or [])
         rows = list(reader)
@@ -86,7 +86,7 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
     with out.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=header + added)
         writer.writeheader()
-        for i, row in enumerate(rows, start=2):  # line 1 is the header
+        for i, row in enumerate(rows, start=1):  # data rows; reports may span several lines
             text = select_text(row.get(text_column) or "", text_policy)
             sets: tuple[tuple[str, ...], ...] = ((), (), ())
             if text.strip():
@@ -97,12 +97,15 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
                 summary.empty += 1
                 reason = ("empty report" if not (row.get(text_column) or "").strip()
                           else f"no text in the sections read by text policy {text_policy!r}")
-                rejects.append({"line": i, "reason": reason, **row})
+                rejects.append({**row, "row": i, "reason": reason})
             writer.writerow({**row, **{c: ";".join(s) for c, s in zip(added, sets)}})
+    rejects_path = out.with_name(out.stem + ".rejects.csv")
+    rejects_path.unlink(missing_ok=True)  # none from an earlier run may linger
     if rejects:
-        summary.rejects = out.with_name(out.stem + ".rejects.csv")
-        with summary.rejects.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["line", "reason"] + header)
+        summary.rejects = rejects_path
+        columns = ["row", "reason"] + [c for c in header if c not in ("row", "reason")]
+        with rejects_path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rejects)
     return summary
