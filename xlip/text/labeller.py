@@ -87,7 +87,8 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
         writer = csv.DictWriter(fh, fieldnames=header + added)
         writer.writeheader()
         for i, row in enumerate(rows, start=1):  # data rows; reports may span several lines
-            text = select_text(row.get(text_column) or "", text_policy)
+            raw = row.get(text_column) or ""
+            text = select_text(raw, text_policy)
             sets: tuple[tuple[str, ...], ...] = ((), (), ())
             if text.strip():
                 sets = label_sets(text)
@@ -95,7 +96,7 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
                 summary.present.update(sets[0])
             else:
                 summary.empty += 1
-                reason = ("empty report" if not (row.get(text_column) or "").strip()
+                reason = ("empty report" if not raw.strip()
                           else f"no text in the sections read by text policy {text_policy!r}")
                 rejects.append({**row, "row": i, "reason": reason})
             writer.writerow({**row, **{c: ";".join(s) for c, s in zip(added, sets)}})
