@@ -44,7 +44,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
     if path.suffix in (".jsonl", ".json"):
-        rows = []
+        rows: list[dict[str, str]] = []
         for i, line in enumerate(path.read_text().splitlines(), start=1):
             if line.strip():
                 try:
@@ -52,12 +52,16 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
                                  for k, v in json.loads(line).items()})
                 except json.JSONDecodeError as err:
                     raise ManifestError(f"{path} line {i}: not valid JSON ({err})") from None
-        return rows
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise ManifestError(f"manifest {path} is empty")
-        return [{k: (v or "") for k, v in r.items() if k is not None} for r in reader]
+    else:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise ManifestError(f"manifest {path} is empty")
+            rows = [{k: (v or "") for k, v in r.items() if k is not None} for r in reader]
+    if rows and "image" not in rows[0] and "image_path" in rows[0]:  # the ../shared/data spelling
+        for r in rows:
+            r["image"] = r.pop("image_path")
+    return rows
 
 
 def image_problem(path: str) -> str:
