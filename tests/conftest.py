@@ -1,14 +1,26 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 
 from xlip.config import Config, from_dict
 
 VOCAB = 64
+ROOT = Path(__file__).resolve().parents[1]
+# Real data for tests (never copied into the repo): $XLIP_SHARED_DATA, else ../shared/data.
+SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def needs_shared_data(*relpaths: str) -> pytest.MarkDecorator:
+    """Skip (saying what is missing) unless these files exist under SHARED_DATA."""
+    missing = [SHARED_DATA / p for p in relpaths if not (SHARED_DATA / p).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(map(str, missing))} "
+                              "(../shared/data, or set XLIP_SHARED_DATA)")
 
 
 def tiny_config(**sections) -> Config:
@@ -69,3 +81,33 @@ def build_corpus(root, n_train: int, n_test: int, seed: int, size: int, vocab_si
              if r.text and r.split == "train"]
     train_wordpiece(texts, root / "tok", vocab_size=vocab_size, min_frequency=min_frequency)
     return manifest, root / "tok"
+
+
+def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
+                bits_stored: int | None = None, **tags):
+    """A minimal single-frame (or multi-frame for 3-D grayscale) uncompressed DICOM."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    colour = photometric == "RGB"
+    frames = arr.shape[0] if arr.ndim == 3 and not colour else 1
+    ds.Rows, ds.Columns = arr.shape[-3:-1] if colour else arr.shape[-2:]
+    ds.SamplesPerPixel = 3 if colour else 1
+    if colour:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = arr.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(arr.dtype.kind == "i")
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

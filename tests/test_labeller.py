@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import runpy
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT, SHARED_DATA
 from xlip.cli import main
 from xlip.text.labeller import label_csv
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 IU_REPORTS = SHARED_DATA / "iu_reports" / "reports.csv"
 
 REPORTS = [
