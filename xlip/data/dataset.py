@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -47,6 +48,15 @@ def source_records(src: SourceConfig, cfg: Config, manifests: dict[str, list[Rec
         manifests[key] = load_manifest(src.manifest, verify_images=cfg.data.verify_images,
                                        rejects=rejects, skip_bad=cfg.data.skip_bad)
     rows = [r for r in manifests[key] if r.split == src.split and r.kind == src.kind]
+    if src.kind == "image_only":
+        # a label prompt needs a present finding (or No Finding): rows known only by what they
+        # lack (an RSNA / SIIM negative) cannot say what the image shows
+        unlabelled = sum(not r.labels for r in rows)
+        if unlabelled:
+            warnings.warn(f"{src.manifest}: {unlabelled} image-only rows of split {src.split!r} "
+                          "have only negative labels and make no label prompt; left out of "
+                          f"source {src.name or src.kind}", stacklevel=2)
+        rows = [r for r in rows if r.labels]
     if not rows:
         raise ManifestError(f"{src.manifest}: no {src.kind} rows in split {src.split!r} "
                             f"(data source {src.name or src.kind})")
