@@ -1,0 +1,166 @@
+"""Image loading from raw files versus tar shards (``xlip data shard``), side by side in one run.
+
+Images per second for ONE worker process (the data loader's workers scale it), on a real image
+set (default: ``../shared/data/nih_cxr14_starter``; ``XLIP_SHARED_DATA`` moves ``../shared/data``):
+
+    raw decode    load_image + resize (shorter side --size) + uint8: what sharding does once
+    raw train     prepare_image(raw file, --image-size): what the training loader does per draw
+    shard train   read the shard member + PNG decode + the same transform (resize, normalise)
+    write_shards  sharding end to end, 1 worker: decode, resize, PNG encode, tar write
+
+The ratio ``shard train / raw train`` is the speed-up of the training loader from sharding. Every
+path is timed ``--repeat`` times, interleaved, after one warm-up pass (files in the page cache);
+the best pass counts. ``--dicom N`` adds a second table for N rows of a real 1024 px DICOM.
+
+    python benchmarks/shard_throughput.py [--manifest PATH] [--size 256] [--image-size 224]
+        [--limit N] [--repeat 3] [--dicom 20] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from xlip.data.images import load_image, normalize, prepare_image, resize  # noqa: E402
+from xlip.data.manifest import Record, load_manifest, write_manifest  # noqa: E402
+from xlip.data.shards import read_shard_member, shard_pixels, write_shards  # noqa: E402
+
+SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_MANIFEST = SHARED_DATA / "nih_cxr14_starter" / "manifest.csv"
+DEFAULT_DICOM = SHARED_DATA / "formats" / "dicom" / "siim_sample.dcm"
+
+
+def raw_decode(path: str, size: int) -> np.ndarray:
+    return shard_pixels(load_image(path), size)
+
+
+def shard_train(path: str, image_size: int) -> torch.Tensor:
+    """prepare_image(path, image_size) for a shard member, spelled out (no loader patch needed)."""
+    with Image.open(io.BytesIO(read_shard_member(path))) as im:
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    arr = resize(arr, image_size)
+    return torch.from_numpy(np.ascontiguousarray(normalize(arr), dtype=np.float32))[None]
+
+
+def subset_manifest(records: list[Record], path: Path) -> Path:
+    """The records as a manifest with absolute image paths."""
+    write_manifest(path, [{"image": r.image, "text": r.text, "labels": "; ".join(r.labels),
+                           "split": r.split, "source": r.source} for r in records])
+    return path
+
+
+def measure(records: list[Record], size: int, image_size: int, repeat: int, tmp: Path) -> dict:
+    """images/s per worker of each path, on these records (image rows)."""
+    manifest = subset_manifest(records, tmp / "bench.csv")
+    raw_decode(records[0].image, size)  # lazy imports (pydicom) out of the timing
+    start = time.perf_counter()
+    summary = write_shards(manifest, tmp / "shards", size=size, shard_rows=1000, workers=1,
+                           progress=False, overwrite=True)
+    shard_s = time.perf_counter() - start
+    shard_paths = _member_paths(summary.manifest)
+    raw_paths = [r.image for r in records]
+    assert len(shard_paths) == len(raw_paths), summary.describe()
+    paths = {
+        "raw decode": lambda: [raw_decode(p, size) for p in raw_paths],
+        "raw train": lambda: [prepare_image(p, image_size) for p in raw_paths],
+        "shard train": lambda: [shard_train(p, image_size) for p in shard_paths],
+    }
+    for run in paths.values():  # warm-up: page cache, lazy imports, the shard index
+        run()
+    best = {name: float("inf") for name in paths}
+    for _ in range(repeat):
+        for name, run in paths.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    n = len(raw_paths)
+    diff = torch.stack([(prepare_image(a, image_size) - shard_train(b, image_size)).abs()
+                        for a, b in list(zip(raw_paths, shard_paths))[:20]])  # (n, 1, S, S)
+    raw_bytes = sum(os.path.getsize(p) for p in raw_paths)
+    shard_bytes = sum(p.stat().st_size for p in (tmp / "shards").glob("shard-*.tar"))
+    return {"images": n, "per_worker_images_per_s": {**{k: n / v for k, v in best.items()},
+                                                     "write_shards": n / shard_s},
+            "ratio_shard_to_raw_train": best["raw train"] / best["shard train"],
+            "tensor_diff_first_20": {"max": float(diff.max()), "mean": float(diff.mean())},
+            "kib_per_image": {"raw": raw_bytes / n / 1024, "shard": shard_bytes / n / 1024}}
+
+
+def _member_paths(manifest: Path) -> list[str]:
+    """Absolute shard-member paths of a shard manifest (read as CSV: no loader patch needed)."""
+    with manifest.open(newline="") as fh:
+        return [str(manifest.parent / r["image"]) for r in csv.DictReader(fh) if r["image"]]
+
+
+def table(title: str, res: dict, size: int, image_size: int) -> str:
+    r = res["per_worker_images_per_s"]
+    rows = [("raw decode", f"raw: load_image + resize to {size} (shorter side) + uint8"),
+            ("raw train", f"raw: prepare_image at {image_size} px (training load today)"),
+            ("shard train", f"shard: read member + PNG decode + same transform at {image_size} px"),
+            ("write_shards", "write_shards, 1 worker (decode, resize, PNG encode, tar)")]
+    lines = [f"### {title}: {res['images']} images", "",
+             "| path | images/s per worker | ms/image |", "|---|---|---|"]
+    lines += [f"| {label} | {r[k]:.0f} | {1000 / r[k]:.2f} |" for k, label in rows]
+    kib = res["kib_per_image"]
+    lines += ["", f"shard / raw training-load ratio: **{res['ratio_shard_to_raw_train']:.2f}x**; "
+              f"|raw - shard| training tensors (first 20 images, unit-variance scale): "
+              f"max {res['tensor_diff_first_20']['max']:.2g}, "
+              f"mean {res['tensor_diff_first_20']['mean']:.2g}; "
+              f"KiB per image: raw {kib['raw']:.1f}, shard {kib['shard']:.1f}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
+    ap.add_argument("--size", type=int, default=256, help="shorter side stored in the shards")
+    ap.add_argument("--image-size", type=int, default=224, help="the training image size")
+    ap.add_argument("--limit", type=int, default=0, help="use the first N image rows (0: all)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dicom", type=int, default=20,
+                    help=f"also time N rows of {DEFAULT_DICOM.name} (0: skip)")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    if not Path(args.manifest).is_file():
+        print(f"{args.manifest} not found (the shared image set; set XLIP_SHARED_DATA or pass "
+              "--manifest)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)  # one data-loader worker
+    records = [r for r in load_manifest(args.manifest, verify_images=False, skip_bad=True)
+               if r.image]
+    records = records[:args.limit or None]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results[Path(args.manifest).parent.name] = measure(records, args.size, args.image_size,
+                                                           args.repeat, Path(tmp))
+        if args.dicom:
+            if not DEFAULT_DICOM.is_file():
+                print(f"{DEFAULT_DICOM} not found: DICOM table skipped", file=sys.stderr)
+            else:
+                dcm = [Record(i + 1, str(DEFAULT_DICOM), "", ("No Finding",), "train", "", "",
+                              "", "dicom") for i in range(args.dicom)]
+                results[DEFAULT_DICOM.name] = measure(dcm, args.size, args.image_size,
+                                                      args.repeat, Path(tmp))
+    for title, res in results.items():
+        print(table(title, res, args.size, args.image_size) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
