@@ -58,6 +58,50 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from xlip.data.adapters import PrepareOptions, prepare
+
+    opts = PrepareOptions(
+        views=args.views or ("all" if args.dataset == "iu-xray" else "frontal"),
+        split_fractions=args.split_fractions, seed=args.seed, uncertain=args.uncertain,
+        reports=args.reports or "", reports_only=args.reports_only, labels=args.labels,
+        rad_vote=args.rad_vote, csv=args.csv or "", map=args.map or "",
+        label_sep=args.label_sep, verify=args.verify, workers=args.workers,
+        absolute_paths=args.absolute_paths)
+    summary = prepare(args.dataset, args.raw_dir, args.out, opts)
+    print(summary.describe())
+    out = Path(args.out)
+    print(f"written: {out / 'manifest.csv'} {out / 'rejects.csv'} {out / 'summary.json'}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from xlip.data.validate import exit_code, validate
+
+    report = validate(args.manifests, args.eval, check_images=not args.no_images,
+                      workers=args.workers, min_side=args.min_side, text_policy=args.text_policy)
+    if args.report:
+        report.write_json(args.report)
+    print(report.describe(full_list=args.report))
+    return exit_code(report, args.warn_only)
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from xlip.data.shards import write_shards
+
+    try:
+        summary = write_shards(args.manifest, args.out, size=args.size,
+                               shard_rows=args.shard_rows, workers=args.workers,
+                               progress=not args.quiet, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the complete shards in {args.out} are kept; run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+    print(summary.describe())
+    print(f"manifest written to {summary.manifest}")
+    return 0
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from xlip.data.manifest import load_manifest
     from xlip.text.sections import select_text
@@ -127,6 +171,70 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--montage", help="also write a labelled contact sheet to this PNG")
     s.set_defaults(func=_synth)
+
+    from xlip.data.adapters import ADAPTERS
+
+    pr = data.add_parser("prepare", help="a dataset as downloaded → manifest.csv + rejects.csv")
+    pr.add_argument("dataset", choices=list(ADAPTERS))
+    pr.add_argument("raw_dir", help="the folder the dataset was downloaded / extracted to")
+    pr.add_argument("--out", required=True, help="folder for manifest.csv, rejects.csv, "
+                                                 "summary.json")
+    pr.add_argument("--views", help="comma list of frontal, PA, AP, LATERAL, unknown, all "
+                                    "(default: frontal; iu-xray: all)")
+    pr.add_argument("--split-fractions", default="valid=0.1,test=0.1",
+                    help="patient-level split for datasets without an official one")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    pr.add_argument("--uncertain", default="ignore", help="CheXpert/MIMIC -1 labels: ignore "
+                    "(kept in uncertain_labels) | positive (U-Ones) | negative (U-Zeros)")
+    pr.add_argument("--reports", help="mimic-cxr: folder with the files/pXX/... report .txt "
+                                      "files (default: RAW_DIR)")
+    pr.add_argument("--reports-only", action="store_true",
+                    help="iu-xray: one text-only row per report, no images")
+    pr.add_argument("--labels", default="mesh", help="iu-xray: mesh | ner")
+    pr.add_argument("--rad-vote", default="majority", help="vindr-cxr: majority | any")
+    pr.add_argument("--csv", help="generic: the CSV (relative to RAW_DIR or absolute)")
+    pr.add_argument("--map", help="generic: FIELD=COLUMN,... for image, text, labels, split, "
+                                  "patient_id, study_id, view")
+    pr.add_argument("--label-sep", default=";", help="generic: separator of the labels column")
+    pr.add_argument("--verify", default="decode", choices=["decode", "exists", "none"],
+                    help="decode every kept image (default), only check it exists, or neither")
+    pr.add_argument("--workers", type=int, default=0, help="image checks in parallel "
+                                                           "(0: one per CPU)")
+    pr.add_argument("--absolute-paths", action="store_true",
+                    help="write absolute image paths (default: relative to --out)")
+    pr.set_defaults(func=_prepare)
+
+    v = data.add_parser("validate", help="check manifests before training: images, duplicates, "
+                        "texts, labels, patient overlap with held-out data")
+    v.add_argument("manifests", nargs="+", metavar="MANIFEST", help="training manifests")
+    v.add_argument("--eval", nargs="+", action="extend", default=[], metavar="MANIFEST",
+                   help="evaluation manifests: no patient or image may also be in training rows")
+    v.add_argument("--warn-only", action="store_true", help="exit 0 even when there are problems")
+    v.add_argument("--no-images", action="store_true", help="only check that image files exist "
+                   "(no decoding, sizes or identical-content duplicates)")
+    v.add_argument("--report", metavar="FILE.json", help="write every issue to this JSON file")
+    v.add_argument("--workers", type=int, default=0,
+                   help="image checks in parallel (0: one per CPU, at most 8)")
+    v.add_argument("--min-side", type=int, default=224,
+                   help="warn about images whose shorter side is below this (pixels)")
+    v.add_argument("--text-policy", default="findings_impression",
+                   help="the report sections training reads (data.text_policy)")
+    v.set_defaults(func=_validate)
+
+    sh = data.add_parser("shard", help="decode, resize and store a manifest's images as uint8 "
+                                       "PNG in WebDataset-style tar shards (resumable)")
+    sh.add_argument("manifest", help="CSV/JSONL manifest; image paths relative to it")
+    sh.add_argument("--out", required=True,
+                    help="folder for shard-*.tar, manifest.csv (image = shard-K.tar#KEY.png), "
+                         "rejects.csv, shards.json")
+    sh.add_argument("--size", type=int, default=256,
+                    help="shorter side in pixels, aspect kept (smaller images are not upscaled)")
+    sh.add_argument("--shard-rows", type=int, default=1000, help="manifest rows per shard")
+    sh.add_argument("--workers", type=int, default=2, help="worker processes")
+    sh.add_argument("--overwrite", action="store_true",
+                    help="delete this command's files in --out first instead of resuming")
+    sh.add_argument("--quiet", action="store_true", help="no progress bar")
+    sh.set_defaults(func=_shard)
 
     tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd",
                                                                         required=True)

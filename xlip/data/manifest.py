@@ -32,6 +32,7 @@ class Record:
     study_id: str
     view: str
     source: str
+    negatives: tuple[str, ...] = ()  # findings known to be absent (``negative_labels``)
 
     @property
     def kind(self) -> str:
@@ -65,19 +66,15 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def image_problem(path: str) -> str:
-    """'' if the image decodes, else a short reason."""
-    from PIL import Image
+    """'' if the image decodes (DICOM included), else a short reason: "missing image file",
+    "empty file (0 bytes)", "not an image (...)", "unreadable image (...)",
+    "unreadable DICOM (...)", "multi-frame DICOM (...)"."""
+    from xlip.data.images import ImageError, load_image
 
-    p = Path(path)
-    if not p.is_file():
-        return "missing image file"
-    if p.suffix.lower() == ".dcm":
-        return ""
     try:
-        with Image.open(p) as im:
-            im.load()
-    except Exception as err:  # PIL raises many kinds for corrupt data
-        return f"unreadable image ({type(err).__name__}: {err})"
+        load_image(path)
+    except ImageError as err:
+        return err.reason
     return ""
 
 
@@ -92,6 +89,8 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
         skip_bad: drop rejected rows (they are still written to ``rejects``) instead of
             raising ManifestError.
     """
+    from xlip.data.shards import image_exists  # here: xlip.data.shards imports this module
+
     path = Path(path)
     rows = _read_rows(path)
     if not rows:
@@ -108,22 +107,23 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
         reason = ""
         try:
             labels = parse_labels(r.get("labels", ""), where=where)
+            negatives = parse_labels(r.get("negative_labels", ""), where=where)
         except UnknownLabelError as err:
-            labels, reason = (), f"unknown label: {err}"
+            labels, negatives, reason = (), (), f"unknown label: {err}"
         abs_image = str((path.parent / image).resolve()) if image else ""
         if not reason and not image and not text:
             reason = "neither image nor text"
-        if not reason and image and not text and not labels:
+        if not reason and image and not text and not labels and not negatives:
             reason = "image without report or labels (an image-only row needs labels)"
         if not reason and image:
             reason = image_problem(abs_image) if verify_images else (
-                "" if Path(abs_image).is_file() else "missing image file")
+                "" if image_exists(abs_image) else "missing image file")
         if reason:
             bad.append({"row": i, "image": image, "reason": reason})
             continue
         records.append(Record(i, abs_image, text, labels, r.get("split", "").strip() or "train",
                               r.get("patient_id", ""), r.get("study_id", ""),
-                              r.get("view", ""), r.get("source", "") or path.stem))
+                              r.get("view", ""), r.get("source", "") or path.stem, negatives))
     if bad:
         out = Path(rejects) if rejects else path.with_name(path.stem + ".rejects.csv")
         try:
