@@ -187,3 +187,30 @@ def test_trained_tokenizer_roundtrip(corpus):
     enc = tok("Small left pleural effusion.")
     assert enc["input_ids"][0] == tok.cls_token_id and enc["input_ids"][-1] == tok.sep_token_id
     assert tok.decode(enc["input_ids"], skip_special_tokens=True) == "small left pleural effusion."
+
+
+def test_negative_only_rows_load_but_make_no_prompt(corpus, tmp_path):
+    """An SIIM / RSNA negative (labels empty, negative_labels set) is a valid manifest row (a
+    negative for evaluation) but cannot make a label prompt: the image-only source leaves it out,
+    with a warning that counts it."""
+    manifest, tok = corpus
+    shutil.copytree(manifest.parent / "images", tmp_path / "images")
+    image_only = [r for r in load_manifest(manifest) if r.kind == "image_only"
+                  and r.split == "train"]
+
+    def edit(rows):
+        for r in rows:
+            r["negative_labels"] = ""
+        for r in rows:
+            if not r["text"] and r["split"] == "train":
+                r["labels"], r["negative_labels"] = "", "Pneumothorax"
+                break
+
+    _rewrite(manifest, tmp_path / "m.csv", edit)
+    records = load_manifest(tmp_path / "m.csv")
+    negative = [r for r in records if r.negatives]
+    assert len(negative) == 1 and negative[0].labels == () and negative[0].kind == "image_only"
+    with pytest.warns(UserWarning, match="1 image-only rows .* only negative labels"):
+        ds = MixedDataset(data_cfg(tmp_path / "m.csv", tok))
+    assert len(ds.records[1]) == len(image_only) - 1
+    assert all(r.labels for r in ds.records[1])
