@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast shared-real clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,19 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 
 demo: install
 	$(BIN)/xlip demo --out runs/demo
+
+# Pre-training on the real sets in ../shared/data (configs/shared-real.yaml): the three dataset
+# adapters, a WordPiece vocabulary on the training reports, pre-training, zero-shot on NIH test.
+SHARED ?= ../shared/data
+REAL := runs/shared-real
+shared-real: install
+	$(BIN)/xlip data prepare covid-collection $(SHARED)/covid_cxr --out $(REAL)/data/covid
+	$(BIN)/xlip data prepare nih-cxr14 $(SHARED)/nih_cxr14_starter --out $(REAL)/data/nih
+	$(BIN)/xlip data prepare iu-xray $(SHARED)/iu_reports/source --reports-only --out $(REAL)/data/iu
+	$(BIN)/xlip tokenizer train $(REAL)/data/covid/manifest.csv $(REAL)/data/iu/manifest.csv \
+		--out $(REAL)/tokenizer --vocab-size 4000
+	$(BIN)/xlip pretrain --config configs/shared-real.yaml
+	$(BIN)/xlip eval zeroshot --model $(REAL)
 
 test: install
 	$(BIN)/python -m pytest -q
