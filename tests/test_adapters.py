@@ -242,6 +242,12 @@ def test_mimic_cxr(tmp_path):
     assert dict(summary.rejected) == {"lateral view filtered": 1, "empty report section": 1,
                                       "missing report file": 1, "missing image file": 1}
     assert_idempotent("mimic-cxr", raw, out)
+    # the sections training will read decide what an empty report is
+    first_report = raw / "files" / "p10" / "p10000032" / "s50414267.txt"
+    first_report.write_text(MIMIC_REPORT.split(" IMPRESSION:")[0])
+    _, manifest = run("mimic-cxr", raw, tmp_path / "imp", text_policy="impression")
+    assert [r["study_id"] for r in manifest] == ["57375967"]
+    assert reasons(tmp_path / "imp")["02aa804e-bde0afdd"] == "empty report section (impression)"
     # U-Ones; laterals kept on request
     _, manifest = run("mimic-cxr", raw, tmp_path / "u1", uncertain="positive", views="all")
     assert len(manifest) == 3
@@ -320,7 +326,13 @@ def test_nih_cxr14(tmp_path):
     assert by_name["00000001_002.png"]["labels"] == "Cardiomegaly;Pleural Effusion"
     assert by_name["00000001_002.png"]["split"] == "test"
     assert by_name["00000001_002.png"]["labels_raw"] == "Cardiomegaly;Effusion"
-    assert by_name["00000001_000.png"]["split"] == "train"
+    assert by_name["00000001_000.png"]["split"] in ("train", "valid")
+    # the official test list is kept; valid patients are drawn from train_val only
+    for share, want in (("valid=0", "train"), ("valid=1", "valid")):
+        _, carved = run("nih-cxr14", raw, tmp_path / share, split_fractions=share)
+        splits = {Path(r["image"]).name: r["split"] for r in carved}
+        assert splits["00000001_002.png"] == "test"
+        assert splits["00000001_000.png"] == splits["00000003_001.png"] == want
     assert by_name["00000001_000.png"]["patient_id"] == "1"
     why = reasons(out)
     assert why["00000002_000.png"] == "missing image file"
@@ -426,6 +438,40 @@ def test_vindr_cxr_votes(tmp_path):
     assert set(filter(None, got.split(";"))) == marked
 
 
+def test_vindr_cxr_physionet_form(tmp_path):
+    """PhysioNet's image_labels_{train,test}.csv: one row per radiologist, 0/1 columns."""
+    raw = tmp_path / "vindr"
+    (raw / "annotations").mkdir(parents=True)
+    cols = ["Aortic enlargement", "Calcification", "Nodule/Mass", "Pleural effusion", "COPD",
+            "No finding"]
+
+    def write(name, rows):
+        with (raw / "annotations" / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image_id", "rad_id"] + cols)
+            w.writerows(rows)
+
+    write("image_labels_train.csv", [
+        ["a1", "R1", 1, 1, 0, 0, 0, 0], ["a1", "R2", 1, 0, 0, 1, 0, 0],
+        ["a1", "R3", 0, 1, 0, 0, 0, 0],  # aortic 2/3, calcification 2/3, effusion 1/3
+        ["b2", "R1", 0, 0, 0, 0, 0, 1], ["b2", "R2", 0, 0, 0, 0, 0, 1],
+        ["b2", "R3", 0, 0, 0, 0, 0, 1],
+        ["c3", "R1", 0, 1, 0, 0, 0, 0], ["c3", "R2", 0, 1, 0, 0, 0, 0],
+        ["c3", "R3", 0, 0, 0, 0, 0, 1]])  # only an outside-vocabulary finding agreed
+    write("image_labels_test.csv", [["d4", "R8", 0, 0, 1, 0, 1, 0]])
+    for name, folder in (("a1", "train"), ("b2", "train"), ("c3", "train"), ("d4", "test")):
+        image(raw / folder / f"{name}.png")  # DICOMs converted to PNG keep their stem
+    summary, manifest = run("vindr-cxr", raw, tmp_path / "out")
+    by_id = {r["study_id"]: r for r in manifest}
+    assert by_id["a1"]["labels"] == "Enlarged Cardiomediastinum"
+    assert by_id["a1"]["labels_raw"] == "Aortic enlargement;Calcification"
+    assert by_id["b2"]["labels"] == "No Finding"
+    assert by_id["d4"]["labels"] == "Lung Lesion;Emphysema" and by_id["d4"]["split"] == "test"
+    assert by_id["a1"]["split"] == "train"
+    assert reasons(tmp_path / "out")["c3"].startswith("no finding reached the --rad-vote")
+    assert summary.outside["Calcification"] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # COVID-19 image data collection
 
@@ -513,7 +559,7 @@ def test_iu_xray_xml_and_csv(tmp_path):
     by_image = {Path(r["image"]).name: r for r in manifest}
     assert set(by_image) == {"CXR1_1_IM-0001-3001.png", "CXR1_1_IM-0001-4001.png",
                              "CXR9002_IM-9-1001.png"}
-    assert by_image["CXR1_1_IM-0001-4001.png"]["view"] == "AP"  # "Frontal" projection
+    assert by_image["CXR1_1_IM-0001-4001.png"]["view"] == "FRONTAL"  # not said if PA or AP
     assert by_image["CXR1_1_IM-0001-3001.png"]["view"] == "LATERAL"
     assert by_image["CXR1_1_IM-0001-4001.png"]["labels"] == "No Finding"
     planted = by_image["CXR9002_IM-9-1001.png"]

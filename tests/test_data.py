@@ -214,3 +214,22 @@ def test_negative_only_rows_load_but_make_no_prompt(corpus, tmp_path):
         ds = MixedDataset(data_cfg(tmp_path / "m.csv", tok))
     assert len(ds.records[1]) == len(image_only) - 1
     assert all(r.labels for r in ds.records[1])
+
+
+def test_reports_without_the_trained_sections_are_found_before_training(corpus, tmp_path):
+    manifest, tok = corpus
+    shutil.copytree(manifest.parent / "images", tmp_path / "images")
+
+    def edit(rows):
+        paired = [r for r in rows if r["text"] and r["image"] and r["split"] == "train"]
+        paired[1]["text"] = "INDICATION: Cough. COMPARISON: None."
+
+    _rewrite(manifest, tmp_path / "m.csv", edit)
+    cfg = data_cfg(tmp_path / "m.csv", tok)
+    with pytest.raises(ManifestError, match="1 paired rows .* no text in the sections "
+                                            "data.text_policy=findings_impression"):
+        MixedDataset(cfg)
+    cfg.data.skip_bad = True
+    with pytest.warns(UserWarning, match="left out"):
+        ds = MixedDataset(cfg)
+    assert all("INDICATION" not in r.text for r in ds.records[0])

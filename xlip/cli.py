@@ -62,9 +62,10 @@ def _prepare(args: argparse.Namespace) -> int:
     from xlip.data.adapters import PrepareOptions, prepare
 
     opts = PrepareOptions(
-        views=args.views or ("all" if args.dataset == "iu-xray" else "frontal"),
+        views=args.views,
         split_fractions=args.split_fractions, seed=args.seed, uncertain=args.uncertain,
         reports=args.reports or "", reports_only=args.reports_only, labels=args.labels,
+        text_policy=args.text_policy,
         rad_vote=args.rad_vote, csv=args.csv or "", map=args.map or "",
         label_sep=args.label_sep, verify=args.verify, workers=args.workers,
         absolute_paths=args.absolute_paths)
@@ -179,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("raw_dir", help="the folder the dataset was downloaded / extracted to")
     pr.add_argument("--out", required=True, help="folder for manifest.csv, rejects.csv, "
                                                  "summary.json")
-    pr.add_argument("--views", help="comma list of frontal, PA, AP, LATERAL, unknown, all "
-                                    "(default: frontal; iu-xray: all)")
+    pr.add_argument("--views", default="frontal",
+                    help="comma list of frontal (PA and AP), PA, AP, LATERAL, unknown, all")
     pr.add_argument("--split-fractions", default="valid=0.1,test=0.1",
                     help="patient-level split for datasets without an official one")
     pr.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reports-only", action="store_true",
                     help="iu-xray: one text-only row per report, no images")
     pr.add_argument("--labels", default="mesh", help="iu-xray: mesh | ner")
+    pr.add_argument("--text-policy", default="findings_impression",
+                    help="mimic-cxr, iu-xray: reject reports with no text in these sections "
+                         "(the data.text_policy you will train with)")
     pr.add_argument("--rad-vote", default="majority", help="vindr-cxr: majority | any")
     pr.add_argument("--csv", help="generic: the CSV (relative to RAW_DIR or absolute)")
     pr.add_argument("--map", help="generic: FIELD=COLUMN,... for image, text, labels, split, "

@@ -57,6 +57,19 @@ def source_records(src: SourceConfig, cfg: Config, manifests: dict[str, list[Rec
                           "have only negative labels and make no label prompt; left out of "
                           f"source {src.name or src.kind}", stacklevel=2)
         rows = [r for r in rows if r.labels]
+    else:  # reports must have text in the sections training reads: found now, not mid-run
+        empty = [r for r in rows if not select_text(r.text, cfg.data.text_policy).strip()]
+        if empty:
+            head = ", ".join(str(r.row) for r in empty[:8])
+            msg = (f"{src.manifest}: {len(empty)} {src.kind} rows of split {src.split!r} have no "
+                   f"text in the sections data.text_policy={cfg.data.text_policy} reads "
+                   f"(rows {head}{', ...' if len(empty) > 8 else ''})")
+            if not cfg.data.skip_bad:
+                raise ManifestError(msg + ". Choose another data.text_policy, remove the rows, "
+                                    "or set data.skip_bad=true to train without them.")
+            warnings.warn(msg + "; left out (data.skip_bad=true)", stacklevel=2)
+            dropped = {id(r) for r in empty}
+            rows = [r for r in rows if id(r) not in dropped]
     if not rows:
         raise ManifestError(f"{src.manifest}: no {src.kind} rows in split {src.split!r} "
                             f"(data source {src.name or src.kind})")

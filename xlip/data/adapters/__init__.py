@@ -22,6 +22,7 @@ from xlip.data.adapters.images import (
 )
 from xlip.data.adapters.labels import UNCERTAIN_POLICIES
 from xlip.data.adapters.reports import prepare_iu, prepare_mimic
+from xlip.text.sections import TEXT_POLICIES
 
 __all__ = ["ADAPTERS", "AdapterError", "PrepareOptions", "Summary", "prepare"]
 
@@ -49,6 +50,7 @@ class PrepareOptions:
     reports: str = ""  # MIMIC-CXR: folder holding files/pXX/... report .txt files
     reports_only: bool = False  # IU X-ray: one text-only row per report, no images
     labels: str = "mesh"  # IU X-ray: mesh (the indexers' problems) | ner (from the report)
+    text_policy: str = "findings_impression"  # reports with nothing in these sections: rejected
     rad_vote: str = "majority"  # VinDr-CXR: majority | any
     csv: str = ""  # generic
     map: str = ""  # generic: FIELD=COLUMN,...
@@ -65,6 +67,8 @@ class PrepareOptions:
         if self.rad_vote not in ("majority", "any"):
             raise AdapterError(f"--rad-vote {self.rad_vote!r}: use majority or any")
         self.fractions()
+        if self.text_policy not in TEXT_POLICIES:
+            raise AdapterError(f"--text-policy {self.text_policy!r}: use one of {TEXT_POLICIES}")
 
     def fractions(self) -> dict[str, float]:
         return parse_fractions(self.split_fractions)

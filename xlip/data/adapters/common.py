@@ -30,7 +30,7 @@ from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_la
 EXTRA_COLUMNS: tuple[str, ...] = ("negative_labels", "uncertain_labels", "labels_raw", "sex", "age")
 REJECT_COLUMNS: tuple[str, ...] = ("file", "row", "id", "image", "reason")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-FRONTAL = ("PA", "AP")
+FRONTAL = ("PA", "AP", "FRONTAL")  # FRONTAL: a frontal view not known to be PA or AP
 
 
 class AdapterError(ValueError):
@@ -160,19 +160,23 @@ def map_labels(names: Iterable[str], table: Mapping[str, Sequence[str]] | None =
 
 
 def normalise_view(view: str) -> str:
-    """``PA`` / ``AP`` / ``LATERAL`` / ``""`` (unknown) from a dataset's view spelling."""
+    """``PA`` / ``AP`` / ``FRONTAL`` (PA or AP, not said which) / ``LATERAL`` / ``""`` (unknown)
+    from a dataset's view spelling."""
     v = view.strip().upper().replace("_", " ")
     if v in ("PA", "POSTEROANTERIOR", "PA ERECT", "FRONTAL PA"):
         return "PA"
-    if v.startswith("AP") or v in ("ANTEROPOSTERIOR", "FRONTAL AP", "FRONTAL"):
+    if v.startswith("AP") or v in ("ANTEROPOSTERIOR", "FRONTAL AP"):
         return "AP"
+    if v in ("FRONTAL", "PA OR AP", "AP OR PA"):
+        return "FRONTAL"
     if v in ("L", "LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LAO", "RAO", "XTABLE LATERAL"):
         return "LATERAL"
     return ""
 
 
 def parse_views(spec: str) -> set[str]:
-    """``--views`` value → allowed views; ``frontal`` = PA,AP, ``all``, ``unknown`` for ``""``."""
+    """``--views`` value → allowed views; ``frontal`` = PA, AP and FRONTAL, ``all``, ``unknown``
+    for ``""``."""
     allowed: set[str] = set()
     for part in spec.upper().replace(" ", "").split(","):
         if part == "FRONTAL":

@@ -54,8 +54,8 @@ def prepare_chexpert(raw: Path, opt, col: Collector) -> None:
             ref = r["Path"]
             parts = Path(ref).parts
             view = ("LATERAL" if r.get("Frontal/Lateral", "").lower() == "lateral" else
-                    normalise_view(r.get("AP/PA", "")) or
-                    ("" if r.get("Frontal/Lateral") != "Frontal" else "AP"))
+                    normalise_view(r.get("AP/PA", "")) or normalise_view(r.get("Frontal/Lateral",
+                                                                               "")))
             reason = view_reason(view, allowed)
             if reason:
                 col.reject(path, i, reason, id=ref, image=ref)
@@ -97,7 +97,8 @@ def _find(index: ImageIndex, raw: Path, ref: str) -> Path | None:
 
 def prepare_nih(raw: Path, opt, col: Collector) -> None:
     """NIH ``Data_Entry_2017[_v2020].csv`` + image folders (``images_001/images/...``) +
-    ``train_val_list.txt`` / ``test_list.txt`` when present (else a patient-level split)."""
+    ``train_val_list.txt`` / ``test_list.txt`` when present: the official test split, and a
+    patient-level ``valid`` share of train_val; else a patient-level split."""
     entry = find_file(raw, ["Data_Entry_2017_v2020.csv", "Data_Entry_2017_v2020.csv.gz",
                             "Data_Entry_2017.csv", "Data_Entry_2017.csv.gz"], "NIH Data_Entry CSV")
     official: dict[str, str] = {}
@@ -109,6 +110,8 @@ def prepare_nih(raw: Path, opt, col: Collector) -> None:
     if not official:
         col.notes.append("no train_val_list.txt / test_list.txt: patient-level split from "
                          "--split-fractions")
+    valid = opt.fractions().get("valid", 0.0)  # of the official train_val patients
+    carve = {"valid": valid, "train": 1.0 - valid}
     allowed = parse_views(opt.views)
     index = ImageIndex(raw)
     fractions = opt.fractions()
@@ -133,6 +136,8 @@ def prepare_nih(raw: Path, opt, col: Collector) -> None:
             continue
         pid = r["Patient ID"]
         split = official.get(name) or patient_split(pid, fractions, opt.seed)
+        if official.get(name) == "train":  # validation patients drawn from train_val
+            split = patient_split(pid, carve, opt.seed)
         col.keep(image, "", pos, raw=r["Finding Labels"].split("|"), split=split,
                  patient_id=pid, study_id=Path(name).stem, view=view,
                  sex=r.get("Patient Gender", ""), age=r.get("Patient Age", ""),

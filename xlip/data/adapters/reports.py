@@ -18,9 +18,9 @@ from xlip.text.labels import UnknownLabelError, canonical_label
 from xlip.text.sections import select_text
 
 
-def has_report_text(text: str) -> bool:
-    """A FINDINGS or IMPRESSION section with words in it (what pre-training reads)."""
-    return bool(re.search(r"\w", select_text(text, "findings_impression")))
+def has_report_text(text: str, policy: str = "findings_impression") -> bool:
+    """Words in the sections that pre-training reads (``data.text_policy``)."""
+    return bool(re.search(r"\w", select_text(text, policy)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,9 +76,8 @@ def prepare_mimic(raw: Path, opt, col: Collector) -> None:
         if text is None:
             col.reject(split_csv, i, f"missing report file ({rel.with_suffix('.txt')})", **where)
             continue
-        if not has_report_text(text):
-            col.reject(split_csv, i, "empty report section (no FINDINGS or IMPRESSION text)",
-                       **where)
+        if not has_report_text(text, opt.text_policy):
+            col.reject(split_csv, i, f"empty report section ({opt.text_policy})", **where)
             continue
         pos, neg, unc = labels.get(study, ([], [], []))
         col.keep(image, text, pos, negative=neg, uncertain=unc,
@@ -130,9 +129,8 @@ def prepare_iu(raw: Path, opt, col: Collector) -> None:
     for src_name, i, uid, sections, problems, images in reports:
         col.rows_in += 1
         text = "\n".join(f"{name}: {body}" for name, body in sections.items() if body)
-        if not has_report_text(text):
-            col.reject(src_name, i, "empty report section (no FINDINGS or IMPRESSION text)",
-                       id=uid)
+        if not has_report_text(text, opt.text_policy):
+            col.reject(src_name, i, f"empty report section ({opt.text_policy})", id=uid)
             continue
         if opt.labels == "ner":
             from xlip.text.ner import label_sets
