@@ -124,6 +124,22 @@ def test_shard_manifest_trains_like_the_raw_one(corpus, tmp_path):
                                    images(corpus, augment), rtol=0, atol=1e-5)
 
 
+def test_extra_source_columns_come_along(tmp_path):
+    from xlip.data.adapters import PrepareOptions, prepare
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.fromarray(np.full((40, 50), 90, np.uint8)).save(raw / "a.png")
+    (raw / "labels.csv").write_text("image,labels,patient_id\na.png,Effusion,p1\n,x,p2\n")
+    prepare("generic", raw, tmp_path / "prep", PrepareOptions(csv="labels.csv"))
+    shard(tmp_path / "prep" / "manifest.csv", tmp_path / "out", size=32)
+    before = read_csv(tmp_path / "prep" / "manifest.csv")
+    after = read_csv(tmp_path / "out" / "manifest.csv")
+    assert list(after[0]) == list(before[0])  # same columns, same order
+    assert [{k: v for k, v in r.items() if k != "image"} for r in after] == \
+        [{k: v for k, v in r.items() if k != "image"} for r in before]
+
+
 def test_validate_reads_shard_members(corpus, tmp_path):
     from xlip.data.validate import validate
 

@@ -41,7 +41,8 @@ class Record:
         return "image_only" if self.image else "text_only"
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """Every data row of a CSV / JSONL manifest as strings (``image_path`` read as ``image``)."""
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
     if path.suffix in (".jsonl", ".json"):
@@ -92,7 +93,7 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
     from xlip.data.shards import image_exists  # here: xlip.data.shards imports this module
 
     path = Path(path)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise ManifestError(f"manifest {path} has no rows")
     missing = [c for c in ("image", "text") if c not in rows[0]]

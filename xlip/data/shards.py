@@ -12,7 +12,7 @@ bytes, and as fast to read). Layout of the output folder::
     shard-000000.tar      000001.png, 000001.json, 000002.png, 000002.json, ...
     shard-000000.json     that shard's output-manifest rows and rejected rows
     manifest.csv          every kept row, image = "shard-000000.tar#000001.png" (written last;
-                          the manifest columns and ``negative_labels``)
+                          every column of the source manifest)
     rejects.csv           row, image, reason of every row left out (header only when none)
 
 A member key is the 1-based manifest data row, zero-padded; ``{key}.json`` holds the row's fields,
@@ -55,9 +55,9 @@ import numpy as np
 from PIL import Image
 
 from xlip.data.images import ImageError, load_image
-from xlip.data.manifest import COLUMNS, Record, load_manifest, write_rejects
+from xlip.data.manifest import COLUMNS, Record, read_rows, load_manifest, write_rejects
 
-FORMAT = 1  # version of the shard layout, part of the plan
+FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
 SEP = ".tar#"  # "<shard>.tar#<member>" names a member of a shard
 
@@ -400,7 +400,7 @@ def _write_shard(job: _ShardJob, tick: Callable[[], None]) -> int:
 def _manifest_row(rec: Record) -> dict:
     return {"image": "", "text": rec.text, "labels": "; ".join(rec.labels), "split": rec.split,
             "patient_id": rec.patient_id, "study_id": rec.study_id, "view": rec.view,
-            "source": rec.source, "negative_labels": "; ".join(rec.negatives)}
+            "source": rec.source, "negative_labels": "; ".join(rec.negatives), "row": rec.row}
 
 
 def _member_json(rec: Record, shape: tuple[int, ...], job: _ShardJob) -> bytes:
@@ -439,13 +439,20 @@ def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
         side = json.loads((out / shard_name(j.index)).with_suffix(".json").read_text())
         rows += side["rows"]
         rejects += side["rejects"]
+    # the source's other columns (an adapter's uncertain_labels, labels_raw, age, ...) come along
+    source = read_rows(summary.source)
+    extra = [c for c in source[0] if c not in (*COLUMNS, "negative_labels", "image_path")] \
+        if source else []
+    for r in rows:
+        r.update({c: source[r["row"] - 1].get(c, "") for c in extra})
     summary.images = sum(1 for r in rows if r["image"])
     summary.text_only = len(rows) - summary.images
     summary.rejected = Counter(_reason_kind(b["reason"]) for b in rejects)
     write_rejects(out / "rejects.csv", rejects)
     tmp = out / "manifest.csv.tmp"
     with tmp.open("w", newline="") as fh:  # write_manifest without negative_labels would lose it
-        w = csv.DictWriter(fh, fieldnames=[*COLUMNS, "negative_labels"])
+        w = csv.DictWriter(fh, fieldnames=[*COLUMNS, "negative_labels", *extra],
+                           extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, out / "manifest.csv")

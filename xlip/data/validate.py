@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from xlip.data.manifest import COLUMNS, ManifestError, _read_rows, image_problem
+from xlip.data.manifest import COLUMNS, ManifestError, read_rows, image_problem
 from xlip.text.labels import UnknownLabelError, canonical_label
 from xlip.text.sections import select_text
 
@@ -194,7 +194,7 @@ class _Checker:
         """Row checks of one manifest; its rows are kept for the cross-row checks."""
         name = str(manifest)
         try:
-            raw = _read_rows(Path(manifest))
+            raw = read_rows(Path(manifest))
         except (ManifestError, OSError, UnicodeDecodeError) as err:
             self.problem("manifest", str(err), "give a readable CSV or JSONL manifest",
                          manifest=name)
