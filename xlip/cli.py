@@ -68,7 +68,7 @@ def _prepare(args: argparse.Namespace) -> int:
         text_policy=args.text_policy,
         rad_vote=args.rad_vote, csv=args.csv or "", map=args.map or "",
         label_sep=args.label_sep, verify=args.verify, workers=args.workers,
-        absolute_paths=args.absolute_paths)
+        absolute_paths=args.absolute_paths, progress=not args.quiet)
     summary = prepare(args.dataset, args.raw_dir, args.out, opts)
     print(summary.describe())
     out = Path(args.out)
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "(0: one per CPU)")
     pr.add_argument("--absolute-paths", action="store_true",
                     help="write absolute image paths (default: relative to --out)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=_prepare)
 
     v = data.add_parser("validate", help="check manifests before training: images, duplicates, "

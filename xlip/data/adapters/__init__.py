@@ -58,6 +58,7 @@ class PrepareOptions:
     verify: str = "decode"  # decode | exists | none
     workers: int = 0  # image checks in parallel (0: one per CPU)
     absolute_paths: bool = False
+    progress: bool = False  # a progress bar while images are decoded
 
     def __post_init__(self) -> None:
         if self.uncertain not in UNCERTAIN_POLICIES:
@@ -94,4 +95,4 @@ def prepare(dataset: str, raw_dir: str | Path, out_dir: str | Path,
     col = Collector(dataset)
     ADAPTERS[dataset](raw, opt, col)
     return write_outputs(col, out, verify=opt.verify, workers=opt.workers,
-                         absolute_paths=opt.absolute_paths)
+                         absolute_paths=opt.absolute_paths, progress=opt.progress)

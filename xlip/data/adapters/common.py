@@ -326,15 +326,19 @@ def reason_category(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0]
 
 
-def check_images(rows: list[dict[str, str]], workers: int) -> list[str]:
+def check_images(rows: list[dict[str, str]], workers: int, progress: bool = False) -> list[str]:
     """image_problem of each row's image ('' for rows without one), in parallel threads."""
+    from tqdm import tqdm
+
     paths = [r["image"] for r in rows]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(lambda p: image_problem(p) if p else "", paths, chunksize=64))
+        done = pool.map(lambda p: image_problem(p) if p else "", paths)
+        return list(tqdm(done, total=len(paths), desc="decoding images", unit="img",
+                         disable=not progress, mininterval=1.0))
 
 
 def write_outputs(col: Collector, out_dir: Path, *, verify: str = "decode", workers: int = 0,
-                  absolute_paths: bool = False) -> Summary:
+                  absolute_paths: bool = False, progress: bool = False) -> Summary:
     """Check images (``verify``: decode | exists | none), write the outputs, return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if verify not in ("decode", "exists", "none"):
@@ -351,7 +355,7 @@ def write_outputs(col: Collector, out_dir: Path, *, verify: str = "decode", work
         rows.append(r)
     if verify != "none":
         if verify == "decode":
-            problems = check_images(rows, workers or (os.cpu_count() or 1))
+            problems = check_images(rows, workers or (os.cpu_count() or 1), progress)
         else:
             problems = ["" if not r["image"] or Path(r["image"]).is_file()
                         else "missing image file" for r in rows]
