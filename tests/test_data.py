@@ -121,11 +121,13 @@ def test_sampler_quotas_determinism_and_ranks():
     # each epoch of a source visits every row once
     first = [i for b in batches[:5] for i, _ in b if i < 10][:10]
     assert sorted(first) == list(range(10))
-    # two ranks split the global batch of the one-process run with twice the batch
-    one = list(MixedBatchSampler([10, 7], [0.75, 0.25], 16, seed=1, steps=2))
-    r0 = list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=2, rank=0, world_size=2))
-    r1 = list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=2, rank=1, world_size=2))
-    assert [a + b for a, b in zip(r0, r1)] == one
+    # two ranks draw the rows (and per-draw seeds) of the one-process run with twice the batch,
+    # each rank with the same composition (6 + 2 rows), so gathered CL rows have equal counts
+    one = list(MixedBatchSampler([10, 7], [0.75, 0.25], 16, seed=1, steps=3))
+    r0 = list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=3, rank=0, world_size=2))
+    r1 = list(MixedBatchSampler([10, 7], [0.75, 0.25], 8, seed=1, steps=3, rank=1, world_size=2))
+    assert [sorted(a + b) for a, b in zip(r0, r1)] == [sorted(b) for b in one]
+    assert all(sum(i < 10 for i, _ in b) == 6 for b in r0 + r1)
 
 
 def _rewrite(manifest, dst, edit):

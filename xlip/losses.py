@@ -25,6 +25,17 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
+def mean_over_ranks(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count`` with ``count`` averaged over ranks: once DDP averages the ranks'
+    gradients, the loss is the mean over every element of the global batch, however many fall
+    on each rank (a per-rank mean would weight a rank's few masked tokens like another's many)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return total / count.clamp(min=1)
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE with multi-positive targets.
 
@@ -66,7 +77,7 @@ class MIMLoss(nn.Module):
         """pred: (B, N, C·p·p); images: (B, C, H, W); mask: (B, N) 1 = masked."""
         err = ((pred.float() - self.target(images)) ** 2).mean(dim=-1)  # (B, N)
         per = (err * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return (err * mask).sum() / mask.sum().clamp(min=1), per
+        return mean_over_ranks((err * mask).sum(), mask.sum().float()), per
 
 
 class MLMLoss(nn.Module):
@@ -78,7 +89,7 @@ class MLMLoss(nn.Module):
         ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (M,)
         per = torch.zeros(batch, device=ce.device).index_add_(0, rows, ce)
         count = torch.zeros(batch, device=ce.device).index_add_(0, rows, torch.ones_like(ce))
-        return ce.mean(), per / count.clamp(min=1)
+        return mean_over_ranks(ce.sum(), ce.new_tensor(float(ce.numel()))), per / count.clamp(min=1)
 
 
 class XLIPLoss(nn.Module):

@@ -131,8 +131,12 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches with a fixed number of rows from each source, by weight (largest remainder).
 
     Pure function of (seed, step): the k-th draw from source s is row ``perm_{s,e}[k mod n_s]``
-    with epoch e = k // n_s, so resuming needs only the step. DDP-aware: rank r of w takes
-    rows [r·B, (r+1)·B) of the global batch of w·B.
+    with epoch e = k // n_s, so resuming needs only the step. DDP-aware: every rank's batch has
+    the same composition (``quotas(weights, batch_size)`` rows per source), so the contrastive
+    rows that ranks gather have equal counts; rank r of w takes draws
+    ``[(step·w + r)·q_s, (step·w + r + 1)·q_s)`` of source s, and the w ranks together draw
+    exactly the rows of a one-process batch of w·batch_size when the quotas scale (e.g. equal
+    weights).
     """
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int,
@@ -141,7 +145,7 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
         self.sizes, self.seed = list(sizes), seed
         self.batch_size, self.rank, self.world = batch_size, rank, world_size
         self.start_step, self.steps = start_step, steps
-        self.quota = quotas(weights, batch_size * world_size)
+        self.quota = quotas(weights, batch_size)
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self._perm: dict[tuple[int, int], list[int]] = {}
 
@@ -155,11 +159,13 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
             self._perm[key] = p
         return self._perm[key]
 
-    def global_batch(self, step: int) -> list[tuple[int, int]]:
+    def rank_batch(self, step: int, rank: int) -> list[tuple[int, int]]:
+        """(dataset index, per-draw seed) of ``rank``'s rows at ``step``."""
         out = []
         for s, q in enumerate(self.quota):
             n = self.sizes[s]
-            for k in range(step * q, (step + 1) * q):
+            first = (step * self.world + rank) * q
+            for k in range(first, first + q):
                 row = self.perm(s, k // n)[k % n]
                 out.append((self.offsets[s] + row, hash_int(f"{self.seed}/{s}/{k}")))
         return out
@@ -167,8 +173,7 @@ class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
         while self.steps is None or step < self.steps:
-            b = self.global_batch(step)
-            yield b[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            yield self.rank_batch(step, self.rank)
             step += 1
 
     def __len__(self) -> int:

@@ -1,0 +1,84 @@
+"""One process with batch 2B against two ``torchrun`` processes (gloo, CPU) with batch B each.
+
+The contrastive loss gathers embeddings across ranks (with gradient), the MLM loss is a mean over
+the global batch's masked tokens, and DDP averages the ranks' gradients: the two runs must take
+the same optimisation steps. CL + EntMLM on paired, image-only (prompt) and text-only rows; no
+MIM (its patch masks are drawn per rank), linear stem (CPU BatchNorm keeps per-process
+statistics), no dropout. EntMLM masks are drawn per sample, so they match.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import build_corpus, tiny_config
+from xlip.config import save_config
+from xlip.model.xlip import XLIPModel
+from xlip.text.tokenizer import load_tokenizer
+from xlip.train.loop import pretrain
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("corpus"), 48, 8, seed=11, size=32,
+                        vocab_size=300)
+
+
+def cl_mlm_cfg(corpus, out, batch_size):
+    manifest, tok = corpus
+    return tiny_config(
+        data={"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.5},
+                          {"manifest": str(manifest), "kind": "image_only", "weight": 0.25},
+                          {"manifest": str(manifest), "kind": "text_only", "weight": 0.25}],
+              "batch_size": batch_size, "num_workers": 0, "prompt_negatives": 2},
+        text={"tokenizer": str(tok), "max_length": 64, "dropout": 0.0},
+        vision={"stem": "linear"},
+        mim={"policy": "none"}, mlm={"policy": "entity", "text_only": True},
+        loss={"w_mim": 0.0},
+        train={"out_dir": str(out), "steps": 3, "warmup_steps": 1, "log_every": 1,
+               "ckpt_every": 3, "threads": 1, "lr": 1e-3})
+
+
+def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
+    one = pretrain(cl_mlm_cfg(corpus, tmp_path / "one", batch_size=8), progress=False)
+    cfg2 = cl_mlm_cfg(corpus, tmp_path / "two", batch_size=4)
+    save_config(cfg2, tmp_path / "two.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", "-m", "xlip.cli", "pretrain", "--config",
+           str(tmp_path / "two.yaml"), "--quiet"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):  # the same global loss, step by step
+        assert b["cl_loss"] == pytest.approx(a["cl_loss"], rel=1e-4, abs=1e-5)
+        assert b["mlm_loss"] == pytest.approx(a["mlm_loss"], rel=1e-4, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    w1 = load_file(str(one / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        a, b = w1[k], w2[k]
+        if k.endswith("attn.qkv.bias"):
+            # the key bias adds a constant to each query's logits, which softmax ignores: its
+            # true gradient is 0, so Adam turns float round-off (which differs between one and
+            # two processes) into steps of ~lr. Compare the query and value parts.
+            d = a.numel() // 3
+            a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=k)
+    # and training moved the weights: this is not a comparison of two untouched initialisations
+    torch.manual_seed(0)
+    w0 = XLIPModel(cl_mlm_cfg(corpus, tmp_path / "x", 8), len(load_tokenizer(corpus[1])))
+    w0 = {k: v for k, v in w0.state_dict().items() if k in w1}
+    changed = sum(not torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)
+    assert len(w0) > len(w1) // 2 and changed > len(w0) // 2
