@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def _bench(args: argparse.Namespace) -> int:
     base.pop("data", None)
     rows = run_bench(base, args.group, args.batch_size, args.steps,
                      out=Path(args.out) if args.out else None)
-    print(f"| variant | s/step | samples/s | ratio |\n|---|---|---|---|")
+    print("| variant | s/step | samples/s | ratio |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | "
               f"{r['ratio_to_first']:.2f} |")
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"xlip: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `xlip ... | head`: the reader has gone, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -86,24 +86,30 @@ def require_columns(path: Path, row: Mapping[str, str], columns: Iterable[str]) 
 class ImageIndex:
     """Every image file under a folder, found by relative path, by file name or by stem.
 
+    The folder is walked once, at the first lookup that the relative path alone does not answer.
     Lookups by stem let an adapter find ``x.png`` where the label file says ``x.jpeg`` (a set
-    converted after download); such matches are counted in ``by_stem``.
+    converted after download); such matches are counted in ``stem_matches``.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.by_name: dict[str, list[Path]] = {}
-        self.by_stem_map: dict[str, list[Path]] = {}
-        self.by_stem = 0
-        for dirpath, _, files in os.walk(root):
-            for f in files:
-                if f.lower().endswith(IMAGE_SUFFIXES):
-                    p = Path(dirpath) / f
-                    self.by_name.setdefault(f, []).append(p)
-                    self.by_stem_map.setdefault(Path(f).stem, []).append(p)
+        self._by_name: dict[str, list[Path]] | None = None
+        self._by_stem: dict[str, list[Path]] = {}
+        self.stem_matches = 0
+
+    def _tables(self) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+        if self._by_name is None:
+            self._by_name = {}
+            for dirpath, _, files in os.walk(self.root):
+                for f in files:
+                    if f.lower().endswith(IMAGE_SUFFIXES):
+                        p = Path(dirpath) / f
+                        self._by_name.setdefault(f, []).append(p)
+                        self._by_stem.setdefault(Path(f).stem, []).append(p)
+        return self._by_name, self._by_stem
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.by_name.values())
+        return sum(len(v) for v in self._tables()[0].values())
 
     def find(self, ref: str) -> Path | None:
         """The file for ``ref`` (a relative path or a file name), or None.
@@ -117,11 +123,12 @@ class ImageIndex:
             return direct
         ref_path = Path(ref)
         folders = ref_path.parent.parts
-        for table, key in ((self.by_name, ref_path.name), (self.by_stem_map, _stem(ref_path))):
+        by_name, by_stem = self._tables()
+        for table, key in ((by_name, ref_path.name), (by_stem, _stem(ref_path))):
             hits = [h for h in table.get(key, ())
                     if not folders or h.parent.parts[-len(folders):] == folders]
             if hits:
-                self.by_stem += table is self.by_stem_map
+                self.stem_matches += table is by_stem
                 return sorted(hits)[0]
         return None
 

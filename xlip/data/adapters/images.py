@@ -341,8 +341,8 @@ def prepare_covid(raw: Path, opt, col: Collector) -> None:
                  split=patient_split(pid, fractions, opt.seed), patient_id=pid,
                  study_id=f"{pid}/{r.get('offset', '')}", view=view, sex=r.get("sex", ""),
                  age=r.get("age", ""), origin=f"{meta.name} row {i}")
-    if index.by_stem:
-        col.notes.append(f"{index.by_stem} images found under another extension (same stem)")
+    if index.stem_matches:
+        col.notes.append(f"{index.stem_matches} images found under another extension (same stem)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def prepare_mimic(raw: Path, opt, col: Collector) -> None:
             require_columns(chex_csv, r, ("subject_id", "study_id") + CHEXPERT_COLUMNS)
             labels[r["study_id"]] = chexpert_labels(r, opt.uncertain)
     reports: dict[str, str | None] = {}
-    index: ImageIndex | None = None
+    index = ImageIndex(raw)
     for i, r in read_csv(split_csv):
         if i == 1:
             require_columns(split_csv, r, ("dicom_id", "study_id", "subject_id", "split"))
@@ -65,7 +65,6 @@ def prepare_mimic(raw: Path, opt, col: Collector) -> None:
         rel = Path("files") / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         image = raw / rel / f"{dicom}.jpg"
         if not image.is_file():
-            index = index or ImageIndex(raw)
             image = index.find(f"{rel}/{dicom}.jpg")
         if image is None:
             col.reject(split_csv, i, "missing image file", image=rel / f"{dicom}.jpg", **where)
