@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,12 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
             raise ManifestError(msg + ". Fix or remove those rows, or load with skip_bad "
                                 "(data.skip_bad=true) to train without them.")
     return records
+
+
+def reason_kind(reason: str) -> str:
+    """'unreadable image (OSError: ...)' / 'unknown label: ...' → 'unreadable image' /
+    'unknown label': what summaries count rejects by."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
 
 
 def write_rejects(path: Path, bad: list[dict]) -> None:

@@ -55,7 +55,8 @@ import numpy as np
 from PIL import Image
 
 from xlip.data.images import ImageError, load_image
-from xlip.data.manifest import COLUMNS, Record, read_rows, load_manifest, write_rejects
+from xlip.data.manifest import (COLUMNS, Record, load_manifest, read_rows, reason_kind,
+                                 write_rejects)
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
@@ -447,7 +448,7 @@ def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
         r.update({c: source[r["row"] - 1].get(c, "") for c in extra})
     summary.images = sum(1 for r in rows if r["image"])
     summary.text_only = len(rows) - summary.images
-    summary.rejected = Counter(_reason_kind(b["reason"]) for b in rejects)
+    summary.rejected = Counter(reason_kind(b["reason"]) for b in rejects)
     write_rejects(out / "rejects.csv", rejects)
     tmp = out / "manifest.csv.tmp"
     with tmp.open("w", newline="") as fh:  # write_manifest without negative_labels would lose it
@@ -456,8 +457,3 @@ def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, out / "manifest.csv")
-
-
-def _reason_kind(reason: str) -> str:
-    """'unreadable image (OSError: ...)' → 'unreadable image' (for counting)."""
-    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()

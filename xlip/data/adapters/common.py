@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from xlip.data.dataset import hash_int
-from xlip.data.manifest import COLUMNS, image_problem
+from xlip.data.manifest import COLUMNS, image_problem, reason_kind
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
 #: Columns after :data:`xlip.data.manifest.COLUMNS` in every adapter's manifest.
@@ -328,11 +328,6 @@ class Summary:
         return "\n".join(lines)
 
 
-def reason_category(reason: str) -> str:
-    """'unknown label: ...' → 'unknown label' (the summary counts categories)."""
-    return reason.split(" (")[0].split(":")[0]
-
-
 def check_images(rows: list[dict[str, str]], workers: int, progress: bool = False) -> list[str]:
     """image_problem of each row's image ('' for rows without one), in parallel threads."""
     from tqdm import tqdm
@@ -386,7 +381,7 @@ def write_outputs(col: Collector, out_dir: Path, *, verify: str = "decode", work
                     "image_only" if r["image"] else "text_only" for r in out_rows)
     summary = Summary(
         dataset=col.dataset, out_dir=out_dir, rows_in=col.rows_in, kept=len(out_rows),
-        rejected=Counter(reason_category(r["reason"]) for r in col.rejects), kinds=kinds,
+        rejected=Counter(reason_kind(r["reason"]) for r in col.rejects), kinds=kinds,
         splits=Counter(r["split"] for r in out_rows),
         labels=Counter(lab for r in out_rows for lab in r["labels"].split(";") if lab),
         outside=col.outside, notes=col.notes)
