@@ -57,6 +57,8 @@ def random_batch(cfg: Config, B: int = 4, L: int = 10, seed: int = 0) -> dict:
         "has_image": torch.ones(B, dtype=torch.bool),
         "input_ids": ids, "attention_mask": mask,
         "text_key": torch.arange(B), "guide_mask": guide,
+        "guide_fallback": torch.zeros(B, dtype=torch.bool),
+        "labels": torch.eye(B, 22)[torch.arange(B) % 3],
         "source": torch.zeros(B, dtype=torch.long),
         "mlm_rows": torch.arange(B), "mlm_input_ids": mlm_ids,
         "mlm_attention_mask": mask, "mlm_labels": labels,

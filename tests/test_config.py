@@ -20,7 +20,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 
 def test_save_roundtrip(tmp_path):
-    cfg = from_dict({"data": {"sources": [{"manifest": "m.csv", "kind": "image_only",
+    cfg = from_dict({"data": {"sources": [{"manifest": "m.csv", "kind": "paired"},
+                                          {"manifest": "m.csv", "kind": "image_only",
                                            "weight": 0.25}]}})
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
@@ -74,3 +75,30 @@ def test_missing_file():
 def test_clip_baseline_is_valid():
     cfg = load_config(None, ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"])
     assert isinstance(cfg, Config)
+
+
+def sources(*kinds):
+    return [f"data.sources=[{', '.join('{manifest: m.csv, kind: %s}' % k for k in kinds)}]"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    # the AttMIM scorer is trained by MLM rows with an image: text-only reports have none
+    (sources("image_only", "text_only") + ["mlm.text_only=true"],
+     r"mim.policy=attention scores patches .* data.sources has image_only, text_only rows"),
+    # MLM switched on with nothing to mask
+    (sources("image_only") + ["mim.policy=random"], "mlm.policy=entity but no row feeds MLM"),
+    # no images at all
+    (sources("text_only") + ["mlm.text_only=true"], "no images"),
+    # the projections and the temperature would never train
+    (["loss.w_cl=0"], r"loss.w_cl=0.*image_proj, text_proj"),
+])
+def test_switches_checked_against_the_sources(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_sources_that_train_every_switch_pass():
+    load_config(None, sources("paired"))
+    load_config(None, sources("image_only") + ["mlm.prompts=true"])  # prompts train the scorer
+    load_config(None, sources("image_only") + ["mim.policy=random", "mlm.policy=none",
+                                               "loss.w_mlm=0"])

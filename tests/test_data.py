@@ -79,33 +79,90 @@ def test_entity_mlm_masks_whole_entity_words_only(corpus):
         assert len(masked_words) <= max(1, int(0.5 * n_words)) or len(ent_masked) < len(masked_words)
 
 
-def test_guide_mask_entities_for_reports_all_tokens_for_prompts(corpus):
+def guide_words(tok, batch, row):
+    ids = batch["input_ids"][row][batch["guide_mask"][row]]
+    return tok.decode(ids.tolist()).split()
+
+
+def content_mask(tok, batch, row):
+    ids = batch["input_ids"][row]
+    return (batch["attention_mask"][row].bool() & (ids != tok.cls_token_id)
+            & (ids != tok.sep_token_id))
+
+
+def test_guide_mask_present_findings_only(corpus):
+    """Guides are the present/uncertain findings (and their location words) of reports and
+    prompts alike; rows with nothing present fall back to every content token and say so."""
     manifest, tokdir = corpus
     tok = load_tokenizer(tokdir)
-    samples, batch = collate_batch(data_cfg(manifest, tokdir), tok)
-    for i, s in enumerate(samples):
-        content = batch["attention_mask"][i].bool().clone()
-        ids = batch["input_ids"][i]
-        content &= (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
-        guide = batch["guide_mask"][i]
-        if s.kind == "image_only":
-            assert torch.equal(guide, content)
-        else:
-            assert guide.sum() < content.sum() and not (guide & ~content).any()
+    for step in range(3):
+        samples, batch = collate_batch(data_cfg(manifest, tokdir), tok, step)
+        for i, s in enumerate(samples):
+            content = content_mask(tok, batch, i)
+            guide = batch["guide_mask"][i]
+            assert not (guide & ~content).any()
+            has_present = any(e.assertion != "absent" and e.type in ("finding", "device")
+                              for e in extract_entities(batch_text(tok, batch, i)))
+            assert bool(batch["guide_fallback"][i]) == (not has_present)
+            if batch["guide_fallback"][i]:
+                assert torch.equal(guide, content)
+            else:
+                assert 0 < guide.sum() < content.sum()
 
 
-def test_identical_prompts_share_text_key(corpus):
+def batch_text(tok, batch, row):
+    return tok.decode(batch["input_ids"][row].tolist(), skip_special_tokens=True)
+
+
+def test_guide_mask_skips_negated_findings(corpus):
+    from xlip.data.dataset import Sample
+
+    _, tokdir = corpus
+    tok = load_tokenizer(tokdir)
+    cfg = data_cfg(corpus[0], tokdir)
+    text = "No pleural effusion. Large right pneumothorax."
+    paired = Sample(0, "paired", text, ("Pneumothorax",), torch.zeros(1, 32, 32), 1)
+    normal = Sample(0, "paired", "The lungs are clear. No pneumothorax.", ("No Finding",),
+                    torch.zeros(1, 32, 32), 2)
+    batch = Collator(cfg, tok, findings=["Pneumothorax", "Pleural Effusion"])([paired, normal])
+    assert guide_words(tok, batch, 0) == ["large", "right", "pneumothorax"]
+    assert batch["guide_fallback"].tolist() == [False, True]
+    assert torch.equal(batch["guide_mask"][1], content_mask(tok, batch, 1))
+    # a prompt's negated findings and template words do not guide either
+    prompt = Sample(1, "image_only", "", ("Nodule",), torch.zeros(1, 32, 32), 3)
+    cfg.data.prompt_negatives = 2
+    coll = Collator(cfg, tok, findings=["Nodule", "Pneumothorax", "Edema"])
+    batch = coll([prompt])
+    text = coll.text_for(prompt, random.Random(prompt.seed ^ 0x5EED))[0]
+    assert "no" in text.lower()  # the prompt negates two findings
+    assert guide_words(tok, batch, 0) == ["nodule"]
+
+
+def test_training_prompts_with_equal_findings_share_text_key(corpus):
+    """Training draws random templates and negatives: equal present-finding sets must still
+    be contrastive positives (the same key), and different sets must not."""
     manifest, tokdir = corpus
     tok = load_tokenizer(tokdir)
     cfg = data_cfg(manifest, tokdir)
+    cfg.data.prompt_negatives = 4
     ds = MixedDataset(cfg)
-    coll = Collator(cfg, tok, train=False)
-    img_only = [ds[(ds.offsets[1] + i, i)] for i in range(len(ds.records[1]))]
+    coll = Collator(cfg, tok, train=True, findings=ds.findings())
+    img_only = [ds[(ds.offsets[1] + i, 1000 + i)] for i in range(len(ds.records[1]))] * 2
     batch = coll(img_only)
-    texts = [coll.text_for(s, random.Random(0))[0] for s in img_only]
-    for a in range(len(texts)):
-        for b in range(len(texts)):
-            assert (texts[a] == texts[b]) == bool(batch["text_key"][a] == batch["text_key"][b])
+    texts = [batch_text(tok, batch, i) for i in range(len(img_only))]
+    present = [frozenset(s.labels) - {"No Finding"} for s in img_only]
+    differ = 0
+    for a in range(len(img_only)):
+        for b in range(len(img_only)):
+            same = bool(batch["text_key"][a] == batch["text_key"][b])
+            assert same == (present[a] == present[b])
+            differ += same and texts[a] != texts[b]
+    assert differ > 0  # the wording did differ between positives
+    # a report never shares a key with a prompt of the same findings
+    samples, batch = collate_batch(cfg, tok)
+    report_keys = {int(k) for k, s in zip(batch["text_key"], samples) if s.kind == "paired"}
+    prompt_keys = {int(k) for k, s in zip(batch["text_key"], samples) if s.kind != "paired"}
+    assert not report_keys & prompt_keys
 
 
 def test_sampler_quotas_determinism_and_ranks():

@@ -82,3 +82,42 @@ def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
     w0 = {k: v for k, v in w0.state_dict().items() if k in w1}
     changed = sum(not torch.allclose(w0[k], w1[k], atol=1e-6) for k in w0)
     assert len(w0) > len(w1) // 2 and changed > len(w0) // 2
+
+
+REDUCE_WORKER = """
+import json, sys, torch
+from xlip.train.distributed import init_distributed
+from xlip.train.loop import MetricLog
+info = init_distributed()
+log = MetricLog(["paired", "text_only"], ["cl", "mlm"])
+if info.rank == 0:  # rank 0 saw CL and MLM rows, rank 1 only CL: different keys per rank
+    log.sums.update({"cl_loss": 2.0, "mlm_loss": 6.0, "mlm_loss/text_only": 9.0, "samples": 8})
+    log.counts.update({"cl_loss": 1, "mlm_loss": 1, "mlm_loss/text_only": 3, "samples": 1})
+else:
+    log.sums.update({"cl_loss": 4.0, "cl_loss/paired": 5.0, "samples": 8})
+    log.counts.update({"cl_loss": 1, "cl_loss/paired": 2, "samples": 1})
+import time
+log.t0 = time.perf_counter() - 1.0  # one second since the last flush
+row = log.flush(info.device)
+json.dump(row, open(sys.argv[1] + f".{info.rank}", "w"))
+"""
+
+
+def test_metrics_reduce_over_ranks_whose_keys_differ(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(REDUCE_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29534", str(script), str(tmp_path / "row")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"row.{r}").read_text()) for r in (0, 1)]
+    assert rows[0].keys() == rows[1].keys()
+    for row in rows:
+        assert row["cl_loss"] == pytest.approx(3.0)  # (2 + 4) / 2 steps
+        assert row["mlm_loss"] == pytest.approx(6.0)  # only rank 0 had MLM rows
+        assert row["mlm_loss/text_only"] == pytest.approx(3.0)
+        assert row["cl_loss/paired"] == pytest.approx(2.5)
+        assert "cl_loss/text_only" not in row and "guide_fallback" not in row
+        # throughput is the sum over ranks: 8 + 8 samples in one second
+        assert 14.0 < row["samples_per_s"] <= 16.0

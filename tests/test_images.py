@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -210,3 +211,23 @@ def test_missing_file(tmp_path):
     assert image_problem(str(tmp_path / "nope.png")) == "missing image file"
     with pytest.raises(ImageError, match=r"nope\.dcm: missing image file"):
         load_image(tmp_path / "nope.dcm")
+
+
+def test_dataset_normalisation_does_not_depend_on_other_pixels(tmp_path):
+    """Per-image normalisation lets pixels that MIM masks shift the visible ones; dataset
+    statistics do not."""
+    from PIL import Image
+
+    from xlip.data.images import dataset_stats, prepare_image
+
+    a = np.full((16, 16), 100, dtype=np.uint8)
+    b = a.copy()
+    b[:8] = 250  # the top half differs (as if those patches were masked)
+    for name, arr in (("a.png", a), ("b.png", b)):
+        Image.fromarray(arr).save(tmp_path / name)
+    stats = dataset_stats([tmp_path / "a.png", tmp_path / "b.png"], 16)
+    assert stats[0] == pytest.approx((100 + (250 + 100) / 2) / 2 / 255, abs=1e-3)
+    ia, ib = (prepare_image(tmp_path / n, 16, stats=stats) for n in ("a.png", "b.png"))
+    assert torch.allclose(ia[:, 8:], ib[:, 8:])  # the bottom half is the same image
+    pa, pb = (prepare_image(tmp_path / n, 16) for n in ("a.png", "b.png"))
+    assert not torch.allclose(pa[:, 8:], pb[:, 8:])  # per image it is not

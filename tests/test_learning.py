@@ -45,8 +45,8 @@ def learn_cfg(corpus, out, **data):
 
 def zeroshot(run, manifest):
     m = XLIP.from_pretrained(run)
-    return evaluate_zeroshot(m.model, m.tokenizer, manifest, "test", image_size=64,
-                             bootstrap=0)
+    m.cfg.eval.bootstrap = 0
+    return evaluate_zeroshot(m.model, m.tokenizer, m.cfg, manifest, "test")
 
 
 def test_pretraining_beats_chance_and_shuffled_control_does_not(corpus, tmp_path):

@@ -78,3 +78,57 @@ def test_mlm_loss_matches_cross_entropy():
     ce = F.cross_entropy(logits, labels, reduction="none")
     assert torch.isclose(loss, ce.mean())
     assert torch.allclose(per, torch.stack([ce[:2].mean(), ce[2], ce[3:].mean(), torch.tensor(0.)]))
+
+
+def naive_soft_contrastive(img, txt, scale, keys, labels):
+    """Loops: target weight 1 for an equal key, else the cosine of the label vectors."""
+    B = img.shape[0]
+
+    def weight(i, j):
+        if keys[i] == keys[j]:
+            return 1.0
+        li, lj = labels[i], labels[j]
+        if li.norm() == 0 or lj.norm() == 0:
+            return 0.0
+        return float(li @ lj / (li.norm() * lj.norm()))
+
+    total = 0.0
+    for i in range(B):
+        w = torch.tensor([weight(i, j) for j in range(B)], dtype=img.dtype)
+        w = w / w.sum()
+        li = -(w * torch.log_softmax(scale * torch.stack([img[i] @ txt[k] for k in range(B)]),
+                                     0)).sum()
+        lt = -(w * torch.log_softmax(scale * torch.stack([txt[i] @ img[k] for k in range(B)]),
+                                     0)).sum()
+        total = total + 0.5 * (li + lt)
+    return total / B
+
+
+def test_label_targets_match_naive_and_make_equal_findings_positives():
+    torch.manual_seed(1)
+    a = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    keys = torch.tensor([0, 1, 2, 3, 4])  # all texts differ
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1]],
+                          dtype=torch.float64)  # row 3 has no labels
+    scale = torch.tensor(4.0, dtype=torch.float64)
+    img, txt = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    loss, _ = ContrastiveLoss()(img, txt, scale, keys, labels)
+    ref = naive_soft_contrastive(img, txt, scale, keys.tolist(), labels)
+    assert torch.allclose(loss.double(), ref, atol=1e-6)
+    ga = torch.autograd.grad(loss, a, retain_graph=True)[0]
+    assert torch.allclose(ga, torch.autograd.grad(ref, a)[0], atol=1e-6)
+    # rows 0 and 1 have the same findings: hard (text) targets prefer them apart, soft
+    # targets prefer them together
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1]],
+                          dtype=torch.float64)
+    apart = torch.eye(5, dtype=torch.float64)
+    together = apart.clone()
+    together[1] = together[0]
+    scale = torch.tensor(30.0)
+
+    def cl(x, lab):
+        return float(ContrastiveLoss()(x, x, scale, keys, lab)[0])
+
+    assert cl(together, labels) < cl(apart, labels)
+    assert cl(apart, None) < cl(together, None)

@@ -102,3 +102,26 @@ def test_mask_tokens_80_10_10():
     frac_same = sum(m == 5 for m in masked) / n
     assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.02
     assert all(lab == 5 for lab in labels)
+
+
+def test_attention_masking_breaks_ties_at_random():
+    """An all-equal score map (e.g. an empty guide) masks every region equally often: the
+    top rows of the image are not preferred."""
+    N, draws = 64, 400
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(N)
+    for _ in range(draws // 8):
+        _, mask, _ = attention_masking(torch.ones(8, N), 0.5, 0.75, g)
+        counts += mask.sum(0)
+    share = counts / draws  # per patch: how often it was masked
+    quarter = share.reshape(4, 16).mean(dim=1)  # four horizontal bands of the 8x8 grid
+    assert torch.allclose(quarter, torch.full((4,), 0.5), atol=0.04), quarter
+    assert share.min() > 0.35 and share.max() < 0.65
+    # partial ties: the tied patches share the top-half slots evenly
+    scores = torch.zeros(1, 8)
+    scores[0, 7] = 1.0  # one clear winner, seven tied for the remaining three top slots
+    hits = torch.zeros(8)
+    for seed in range(300):
+        _, mask, _ = attention_masking(scores, 0.5, 0.999, torch.Generator().manual_seed(seed))
+        hits += mask[0]
+    assert hits[7] == 300 and (hits[:7] / 300 - 3 / 7).abs().max() < 0.1

@@ -174,3 +174,59 @@ def test_one_batch_overfit(cfg):
     assert last["cl_loss"] < 0.1 * first["cl_loss"]
     assert last["mlm_loss"] < 0.2 * first["mlm_loss"]
     assert last["mim_loss"] < 0.7 * first["mim_loss"]
+
+
+def test_attmim_scores_are_the_decoders_own_cross_attention():
+    """patch_scores must equal the first cross-attention's weights on a forward pass of the
+    multimodal decoder over the same (unmasked) text, summed over the guiding tokens."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB).eval()
+    batch = random_batch(cfg, B=3)
+    dec = model.mm_decoder
+    with torch.no_grad():
+        text = model.text(batch["input_ids"], batch["attention_mask"])["tokens"]  # (B, L, H)
+        image = model.vision(batch["images"])["tokens"]  # (B, N, D)
+    for blk in dec.blocks[1:]:  # fresh init makes block 0 look like the others: perturb it
+        blk.attn.qkv.weight.data.normal_()
+    dec.blocks[0].attn.qkv.weight.data.normal_(std=0.5)
+    captured = {}
+
+    def hook(module, args):
+        x, context = args[0], args[1]
+        q, k = module.split(module.q(x)), module.split(module.k(context))
+        a = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5  # (B, heads, L, N)
+        captured["attn"] = a.softmax(dim=-1).mean(dim=1)
+
+    handle = dec.blocks[0].cross.register_forward_pre_hook(hook)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        dec(text, mask, image)
+    handle.remove()
+    guide = batch["guide_mask"]
+    expected = (captured["attn"] * guide[:, :, None]).sum(dim=1)
+    got = dec.patch_scores(text, mask, guide, image)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the old scoring (cross-attention applied to the raw text states) differs
+    old = dec.blocks[0].cross.attention_map(dec.blocks[0].norm_x(text), dec.image_proj(image))
+    assert not torch.allclose(got, (old * guide[:, :, None]).sum(dim=1), atol=1e-3)
+    # bf16 autocast: scores still computed in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = dec.patch_scores(text, mask, guide, image)
+    assert low.dtype == torch.float32 and torch.allclose(low, got, atol=1e-5)
+
+
+def test_logit_scale_keeps_its_gradient_above_the_bound_and_is_clamped_after_the_step():
+    import math
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(150.0))  # above max_logit_scale=100
+    loss, _, _ = total_loss(model, cfg, random_batch(cfg))
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    torch.optim.SGD([model.logit_scale], lr=0.0).step()
+    model.clamp_logit_scale()
+    assert math.isclose(float(model.scale().detach()), 100.0, rel_tol=1e-5)

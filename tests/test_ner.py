@@ -231,3 +231,19 @@ def test_realistic_report():
     assert report_labels(report) == {
         "No Finding": A, CM: P, "Pneumonia": U, "Atelectasis": P, PTX: A, PE: P, SD: P,
     }
+
+
+def test_guide_entities_present_findings_and_their_words():
+    from xlip.text.ner import guide_entities
+
+    def words(text):
+        return [e.text for e in guide_entities(text)]
+
+    assert words("No pleural effusion. Large right pneumothorax.") == ["Large", "right",
+                                                                        "pneumothorax"]
+    assert words("Possible small left basilar atelectasis. No edema.") == [
+        "small", "left", "basilar", "atelectasis"]
+    assert words("Left lower lobe consolidation. No effusion in the right hemithorax.") == [
+        "Left lower lobe", "consolidation"]
+    assert words("The lungs are clear. No acute cardiopulmonary abnormality.") == []
+    assert words("ET tube in place. No pneumothorax.") == ["ET tube"]

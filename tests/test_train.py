@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tests.conftest import build_corpus, tiny_config
 from xlip.cli import main
 from xlip.config import save_config
+from xlip.data.manifest import load_manifest
 from xlip.train.loop import NonFiniteLossError, pretrain
 
 
@@ -52,7 +53,9 @@ def test_resume_continues_at_the_right_step_with_the_same_state(corpus, tmp_path
 
 
 def test_metrics_log_every_term_and_source(corpus, tmp_path):
-    out = pretrain(run_cfg(corpus, tmp_path / "run", steps=2), progress=False)
+    cfg = run_cfg(corpus, tmp_path / "run", steps=2)
+    cfg.model.init_temperature = 0.005  # logit scale 200 at init: clamped after the first step
+    out = pretrain(cfg, progress=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     keys = set(rows[-1])
     for term in ("cl_loss", "mim_loss", "mlm_loss", "cl_loss/paired", "cl_loss/image_only",
@@ -60,6 +63,7 @@ def test_metrics_log_every_term_and_source(corpus, tmp_path):
                  "samples_per_s", "grad_norm", "logit_scale"):
         assert term in keys, term
     assert "mlm_loss/image_only" not in keys  # prompts stay out of MLM by default
+    assert all(r["logit_scale"] <= 100.0 + 1e-3 for r in rows)
     for name in ("config.yaml", "model.safetensors", "text_config.json", "tokenizer",
                  "checkpoints/latest"):
         assert (out / name).exists()
@@ -106,3 +110,20 @@ def test_cli_refuses_bad_input(corpus, tmp_path, capsys):
     assert "tokenizer directory" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "train.steps="]) == 2
     assert "empty value" in capsys.readouterr().err
+
+
+def test_dataset_normalisation_is_measured_saved_and_used_in_eval(corpus, tmp_path):
+    from xlip.api import XLIP
+    from xlip.data.images import prepare_image
+
+    cfg = run_cfg(corpus, tmp_path / "run", steps=2)
+    cfg.data.normalize = "dataset"
+    out = pretrain(cfg, progress=False)
+    m = XLIP.from_pretrained(out)
+    mean, std = m.cfg.data.pixel_mean, m.cfg.data.pixel_std
+    assert 0 < mean < 1 and 0 < std < 1
+    image = next(r.image for r in load_manifest(corpus[0], verify_images=False) if r.image)
+    from_path = m.encode_image([image])  # bf16 autocast where the CPU accelerates it
+    same = m.encode_image(prepare_image(image, 32, stats=(mean, std))[None])
+    per_image = m.encode_image(prepare_image(image, 32)[None])
+    assert (from_path - same).abs().max() < 0.25 * (from_path - per_image).abs().max()

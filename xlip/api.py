@@ -57,7 +57,7 @@ class XLIP:
         if isinstance(images, Tensor):
             return self.model.encode_image(images.to(self.device))
         return encode_images(self.model, [str(p) for p in images], self.cfg.vision.image_size,
-                             self.cfg.eval.batch_size)
+                             self.cfg.eval.batch_size, self.cfg.pixel_stats())
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:

@@ -34,6 +34,8 @@ def synthetic_batch(cfg: Config, batch: int, length: int, vocab: int) -> dict[st
             "has_image": torch.ones(batch, dtype=torch.bool), "input_ids": ids,
             "attention_mask": torch.ones_like(ids), "text_key": torch.arange(batch),
             "guide_mask": torch.ones_like(ids, dtype=torch.bool),
+            "guide_fallback": torch.zeros(batch, dtype=torch.bool),
+            "labels": torch.zeros(batch, 22),
             "source": torch.zeros(batch, dtype=torch.long), "mlm_rows": torch.arange(batch),
             "mlm_input_ids": ids, "mlm_attention_mask": torch.ones_like(ids),
             "mlm_labels": labels}

@@ -32,9 +32,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
     manifest = args.manifest or cfg.data.eval_manifest
     if not manifest:
         raise ConfigError("no evaluation manifest: pass --manifest or set data.eval_manifest")
-    result = evaluate_zeroshot(m.model, m.tokenizer, manifest, args.split or cfg.data.eval_split,
-                               args.findings or cfg.eval.findings, cfg.vision.image_size,
-                               cfg.text.max_length, cfg.eval.batch_size, cfg.eval.bootstrap)
+    result = evaluate_zeroshot(m.model, m.tokenizer, cfg, manifest,
+                               args.split or cfg.data.eval_split,
+                               args.findings or cfg.eval.findings)
     result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
     js, md = write_results(result, Path(args.out or args.model))
     print(markdown_table(result))

@@ -120,6 +120,9 @@ class LossConfig:
     w_cl: float = 1.0
     w_mim: float = 1.0
     w_mlm: float = 1.0
+    # contrastive positives: text (identical reports, prompts of equal findings) | labels
+    # (also soft positives weighted by label-set agreement, MedCLIP)
+    cl_targets: str = "text"
 
 
 @dataclass
@@ -145,6 +148,11 @@ class DataConfig:
     verify_images: bool = True  # open every image once when a manifest is loaded
     skip_bad: bool = False  # train without rejected rows (still written to a rejects file)
     prompt_negatives: int = 0  # sampled "No {finding}." sentences added to label prompts
+    # image intensity normalisation: image (each image to zero mean, unit variance) | dataset
+    # (one mean/std for all images, so masked pixels never shift the visible ones)
+    normalize: str = "image"
+    pixel_mean: float = 0.0  # data.normalize=dataset; pixel_std 0: measured on the training
+    pixel_std: float = 0.0  # images when pre-training starts and saved in config.yaml
     shuffle_pairs: bool = False  # control experiment: break image-report pairing
 
 
@@ -185,6 +193,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def pixel_stats(self) -> tuple[float, float] | None:
+        """The (mean, std) images are normalised with; None: per image."""
+        d = self.data
+        return (d.pixel_mean, d.pixel_std) if d.normalize == "dataset" else None
+
     def validate(self) -> "Config":
         validate(self)
         return self
@@ -218,6 +231,7 @@ def validate(cfg: Config) -> None:
     _choice("text.pool", t.pool, ("cls", "mean"))
     _choice("mim.policy", cfg.mim.policy, MIM_POLICIES)
     _choice("mlm.policy", cfg.mlm.policy, MLM_POLICIES)
+    _choice("loss.cl_targets", cfg.loss.cl_targets, ("text", "labels"))
     _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
     from xlip.text.sections import TEXT_POLICIES
 
@@ -256,11 +270,11 @@ def validate(cfg: Config) -> None:
         if w == 0 and policy != "none":
             raise ConfigError(f"loss.w_{term}=0 but {term}.policy={policy}: set "
                               f"{term}.policy=none to switch the task off")
-    if cfg.loss.w_cl < 0:
-        raise ConfigError("loss.w_cl is negative")
-    if cfg.loss.w_cl == 0 and cfg.mim.policy == "none" and cfg.mlm.policy == "none":
-        raise ConfigError("every loss is switched off (loss.w_cl=0, mim.policy=none, "
-                          "mlm.policy=none): nothing to train")
+    if cfg.loss.w_cl <= 0:
+        raise ConfigError(f"loss.w_cl={cfg.loss.w_cl}: the contrastive loss is what trains "
+                          "image_proj, text_proj and the temperature, without which the model "
+                          "cannot embed images or texts (zero-shot, retrieval); give it a "
+                          "positive weight")
     if cfg.mim.policy == "attention" and cfg.mlm.policy == "none":
         raise ConfigError("mim.policy=attention scores patches with the cross-attention that "
                           "EntMLM trains, but mlm.policy=none; use mim.policy=random or "
@@ -276,6 +290,13 @@ def validate(cfg: Config) -> None:
         if s.kind == "text_only" and not cfg.mlm.text_only:
             raise ConfigError(f"data.sources[{i}] is text_only but mlm.text_only=false: "
                               "text-only reports only train EntMLM; set mlm.text_only=true")
+    _check_sources(cfg)
+    _choice("data.normalize", cfg.data.normalize, ("image", "dataset"))
+    if cfg.data.pixel_std < 0 or (cfg.data.normalize == "image" and
+                                  (cfg.data.pixel_std or cfg.data.pixel_mean)):
+        raise ConfigError(f"data.pixel_mean/pixel_std ({cfg.data.pixel_mean}, "
+                          f"{cfg.data.pixel_std}) are read only with data.normalize=dataset, "
+                          "and pixel_std must be positive (0: measure it)")
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be at least 2 (contrastive loss needs negatives)")
     tr = cfg.train
@@ -286,6 +307,32 @@ def validate(cfg: Config) -> None:
                           f"train.steps={tr.steps}")
     if len(tuple(tr.betas)) != 2:
         raise ConfigError("train.betas needs two numbers, e.g. [0.9, 0.98]")
+
+
+def _check_sources(cfg: Config) -> None:
+    """Every switched-on task must have rows that train it (else its parameters stay at their
+    initialisation, silently, and DDP fails on unused parameters)."""
+    if not cfg.data.sources:
+        return
+    kinds = sorted({s.kind for s in cfg.data.sources})
+    have = f"data.sources has {', '.join(kinds)} rows"
+    if not {"paired", "image_only"} & set(kinds):
+        raise ConfigError(f"{have}, no images: the contrastive loss (and MIM) need paired or "
+                          "image_only sources")
+    mlm_rows = ("paired" in kinds or ("text_only" in kinds and cfg.mlm.text_only)
+                or ("image_only" in kinds and cfg.mlm.prompts))
+    if cfg.mlm.policy != "none" and not mlm_rows:
+        raise ConfigError(f"mlm.policy={cfg.mlm.policy} but no row feeds MLM ({have}; "
+                          "mlm.prompts=false): add a paired source, set mlm.prompts=true, or "
+                          "set mlm.policy=none loss.w_mlm=0")
+    # the patch scorer is the multimodal decoder's cross-attention, trained by MLM rows that
+    # have an image: reports with their image, or label prompts with mlm.prompts=true
+    scorer_rows = "paired" in kinds or ("image_only" in kinds and cfg.mlm.prompts)
+    if cfg.mim.policy == "attention" and not scorer_rows:
+        raise ConfigError(f"mim.policy=attention scores patches with the multimodal decoder, "
+                          f"which only MLM rows with an image train, but {have} and "
+                          "mlm.prompts=false: add a paired source, set mlm.prompts=true, or "
+                          "use mim.policy=random")
 
 
 # ---------------------------------------------------------------------------------------------

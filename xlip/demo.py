@@ -60,9 +60,8 @@ def run_demo(out: Path, overrides: list[str] | None = None, quick: bool = False)
     pretrain(cfg)
     print("[4/4] zero-shot classification on the held-out test split")
     model = XLIP.from_pretrained(out)
-    result = evaluate_zeroshot(model.model, model.tokenizer, manifest, "test",
-                               cfg.eval.findings, cfg.vision.image_size, cfg.text.max_length,
-                               cfg.eval.batch_size, cfg.eval.bootstrap)
+    result = evaluate_zeroshot(model.model, model.tokenizer, model.cfg, manifest, "test",
+                               cfg.eval.findings)
     result["text_policy"] = cfg.data.text_policy
     result["wall_s"] = time.perf_counter() - t0
     write_results(result, out)

@@ -36,21 +36,39 @@ def mean_over_ranks(total: Tensor, count: Tensor) -> Tensor:
     return total / count.clamp(min=1)
 
 
+def contrastive_targets(key: Tensor, all_key: Tensor, labels: Tensor | None = None,
+                        all_labels: Tensor | None = None) -> Tensor:
+    """(B, G) target distributions over the gathered columns.
+
+    Columns whose ``text_key`` equals the row's are positives (weight 1). With ``labels``
+    (multi-hot findings, all zeros for rows without labels), every column whose findings
+    overlap the row's is a positive too, weighted by the cosine of the two label vectors
+    (MedCLIP's semantic matching): a report and a prompt of the same findings are not negatives.
+    """
+    weight = (key[:, None] == all_key[None, :]).float()  # (B, G)
+    if labels is not None:
+        a, b = F.normalize(labels.float(), dim=1), F.normalize(all_labels.float(), dim=1)
+        weight = torch.maximum(weight, a @ b.t())  # unlabelled rows are zero vectors: cos 0
+    return weight / weight.sum(dim=1, keepdim=True)
+
+
 class ContrastiveLoss(nn.Module):
-    """Symmetric InfoNCE with multi-positive targets.
+    """Symmetric InfoNCE with multi-positive (or soft) targets.
 
     Samples whose texts are identical (``text_key`` equal) are positives of each other; the
-    target row is uniform over the positives. Embeddings are gathered across ranks, so the
+    target row is uniform over the positives, or weighted by label agreement when ``labels``
+    are given (:func:`contrastive_targets`). Embeddings are gathered across ranks, so the
     negatives are the global batch (all ranks must use the same local batch size).
     """
 
-    def forward(self, image: Tensor, text: Tensor, logit_scale: Tensor,
-                text_key: Tensor) -> tuple[Tensor, Tensor]:
-        """image, text: (B, E) L2-normalised; text_key: (B,) int64. Returns (scalar, (B,))."""
+    def forward(self, image: Tensor, text: Tensor, logit_scale: Tensor, text_key: Tensor,
+                labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """image, text: (B, E) L2-normalised; text_key: (B,) int64; labels: (B, F) multi-hot
+        or None. Returns (scalar, (B,))."""
         all_img, all_txt = gather_with_grad(image), gather_with_grad(text)  # (G, E)
         all_key = gather_with_grad(text_key)
-        pos = (text_key[:, None] == all_key[None, :]).float()  # (B, G)
-        target = pos / pos.sum(dim=1, keepdim=True)
+        all_labels = gather_with_grad(labels) if labels is not None else None
+        target = contrastive_targets(text_key, all_key, labels, all_labels)  # (B, G)
         logits_i2t = logit_scale * image.float() @ all_txt.float().t()  # (B, G)
         logits_t2i = logit_scale * text.float() @ all_img.float().t()  # (B, G)
         loss_i = -(target * F.log_softmax(logits_i2t, dim=1)).sum(dim=1)
@@ -106,7 +124,7 @@ class XLIPLoss(nn.Module):
         losses: dict[str, Tensor] = {}
         if "image_embed" in out and self.w.w_cl > 0:
             loss, per = self.cl(out["image_embed"], out["text_embed"], out["logit_scale"],
-                                out["cl_text_key"])
+                                out["cl_text_key"], out.get("cl_labels"))
             losses["cl_loss"], losses["cl_per_sample"] = self.w.w_cl * loss, per
         if "mim_pred" in out:
             loss, per = self.mim(out["mim_pred"], out["mim_images"], out["mim_mask"])

@@ -47,7 +47,7 @@ def attention_masking(scores: Tensor, ratio: float, high_share: float,
 
     ``round(N·ratio)`` patches are masked: ``round(masked·high_share)`` drawn uniformly from
     the top half of patches by score, the rest uniformly from the bottom half. Ties in score
-    are broken by patch index (lower index ranks higher).
+    are broken at random (an all-equal map, e.g. an empty guide, masks like random masking).
     """
     B, N = scores.shape
     n_mask = num_masked(N, ratio)
@@ -56,7 +56,11 @@ def attention_masking(scores: Tensor, ratio: float, high_share: float,
     n_low = n_mask - n_high
     if n_low > N - n_top:  # bottom half too small: take the rest from the top half
         n_high, n_low = n_mask - (N - n_top), N - n_top
-    rank = torch.argsort(scores.float(), dim=1, descending=True, stable=True)  # (B, N)
+    # rank by score in a random patch order, so that ties fall at random
+    shuffle = torch.rand(B, N, generator=generator, device=scores.device).argsort(dim=1)
+    by_score = torch.argsort(scores.float().gather(1, shuffle), dim=1, descending=True,
+                             stable=True)
+    rank = shuffle.gather(1, by_score)  # (B, N) patch ids, best first
     in_top = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
     in_top.scatter_(1, rank[:, :n_top], True)
     noise = torch.rand(B, N, generator=generator, device=scores.device)

@@ -22,7 +22,8 @@ from xlip.config import Config, SourceConfig
 from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.masking import mask_tokens, select_mlm_words
-from xlip.text.ner import extract_entities
+from xlip.text.labels import CANONICAL_FINDINGS
+from xlip.text.ner import extract_entities, guide_entities
 from xlip.text.prompts import label_prompt
 from xlip.text.sections import select_text
 
@@ -100,6 +101,9 @@ class MixedDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    def image_paths(self) -> list[str]:
+        return [r.image for recs in self.records for r in recs if r.image]
+
     def findings(self) -> list[str]:
         """Every label that occurs in the training sources, sorted."""
         return sorted({lab for recs in self.records for r in recs for lab in r.labels})
@@ -119,7 +123,8 @@ class MixedDataset(Dataset):
         image = None
         if rec.image:
             image = prepare_image(rec.image, self.cfg.vision.image_size,
-                                  rng if (self.train and self.cfg.data.augment) else None)
+                                  rng if (self.train and self.cfg.data.augment) else None,
+                                  self.cfg.pixel_stats())
         text = select_text(other.text, self.cfg.data.text_policy) if other.text else ""
         if rec.kind != "image_only" and not text.strip():
             raise ManifestError(f"{rec.source} row {rec.row}: report is empty after section "
@@ -199,13 +204,33 @@ def hash_int(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def label_key(labels: Sequence[str]) -> int:
+    """Contrastive key of a label prompt: its present findings, whatever the wording drawn.
+
+    Prompts are made from random templates and random negated findings, so two images with the
+    same findings get different sentences; keyed on the findings they are positives of each
+    other. ``No Finding`` is the empty set (an image labelled ``No Finding`` and one labelled
+    nothing else make the same prompt).
+    """
+    present = sorted(set(labels) - {"No Finding"})
+    return hash_int("labels:" + ";".join(present))
+
+
+def label_vector(labels: Sequence[str]) -> list[float]:
+    """Multi-hot over :data:`CANONICAL_FINDINGS` (all zeros: the row has no labels)."""
+    have = set(labels)
+    return [float(f in have) for f in CANONICAL_FINDINGS]
+
+
 class Collator:
     """Samples → batch dict for :class:`xlip.model.xlip.XLIP`.
 
     Keys: ``images`` (Bi, C, H, W) for rows with an image, ``has_image`` (B,), ``input_ids`` /
-    ``attention_mask`` (B, L) clean text (report or prompt), ``text_key`` (B,) identical texts
-    share a key, ``guide_mask`` (B, L) AttMIM guiding tokens, ``mlm_*`` masked reports of the
-    rows in ``mlm_rows``, ``source`` (B,).
+    ``attention_mask`` (B, L) clean text (report or prompt), ``text_key`` (B,) contrastive
+    identity (identical reports, or prompts of the same present findings, share a key),
+    ``labels`` (B, F) multi-hot findings (zeros when unknown), ``guide_mask`` (B, L) AttMIM
+    guiding tokens, ``guide_fallback`` (B,) rows with no present finding, guided by all their
+    content tokens instead, ``mlm_*`` masked reports of the rows in ``mlm_rows``, ``source`` (B,).
     """
 
     def __init__(self, cfg: Config, tokenizer, train: bool = True,
@@ -235,20 +260,24 @@ class Collator:
                        return_tensors="pt")
         B, L = enc["input_ids"].shape
         guide = torch.zeros(B, L, dtype=torch.bool)
+        fallback = torch.zeros(B, dtype=torch.bool)
         mlm_rows, mlm_ids, mlm_labels = [], [], []
         for b, (s, text, is_prompt) in enumerate(zip(samples, texts, prompt)):
             ids = enc["input_ids"][b].tolist()
             offsets = enc["offset_mapping"][b].tolist()
             word_ids = enc.word_ids(b)
-            spans = [] if is_prompt else [(e.start, e.end) for e in extract_entities(text)]
-            ent_tok = [w is not None and any(a < o[1] and o[0] < z for a, z in spans)
-                       for w, o in zip(word_ids, offsets)]
-            content = [w is not None for w in word_ids]
-            guide[b] = torch.tensor(ent_tok if any(ent_tok) else content)
+            entities = extract_entities(text)
+            guide_tok = tokens_in(word_ids, offsets, [(e.start, e.end)
+                                                      for e in guide_entities(text, entities)])
+            if not any(guide_tok):  # nothing present: every content token guides
+                guide_tok = [w is not None for w in word_ids]
+                fallback[b] = True
+            guide[b] = torch.tensor(guide_tok)
             in_mlm = (cfg.mlm.policy != "none" and
                       (s.kind == "paired" or (s.kind == "text_only" and cfg.mlm.text_only) or
                        (is_prompt and cfg.mlm.prompts)))
             if in_mlm:
+                spans = [(e.start, e.end) for e in entities]
                 words = word_spans(word_ids, offsets, text)
                 ent_words = [w for w, (a, z) in words.items()
                              if any(x < z and a < y for x, y in spans)]
@@ -261,13 +290,17 @@ class Collator:
                 mlm_labels.append(labels)
         has_image = torch.tensor([s.image is not None for s in samples])
         images = [s.image for s in samples if s.image is not None]
+        keys = [label_key(s.labels) if p else hash_int("text:" + t)
+                for s, t, p in zip(samples, texts, prompt)]
         batch = {
             "images": torch.stack(images) if images else torch.zeros(0, 1, 1, 1),
             "has_image": has_image,
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
-            "text_key": torch.tensor([hash_int(t) for t in texts], dtype=torch.long),
+            "text_key": torch.tensor(keys, dtype=torch.long),
+            "labels": torch.tensor([label_vector(s.labels) for s in samples]),
             "guide_mask": guide & enc["attention_mask"].bool(),
+            "guide_fallback": fallback,
             "source": torch.tensor([s.source for s in samples]),
             "mlm_rows": torch.tensor(mlm_rows, dtype=torch.long),
             "mlm_input_ids": torch.tensor(mlm_ids, dtype=torch.long).reshape(-1, L),
@@ -276,6 +309,13 @@ class Collator:
             "mlm_labels": torch.tensor(mlm_labels, dtype=torch.long).reshape(-1, L),
         }
         return batch
+
+
+def tokens_in(word_ids: list[int | None], offsets: list[list[int]],
+              spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per token: is it a word token that overlaps one of the character ``spans``?"""
+    return [w is not None and any(a < o[1] and o[0] < z for a, z in spans)
+            for w, o in zip(word_ids, offsets)]
 
 
 def word_spans(word_ids: list[int | None], offsets: list[list[int]],

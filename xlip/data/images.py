@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -181,16 +182,36 @@ def jitter(arr: np.ndarray, rng: random.Random) -> np.ndarray:
     return arr * rng.uniform(0.85, 1.15) + rng.uniform(-0.08, 0.08)
 
 
-def normalize(arr: np.ndarray) -> np.ndarray:
-    """Per-image zero mean, unit variance."""
-    return (arr - arr.mean()) / (arr.std() + 1e-6)
+def normalize(arr: np.ndarray, stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Zero mean, unit variance: per image (``stats`` None), or with a dataset's fixed
+    (mean, std), so that an image's masked pixels do not shift its visible ones."""
+    mean, std = stats if stats is not None else (arr.mean(), arr.std())
+    return (arr - mean) / (std + 1e-6)
 
 
-def prepare_image(path: str | Path, size: int, rng: random.Random | None = None) -> torch.Tensor:
-    """Load → (augment when rng is given) → resize → normalise: (1, size, size) float32."""
+def prepare_image(path: str | Path, size: int, rng: random.Random | None = None,
+                  stats: tuple[float, float] | None = None) -> torch.Tensor:
+    """Load → (augment when rng is given) → resize → normalise: (1, size, size) float32.
+    ``stats``: the dataset's (mean, std) of [0, 1] pixels; None normalises per image."""
     arr = load_image(path)
     if rng is not None:
         arr = jitter(random_crop_resize(arr, size, rng), rng)
     else:
         arr = resize(arr, size)
-    return torch.from_numpy(np.ascontiguousarray(normalize(arr), dtype=np.float32))[None]
+    return torch.from_numpy(np.ascontiguousarray(normalize(arr, stats), dtype=np.float32))[None]
+
+
+def dataset_stats(paths: Sequence[str | Path], size: int, limit: int = 512,
+                  seed: int = 0) -> tuple[float, float]:
+    """(mean, std) of the resized [0, 1] pixels of up to ``limit`` images drawn with ``seed``."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no images to measure the dataset's pixel statistics on")
+    pick = random.Random(seed).sample(paths, min(limit, len(paths)))
+    total = total_sq = 0.0
+    for p in pick:
+        arr = resize(load_image(p), size).astype(np.float64)
+        total += arr.mean()
+        total_sq += (arr ** 2).mean()
+    mean = total / len(pick)
+    return float(mean), float(max(total_sq / len(pick) - mean ** 2, 1e-12) ** 0.5)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xlip.config import Config
 from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.eval.metrics import auc, bootstrap_ci, f1_acc
@@ -38,11 +39,14 @@ def class_embeddings(model, tokenizer, findings: Sequence[str],
 
 
 @torch.no_grad()
-def encode_images(model, paths: Sequence[str], size: int, batch_size: int = 128) -> torch.Tensor:
+def encode_images(model, paths: Sequence[str], size: int, batch_size: int = 128,
+                  stats: tuple[float, float] | None = None) -> torch.Tensor:
+    """(B, E) embeddings of image files; ``stats``: the model's dataset normalisation."""
     device = next(model.parameters()).device
     embs = []
     for i in range(0, len(paths), batch_size):
-        x = torch.stack([prepare_image(p, size) for p in paths[i:i + batch_size]]).to(device)
+        x = torch.stack([prepare_image(p, size, stats=stats)
+                         for p in paths[i:i + batch_size]]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16,
                             enabled=use_bf16("auto", device)):
             embs.append(model.encode_image(x).float())
@@ -71,16 +75,20 @@ def default_findings(records: Sequence[Record]) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_zeroshot(model, tokenizer, manifest: str | Path, split: str = "test",
-                      findings: Sequence[str] = (), image_size: int = 224, max_length: int = 96,
-                      batch_size: int = 128, bootstrap: int = 200) -> dict:
+def evaluate_zeroshot(model, tokenizer, cfg: Config, manifest: str | Path,
+                      split: str = "test", findings: Sequence[str] = ()) -> dict:
+    """Zero-shot AUC per finding on the image rows of ``split``; image size, normalisation,
+    text length and bootstrap size come from the model's ``cfg``."""
     model.eval()
+    image_size, max_length = cfg.vision.image_size, cfg.text.max_length
+    batch_size, bootstrap = cfg.eval.batch_size, cfg.eval.bootstrap
     records = eval_records(manifest, split)
     findings = list(findings) or default_findings(records)
     unknown = [f for f in findings if not any(f in r.labels for r in records)]
     if unknown:
         raise ValueError(f"eval.findings {unknown} never occur in {manifest} split {split!r}")
-    img = encode_images(model, [r.image for r in records], image_size, batch_size)
+    img = encode_images(model, [r.image for r in records], image_size, batch_size,
+                        cfg.pixel_stats())
     cls, prompts = class_embeddings(model, tokenizer, findings, max_length)
     prob = positive_probability(img, cls.to(img.device), float(model.scale())).cpu().numpy()
     per, details = {}, {}

@@ -79,10 +79,19 @@ class MultimodalDecoder(nn.Module):
         return self.head(states)
 
     @torch.no_grad()
-    def patch_scores(self, text: Tensor, guide_mask: Tensor, image: Tensor) -> Tensor:
+    def patch_scores(self, text: Tensor, text_mask: Tensor, guide_mask: Tensor,
+                     image: Tensor) -> Tensor:
         """AttMIM scores: for each guiding token t and patch p, a[t,p] = softmax_p(q_t·k_p/√d)
-        (averaged over heads), summed over guiding tokens. text: (B, L, H) unmasked text
-        states; guide_mask: (B, L) bool; image: (B, N, D) full patch tokens → (B, N)."""
+        (averaged over heads), summed over guiding tokens.
+
+        The queries are exactly those the first cross-attention layer sees in :meth:`forward`
+        (the text after block 0's self-attention residual and ``norm_x``); everything runs in
+        fp32, also under bf16 autocast. text: (B, L, H) unmasked text states; text_mask: (B, L)
+        bool padding mask; guide_mask: (B, L) bool; image: (B, N, D) full patch tokens → (B, N).
+        """
         blk = self.blocks[0]
-        a = blk.cross.attention_map(blk.norm_x(text), self.image_proj(image))  # (B, L, N)
+        with torch.autocast(text.device.type, enabled=False):
+            text, image = text.float(), image.float()
+            x = text + blk.attn(blk.norm1(text), text_mask)  # (B, L, H)
+            a = blk.cross.attention_map(blk.norm_x(x), self.image_proj(image))  # (B, L, N)
         return (a * guide_mask[:, :, None].float()).sum(dim=1)

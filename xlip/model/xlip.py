@@ -2,8 +2,10 @@
 
 ``forward(batch)`` returns a dict of named outputs that the losses in :mod:`xlip.losses` read:
 
-- CL: ``image_embed`` (Bi, E), ``text_embed`` (Bi, E), ``logit_scale``, ``cl_text_key``, ``cl_rows``
-- AttMIM: ``mim_pred`` (Bi, N, C·p·p), ``mim_mask`` (Bi, N), ``mim_images``, ``mim_scores``, ``mim_rows``
+- CL: ``image_embed`` (Bi, E), ``text_embed`` (Bi, E), ``logit_scale``, ``cl_text_key``, ``cl_rows``,
+  ``cl_labels`` (Bi, F) with ``loss.cl_targets=labels``
+- AttMIM: ``mim_pred`` (Bi, N, C·p·p), ``mim_mask`` (Bi, N), ``mim_images``, ``mim_scores``, ``mim_rows``,
+  ``mim_guide_fallback`` (Bi,) rows guided by all their content tokens (no finding present)
 - EntMLM: ``mlm_logits`` (M, V), ``mlm_labels`` (M,), ``mlm_rows`` (M,), ``mlm_batch``
 
 ``*_rows`` index the batch rows each output belongs to (for per-source logging).
@@ -57,7 +59,14 @@ class XLIPModel(nn.Module):
     # -- encoders -----------------------------------------------------------------------------
 
     def scale(self) -> Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.model.max_logit_scale)
+        """The contrastive logit scale exp(t). Kept in [1, max_logit_scale] by
+        :meth:`clamp_logit_scale` after each optimizer step (a clamp here would stop its
+        gradient above the bound, so the temperature could never come back down)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0.0, math.log(self.cfg.model.max_logit_scale))
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, C, H, W) normalised images → (B, E) unit-norm embeddings."""
@@ -85,17 +94,21 @@ class XLIPModel(nn.Module):
             out["logit_scale"] = self.scale()
             out["cl_text_key"] = batch["text_key"][img_rows]
             out["cl_rows"] = img_rows
+            if cfg.loss.cl_targets == "labels":
+                out["cl_labels"] = batch["labels"][img_rows]
 
         if full is not None and self.mae_decoder is not None:
             guide = batch["guide_mask"][img_rows]  # (Bi, L) bool
             text_states = txt["tokens"][img_rows]
             N = self.vision.num_patches
             if cfg.mim.policy == "attention":
-                scores = self.mm_decoder.patch_scores(text_states.detach(), guide,
+                text_mask = batch["attention_mask"][img_rows].bool()
+                scores = self.mm_decoder.patch_scores(text_states.detach(), text_mask, guide,
                                                       full["tokens"].detach())  # (Bi, N)
                 keep, mask, restore = attention_masking(scores, cfg.mim.ratio,
                                                         cfg.mim.high_share, generator)
                 out["mim_scores"] = scores
+                out["mim_guide_fallback"] = batch["guide_fallback"][img_rows]
             else:
                 keep, mask, restore = random_masking(len(img_rows), N, cfg.mim.ratio,
                                                      generator, images.device)

@@ -7,7 +7,7 @@ from xlip.text.labels import (
     canonical_label,
     parse_labels,
 )
-from xlip.text.ner import Entity, extract_entities, label_sets, report_labels
+from xlip.text.ner import Entity, extract_entities, guide_entities, label_sets, report_labels
 from xlip.text.prompts import label_prompt, zeroshot_prompts
 from xlip.text.sections import TEXT_POLICIES, clean_deid, parse_sections, select_text
 
@@ -20,6 +20,7 @@ __all__ = [
     "canonical_label",
     "clean_deid",
     "extract_entities",
+    "guide_entities",
     "label_prompt",
     "label_sets",
     "parse_labels",

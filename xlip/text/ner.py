@@ -80,7 +80,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from xlip.text.labels import CANONICAL_FINDINGS
 
@@ -89,6 +89,7 @@ __all__ = [
     "ENTITY_TYPES",
     "Entity",
     "extract_entities",
+    "guide_entities",
     "label_sets",
     "report_labels",
 ]
@@ -1168,6 +1169,27 @@ def extract_entities(text: str) -> list[Entity]:
         _backward(units, entities, assertions)
         states.update(_normal_states(units, entities, span[1], words, owner))
     return [_to_entity(text, tokens, i, m, assertions, states) for i, m in enumerate(entities)]
+
+
+def guide_entities(text: str, entities: Sequence[Entity] | None = None) -> list[Entity]:
+    """The entities that steer attention-guided masking (AttMIM).
+
+    Findings and devices asserted present or uncertain, and the anatomy and modifier words of
+    the sentences that hold one (unless those words are themselves negated): in "No pleural
+    effusion. Large right pneumothorax." that is "Large", "right" and "pneumothorax". Negated
+    findings, normal statements and template words never guide. Sorted by ``start``.
+    """
+    entities = extract_entities(text)
+    tokens = _tokenize(text)
+    out: list[Entity] = []
+    for first, last in _sentences(tokens):
+        lo, hi = tokens[first].start, tokens[last - 1].end
+        inside = [e for e in entities if lo <= e.start and e.end <= hi]
+        shown = [e for e in inside if e.type in ("finding", "device") and e.assertion != "absent"]
+        if shown:
+            out += [e for e in inside if e.assertion != "absent"
+                    and (e.type in ("anatomy", "modifier") or e in shown)]
+    return sorted(out, key=lambda e: e.start)
 
 
 def _to_entity(text: str, tokens: list[_Token], index: int, match: _Match,

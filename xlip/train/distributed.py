@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,12 +36,19 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float], keys: Sequence[str],
+                device: torch.device) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of ``keys`` summed over all ranks, in one all-reduce.
+
+    ``keys`` is a fixed list that every rank passes alike (a rank may lack some of them, e.g.
+    a batch without MLM rows: it adds zeros). The tensor lives on ``device``, the training
+    device, since NCCL refuses CPU tensors.
+    """
+    t = torch.tensor([[float(sums.get(k, 0.0)), float(counts.get(k, 0.0))] for k in keys],
+                     dtype=torch.float64, device=device)  # (K, 2)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
+        dist.all_reduce(t)
+    return {k: (s, c) for k, (s, c) in zip(keys, t.tolist())}
 
 
 def barrier() -> None:

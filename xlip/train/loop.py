@@ -10,7 +10,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader
 
 from xlip.config import Config, save_config
 from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset
+from xlip.data.images import dataset_stats
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
                                    save_checkpoint, save_text_files, save_weights,
                                    set_rng_state)
-from xlip.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_sums
 from xlip.train.precision import use_bf16
 
 
@@ -79,20 +80,31 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 class MetricLog:
-    """Averages loss terms between log lines, per term and per data source."""
+    """Averages loss terms between log lines, per term and per data source, over all ranks.
 
-    def __init__(self, names: list[str]) -> None:
+    The keys are fixed up front (every term × every source), so that all ranks reduce the same
+    list in one call whatever their batches held; terms no rank saw are left out of the row.
+    """
+
+    def __init__(self, names: list[str], terms: Sequence[str]) -> None:
         self.names = names
+        self.keys = sorted([f"{t}_loss" for t in terms] +
+                           [f"{t}_loss/{n}" for t in terms for n in names] +
+                           ["guide_fallback", "samples"])
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.samples, self.t0 = 0, time.perf_counter()
+        self.counts: dict[str, float] = defaultdict(float)
+        self.t0 = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
             batch: dict[str, torch.Tensor]) -> None:
-        self.samples += int(batch["has_image"].shape[0])
+        self.sums["samples"] += int(batch["has_image"].shape[0])
+        self.counts["samples"] = 1.0  # one per rank: the reduced count is the world size
+        if "mim_guide_fallback" in out:
+            self.sums["guide_fallback"] += float(out["mim_guide_fallback"].float().sum())
+            self.counts["guide_fallback"] += len(out["mim_guide_fallback"])
         for key, value in losses.items():
             if key.endswith("_loss"):
                 self.sums[key] += float(value.detach())
@@ -110,9 +122,13 @@ class MetricLog:
                     self.sums[name] += float(sel.sum())
                     self.counts[name] += len(sel)
 
-    def flush(self) -> dict[str, float]:
-        row = {k: self.sums[k] / max(self.counts[k], 1) for k in sorted(self.sums)}
-        row["samples_per_s"] = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+    def flush(self, device: torch.device) -> dict[str, float]:
+        """Means over every rank's steps and rows; ``samples_per_s`` summed over ranks."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        reduced = reduce_sums(self.sums, self.counts, self.keys, device)
+        samples = reduced.pop("samples")[0]
+        row = {k: s / c for k, (s, c) in reduced.items() if c > 0}
+        row["samples_per_s"] = samples / elapsed
         self.reset()
         return row
 
@@ -147,6 +163,10 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     if not cfg.data.sources:
         raise ValueError("data.sources is empty: name at least one manifest to train on")
     dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
+    if cfg.data.normalize == "dataset" and not cfg.data.pixel_std:
+        # measured once (the same draw on every rank) and saved with the config for evaluation
+        cfg.data.pixel_mean, cfg.data.pixel_std = dataset_stats(
+            dataset.image_paths(), cfg.vision.image_size, seed=tr.seed)
     collate = Collator(cfg, tok, train=True, findings=dataset.findings())
     model = XLIPModel(cfg, len(tok)).to(info.device)
     if info.world_size > 1 and info.device.type == "cuda":
@@ -170,7 +190,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     net = DDP(model) if info.world_size > 1 else model
     criterion = XLIPLoss(cfg)
     loader = build_loader(cfg, dataset, collate, start, info)
-    log = MetricLog(dataset.names)
+    terms = [t for t, on in (("cl", cfg.loss.w_cl > 0), ("mim", cfg.mim.policy != "none"),
+                             ("mlm", cfg.mlm.policy != "none")) if on]
+    log = MetricLog(dataset.names, terms)
     metrics_path = out_dir / "metrics.jsonl"
     if not resume and metrics_path.exists() and info.is_main:
         metrics_path.unlink()
@@ -200,11 +222,12 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    tr.clip_grad if tr.clip_grad > 0 else 1e12)
         opt.step()
+        model.clamp_logit_scale()
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
         if done % tr.log_every == 0 or done == tr.steps:
-            row = {k: float(all_reduce_mean(torch.tensor(v))) for k, v in log.flush().items()}
+            row = log.flush(info.device)
             row.update(step=done, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                        logit_scale=float(model.scale().detach()),
                        elapsed_s=time.perf_counter() - t_start)
