@@ -14,11 +14,14 @@ def total_loss(model, cfg, batch, seed=0):
     return sum(v for k, v in losses.items() if k.endswith("_loss")), out, losses
 
 
-@pytest.mark.parametrize("mim,mlm,stem", [
-    ("attention", "entity", "linear"), ("random", "random", "conv"), ("none", "entity", "linear"),
-    ("random", "none", "linear"), ("none", "none", "linear"), ("attention", "entity", "hybrid")])
-def test_every_parameter_gets_a_gradient(mim, mlm, stem):
-    cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm}, vision={"stem": stem})
+@pytest.mark.parametrize("mim,mlm,stem,mode", [
+    ("attention", "entity", "linear", "default"), ("random", "random", "conv", "default"),
+    ("none", "entity", "linear", "default"), ("random", "none", "linear", "default"),
+    ("none", "none", "linear", "default"), ("attention", "entity", "hybrid", "default"),
+    ("attention", "entity", "hybrid", "fast"), ("random", "entity", "linear", "fast")])
+def test_every_parameter_gets_a_gradient(mim, mlm, stem, mode):
+    cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm}, vision={"stem": stem},
+                      train={"mode": mode})
     torch.manual_seed(0)
     model = XLIPModel(cfg, VOCAB)
     loss, out, losses = total_loss(model, cfg, random_batch(cfg))
@@ -230,3 +233,53 @@ def test_logit_scale_keeps_its_gradient_above_the_bound_and_is_clamped_after_the
     torch.optim.SGD([model.logit_scale], lr=0.0).step()
     model.clamp_logit_scale()
     assert math.isclose(float(model.scale().detach()), 100.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("mim", ["attention", "random"])
+def test_fast_mode_gradients_flow_only_through_the_visible_pass(mim):
+    """train.mode=fast: the full-image pass (AttMIM scoring only) runs without gradients, or
+    not at all with random masking; CL, MIM and MLM read one visible-patch pass."""
+    cfg = tiny_config(mim={"policy": mim}, train={"mode": "fast"})
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB)
+    passes = []
+
+    def hook(module, args, output):
+        keep = args[1] if len(args) > 1 else None
+        passes.append((keep is None, output["tokens"].requires_grad))
+
+    model.vision.register_forward_hook(hook)
+    batch = random_batch(cfg)
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    expected = [(True, False), (False, True)] if mim == "attention" else [(False, True)]
+    assert passes == expected  # (full image?, with gradient?)
+    assert out["image_embed"].requires_grad
+    # CL's image embedding sees only visible patches: changing the masked ones leaves it
+    masked = out["mim_mask"].bool()  # (B, N)
+    images = batch["images"].clone()
+    p = cfg.vision.patch_size
+    g = cfg.vision.grid
+    for b in range(images.shape[0]):
+        for n in masked[b].nonzero().flatten().tolist():
+            r, c = divmod(n, g)
+            images[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p] += 3.0
+    if mim == "random":  # same masks for the same generator
+        again = model(dict(batch, images=images), generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(again["image_embed"], out["image_embed"], atol=1e-5)
+    loss = XLIPLoss(cfg)(out, batch)
+    sum(v for k, v in loss.items() if k.endswith("_loss")).backward()
+    assert all(p.grad is not None for p in model.vision.parameters())
+
+
+def test_fast_mode_with_hybrid_stem_tracks_whole_image_batchnorm_stats():
+    cfg = tiny_config(mim={"policy": "random"}, vision={"stem": "hybrid"},
+                      train={"mode": "fast"})
+    model = XLIPModel(cfg, VOCAB).train()
+    bn = next(m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    batch = random_batch(cfg)
+    batch["images"] = batch["images"] * 2 + 1
+    model(batch)
+    with torch.no_grad():  # the first BatchNorm's input on the whole (unblanked) images
+        whole = model.vision.patch_embed.stem[0](batch["images"]).mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, 0.9 * before + 0.1 * whole, atol=1e-5)

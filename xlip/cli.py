@@ -135,6 +135,48 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from xlip.ablate import DEFAULT_VARIANTS, AblationSpec, run_ablation, variant_overrides
+    from xlip.config import load_config
+
+    out = Path(args.out)
+    overrides = list(args.overrides)
+    if args.demo == bool(args.config):
+        raise ConfigError("xlip ablate needs exactly one of --config FILE and --demo")
+    if args.demo:
+        from xlip.demo import demo_config, prepare_demo_data
+
+        base = demo_config(out, overrides).to_dict()
+        base["train"]["out_dir"] = str(out / "runs")
+    else:
+        base = load_config(args.config, overrides).to_dict()
+    names = [n for n in args.variants.split(",") if n] if args.variants else DEFAULT_VARIANTS
+    spec = AblationSpec(base=base, out=out, variants=variant_overrides(names, args.define),
+                        seeds=[int(x) for x in args.seeds.split(",")], equal=args.equal,
+                        reference=args.reference, budget_s=args.budget_s,
+                        steps=args.steps or 0)
+    if args.demo:
+        prepare_demo_data(out)
+    summary = run_ablation(spec, progress=not args.quiet)
+    print((out / "ablation.md").read_text())
+    print(f"written: {out / 'ablation.json'} {out / 'ablation.md'}")
+    return 0 if summary["variants"] else 1
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from xlip.api import XLIP
+    from xlip.eval.visualize import visualize
+
+    m = XLIP.from_pretrained(args.model)
+    manifest = args.manifest or m.cfg.data.eval_manifest or None
+    if manifest and not Path(manifest).is_file():
+        raise ConfigError(f"--manifest {manifest}: no such file")
+    paths = visualize(m.model, m.tokenizer, m.cfg, args.images, Path(args.out), manifest,
+                      args.text or "", args.seed)
+    print("written: " + " ".join(map(str, paths)))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import yaml
 
@@ -280,6 +322,41 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--findings", nargs="*", help="default: every label in the split")
     z.add_argument("--out", help="folder for zeroshot.json/.md (default: the model folder)")
     z.set_defaults(func=_zeroshot)
+    ab = sub.add_parser("ablate", help="pre-train and evaluate variants side by side (same "
+                                       "data, seeds, and steps or wall-clock time)")
+    ab.add_argument("--config", help="YAML config all variants start from")
+    ab.add_argument("--demo", action="store_true",
+                    help="the demo's config and synthetic corpus (built in --out if missing)")
+    ab.add_argument("--variants", help="comma list (default: all of clip, clip+random_mim, "
+                    "clip+entmlm, xlip_random_mim, xlip, xlip_random_mlm, xlip-no_prompts, "
+                    "xlip_fast)")
+    ab.add_argument("--define", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+                    help="a custom variant, e.g. lr3=train.lr=3e-3,mim.ratio=0.6")
+    ab.add_argument("--seeds", default="0", help="comma list of train.seed values")
+    ab.add_argument("--equal", choices=["steps", "time"], default="steps",
+                    help="same steps for every variant, or the same wall-clock budget")
+    ab.add_argument("--reference", default="xlip",
+                    help="--equal time: the variant whose steps set the budget")
+    ab.add_argument("--budget-s", type=float, default=0.0,
+                    help="--equal time: seconds per run instead of the reference's")
+    ab.add_argument("--steps", type=int, help="train.steps for every variant")
+    ab.add_argument("--out", required=True, help="folder for runs/, ablation.json/.md")
+    ab.add_argument("--quiet", action="store_true", help="no progress bars")
+    ab.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (every variant)")
+    ab.set_defaults(func=_ablate)
+
+    vz = sub.add_parser("visualize", help="per image a PNG: AttMIM scores, mask, MAE "
+                                          "reconstruction, text-to-patch attention of a phrase")
+    vz.add_argument("--model", required=True, help="model folder (a pre-training run)")
+    vz.add_argument("images", nargs="+", metavar="IMAGE")
+    vz.add_argument("--text", help='a phrase whose attention over the patches is drawn, e.g. '
+                                   '"left pleural effusion"')
+    vz.add_argument("--manifest", help="where an image's report or labels are looked up "
+                                       "(default: the model's data.eval_manifest)")
+    vz.add_argument("--seed", type=int, default=0, help="seed of the drawn mask")
+    vz.add_argument("--out", required=True, help="folder for the PNGs")
+    vz.set_defaults(func=_visualize)
+
     b = sub.add_parser("bench", help="side-by-side speed ratios of training-step variants")
     b.add_argument("--config", help="model config YAML (default: the built-in defaults)")
     b.add_argument("--group", choices=["attention", "precision", "tasks"], default="attention")
@@ -294,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # VisualizeError is one
         print(f"xlip: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `xlip ... | head`: the reader has gone, nothing more to say

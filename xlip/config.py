@@ -172,6 +172,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     threads: int = 0  # torch intra-op threads; 0: leave as is
+    # default: CL and MLM read the full image (encoded with gradients), MIM a second, visible-
+    # only pass. fast (FLIP-style): one pass with gradients over the visible patches serves CL,
+    # MIM and MLM; the full image is encoded without gradients, only for AttMIM's scores
+    mode: str = "default"
 
 
 @dataclass
@@ -233,6 +237,11 @@ def validate(cfg: Config) -> None:
     _choice("mlm.policy", cfg.mlm.policy, MLM_POLICIES)
     _choice("loss.cl_targets", cfg.loss.cl_targets, ("text", "labels"))
     _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
+    _choice("train.mode", cfg.train.mode, ("default", "fast"))
+    if cfg.train.mode == "fast" and cfg.mim.policy == "none":
+        raise ConfigError("train.mode=fast encodes only the visible patches of a masked image; "
+                          "it needs mim.policy=attention or random (mim.policy=none: use "
+                          "train.mode=default)")
     from xlip.text.sections import TEXT_POLICIES
 
     _choice("data.text_policy", cfg.data.text_policy, TEXT_POLICIES)

@@ -25,6 +25,23 @@ def bootstrap_ci(y: np.ndarray, score: np.ndarray, n: int = 200, seed: int = 0,
     return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
 
 
+def bootstrap_mean_ci(y: np.ndarray, score: np.ndarray, n: int = 200, seed: int = 0,
+                      alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean AUC over columns (findings), resampling images
+    jointly: y, score (n_images, F). Resamples in which a column lacks a class are skipped."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        yy, ss = y[idx], score[idx]
+        if (yy.min(axis=0) == yy.max(axis=0)).any():
+            continue
+        vals.append(np.mean([roc_auc_score(yy[:, j], ss[:, j]) for j in range(y.shape[1])]))
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
 def f1_acc(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
     pred = prob >= threshold
     tp = float(np.sum(pred & (y == 1)))

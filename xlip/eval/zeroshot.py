@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from xlip.config import Config
 from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
-from xlip.eval.metrics import auc, bootstrap_ci, f1_acc
+from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci, f1_acc
 from xlip.text.prompts import zeroshot_prompts
 from xlip.train.precision import use_bf16
 
@@ -92,15 +92,18 @@ def evaluate_zeroshot(model, tokenizer, cfg: Config, manifest: str | Path,
     cls, prompts = class_embeddings(model, tokenizer, findings, max_length)
     prob = positive_probability(img, cls.to(img.device), float(model.scale())).cpu().numpy()
     per, details = {}, {}
+    ys = np.array([[f in r.labels for f in findings] for r in records], dtype=int)  # (n, F)
     for j, f in enumerate(findings):
-        y = np.array([f in r.labels for r in records], dtype=int)
+        y = ys[:, j]
         a = auc(y, prob[:, j])
         lo, hi = bootstrap_ci(y, prob[:, j], n=bootstrap, seed=j) if bootstrap else (a, a)
         f1, acc = f1_acc(y, prob[:, j])
         per[f] = a
         details[f] = {"auc": a, "auc_ci95": [lo, hi], "f1": f1, "acc": acc,
                       "positives": int(y.sum()), "n": int(len(y))}
-    return {"mean_auc": float(np.mean(list(per.values()))), "per_finding": per,
+    mean_ci = bootstrap_mean_ci(ys, prob, n=bootstrap) if bootstrap else (float("nan"),) * 2
+    return {"mean_auc": float(np.mean(list(per.values()))), "mean_auc_ci95": list(mean_ci),
+            "per_finding": per,
             "details": details, "manifest": str(manifest), "split": split,
             "n_images": len(records), "prompts": prompts}
 
@@ -112,7 +115,8 @@ def markdown_table(result: dict) -> str:
         lo, hi = d["auc_ci95"]
         lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['f1']:.3f} | "
                      f"{d['acc']:.3f} | {d['positives']} / {d['n']} |")
-    lines.append(f"| **mean** | **{result['mean_auc']:.3f}** | | | | |")
+    lo, hi = result.get("mean_auc_ci95", (float("nan"),) * 2)
+    lines.append(f"| **mean** | **{result['mean_auc']:.3f}** | {lo:.3f}–{hi:.3f} | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -160,6 +160,14 @@ class VisionTransformer(nn.Module):
             self.pos_embed[0, 1:] = sincos_2d(width, cfg.grid)
         nn.init.normal_(self.cls_token, std=0.02)
 
+    @torch.no_grad()
+    def track_stem_stats(self, images: Tensor) -> None:
+        """Update the hybrid stem's BatchNorm running statistics with whole images (for a
+        training step that encodes only visible patches, whose blanked images must not set
+        what evaluation normalises with). No-op for the per-patch stems."""
+        if isinstance(self.patch_embed, HybridStem):
+            self.patch_embed(images)
+
     def embed(self, images: Tensor, keep_ids: Tensor | None = None) -> Tensor:
         """Patch embeddings of all patches, or only of ``keep_ids`` (B, K): (B, K, D)."""
         B = images.shape[0]

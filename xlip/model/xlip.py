@@ -85,41 +85,25 @@ class XLIPModel(nn.Module):
         has_image = batch["has_image"]  # (B,) bool
         img_rows = has_image.nonzero().squeeze(1)  # (Bi,)
         images = batch["images"]  # (Bi, C, H, W), aligned with img_rows
-        txt = self.text(batch["input_ids"], batch["attention_mask"])  # tokens (B, L, H)
-        full = self.vision(images) if len(img_rows) else None  # pooled (Bi, D), tokens (Bi, N, D)
+        # the clean text serves CL and MIM, both of rows with an image: text-only rows only
+        # take the masked (MLM) pass
+        txt = self.text(batch["input_ids"][img_rows],
+                        batch["attention_mask"][img_rows]) if len(img_rows) else None
+        enc = self._encode_images(batch, txt, img_rows, out, generator) if len(img_rows) else None
 
-        if full is not None and cfg.loss.w_cl > 0:
-            out["image_embed"] = F.normalize(self.image_proj(full["pooled"]).float(), dim=-1)
-            out["text_embed"] = F.normalize(self.text_proj(txt["pooled"][img_rows]).float(), dim=-1)
+        if enc is not None:
+            out["image_embed"] = F.normalize(self.image_proj(enc["pooled"]).float(), dim=-1)
+            out["text_embed"] = F.normalize(self.text_proj(txt["pooled"]).float(), dim=-1)
             out["logit_scale"] = self.scale()
             out["cl_text_key"] = batch["text_key"][img_rows]
             out["cl_rows"] = img_rows
             if cfg.loss.cl_targets == "labels":
                 out["cl_labels"] = batch["labels"][img_rows]
 
-        if full is not None and self.mae_decoder is not None:
-            guide = batch["guide_mask"][img_rows]  # (Bi, L) bool
-            text_states = txt["tokens"][img_rows]
-            N = self.vision.num_patches
-            if cfg.mim.policy == "attention":
-                text_mask = batch["attention_mask"][img_rows].bool()
-                scores = self.mm_decoder.patch_scores(text_states.detach(), text_mask, guide,
-                                                      full["tokens"].detach())  # (Bi, N)
-                keep, mask, restore = attention_masking(scores, cfg.mim.ratio,
-                                                        cfg.mim.high_share, generator)
-                out["mim_scores"] = scores
-                out["mim_guide_fallback"] = batch["guide_fallback"][img_rows]
-            else:
-                keep, mask, restore = random_masking(len(img_rows), N, cfg.mim.ratio,
-                                                     generator, images.device)
-            visible = self.vision(images, keep)["tokens"]  # (Bi, K, D)
-            out["mim_pred"] = self.mae_decoder(visible, restore, text_states, guide)
-            out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, images, img_rows
-
         if self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel():
             rows = batch["mlm_rows"]  # (Bm,) rows of the batch that take part in MLM
             mtxt = self.text(batch["mlm_input_ids"], batch["mlm_attention_mask"])["tokens"]
-            ctx, gate = self._image_context(full, has_image, rows, mtxt)
+            ctx, gate = self._image_context(enc, has_image, rows, mtxt)
             states = self.mm_decoder(mtxt, batch["mlm_attention_mask"].bool(), ctx, gate)
             labels = batch["mlm_labels"]  # (Bm, L)
             sel = labels != -100
@@ -129,9 +113,48 @@ class XLIPModel(nn.Module):
             out["mlm_batch"] = has_image.shape[0]
         return out
 
+    def _encode_images(self, batch: dict[str, Tensor], txt: dict[str, Tensor], img_rows: Tensor,
+                       out: dict[str, Tensor],
+                       generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Encode the batch's images, mask them and reconstruct (MIM outputs go to ``out``).
+
+        Returns the encoding that CL and MLM's image context use: ``pooled`` (Bi, D) and
+        ``tokens`` (Bi, N or K, D). ``train.mode=default``: the full image, with gradients
+        (AttMIM scores it; the visible patches are encoded a second time for MIM).
+        ``train.mode=fast`` (FLIP-style): the visible patches only; the full image is encoded
+        without gradients, and only to score patches for AttMIM (skipped with random masking).
+        """
+        cfg, images = self.cfg, batch["images"]
+        fast = cfg.train.mode == "fast"
+        full = None
+        if not fast or cfg.mim.policy == "attention":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not fast):
+                full = self.vision(images)  # pooled (Bi, D), tokens (Bi, N, D)
+        elif self.training:
+            self.vision.track_stem_stats(images)  # BatchNorm statistics of whole images
+        if self.mae_decoder is None:
+            return full
+        guide = batch["guide_mask"][img_rows]  # (Bi, L) bool
+        if cfg.mim.policy == "attention":
+            text_mask = batch["attention_mask"][img_rows].bool()
+            scores = self.mm_decoder.patch_scores(txt["tokens"].detach(), text_mask, guide,
+                                                  full["tokens"].detach())  # (Bi, N)
+            keep, mask, restore = attention_masking(scores, cfg.mim.ratio, cfg.mim.high_share,
+                                                    generator)
+            out["mim_scores"] = scores
+            out["mim_guide_fallback"] = batch["guide_fallback"][img_rows]
+        else:
+            keep, mask, restore = random_masking(len(img_rows), self.vision.num_patches,
+                                                 cfg.mim.ratio, generator, images.device)
+        visible = self.vision(images, keep)  # tokens (Bi, K, D)
+        out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, txt["tokens"], guide)
+        out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, images, img_rows
+        return visible if fast else full
+
     def _image_context(self, full: dict[str, Tensor] | None, has_image: Tensor, rows: Tensor,
                        like: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Full patch tokens for each MLM row; zeros and a closed gate for rows without image."""
+        """Patch tokens (all, or the visible ones in fast mode) for each MLM row; zeros and a
+        closed gate for rows without image."""
         if full is None:
             n = self.vision.num_patches
             return like.new_zeros(len(rows), n, self.vision.width), like.new_zeros(len(rows))

@@ -1,0 +1,137 @@
+"""`xlip ablate` (variants side by side, resume, equal time) and `xlip visualize`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import build_corpus, tiny_config
+from xlip import ablate
+from xlip.cli import main
+from xlip.config import load_config, save_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return build_corpus(tmp_path_factory.mktemp("corpus"), 64, 16, seed=7, size=32,
+                        vocab_size=400)
+
+
+def write_cfg(corpus, path, steps=3):
+    manifest, tok = corpus
+    cfg = tiny_config(
+        data={"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.75},
+                          {"manifest": str(manifest), "kind": "image_only", "weight": 0.25}],
+              "batch_size": 8, "num_workers": 0, "eval_manifest": str(manifest),
+              "verify_images": False},
+        text={"tokenizer": str(tok), "max_length": 96},
+        eval={"bootstrap": 20},
+        train={"steps": steps, "warmup_steps": 1, "log_every": 1, "ckpt_every": steps})
+    save_config(cfg, path)
+    return path
+
+
+def test_ablation_runs_variants_and_seeds_then_resumes(corpus, tmp_path, monkeypatch, capsys):
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    out = tmp_path / "abl"
+    args = ["ablate", "--config", str(cfg), "--variants", "clip,xlip,xlip-no_prompts,lr",
+            "--define", "lr=train.lr=1e-3,mim.policy=random", "--seeds", "0,1",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    summary = json.loads((out / "ablation.json").read_text())
+    assert set(summary["variants"]) == {"clip", "xlip", "xlip-no_prompts", "lr"}
+    assert summary["budget"]["equal"] == "steps" and summary["seeds"] == [0, 1]
+    for name, v in summary["variants"].items():
+        aucs = [s["mean_auc"] for s in v["seeds"]]
+        assert len(aucs) == 2 and v["mean_auc"] == pytest.approx(np.mean(aucs))
+        assert v["sd"] == pytest.approx(np.std(aucs, ddof=1))
+        assert v["s_per_step"] > 0 and v["steps"] == 3
+        for s in v["seeds"]:
+            lo, hi = s["ci95"]
+            assert lo <= s["mean_auc"] <= hi or np.isnan(lo)
+    # the variants really differ: clip has no MIM/MLM terms, no_prompts no image-only rows
+    m = json.loads((out / "runs" / "clip" / "seed0" / "metrics.jsonl").read_text()
+                   .splitlines()[-1])
+    assert "mim_loss" not in m and "cl_loss/image_only" in m
+    m = json.loads((out / "runs" / "xlip-no_prompts" / "seed1" / "metrics.jsonl").read_text()
+                   .splitlines()[-1])
+    assert "mim_loss" in m and "cl_loss/image_only" not in m
+    run_cfg = (out / "runs" / "lr" / "seed1" / "config.yaml").read_text()
+    assert "lr: 0.001" in run_cfg and "seed: 1" in run_cfg
+    md = (out / "ablation.md").read_text()
+    assert "| clip | 3 |" in md and "Nodule" in md
+    # a second call trains nothing: every (variant, seed) has its result
+    monkeypatch.setattr("xlip.train.loop.pretrain",
+                        lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert main(args) == 0
+    assert json.loads((out / "ablation.json").read_text())["variants"].keys() == \
+        summary["variants"].keys()
+
+
+def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, monkeypatch):
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    out = tmp_path / "abl"
+    out.mkdir()
+    # measured seconds per step, as if calibrated: CLIP 4x cheaper than XLIP
+    (out / "calibration.json").write_text(json.dumps({"clip": 0.05, "xlip": 0.2}))
+    seen = {}
+
+    def fake_pretrain(cfg, progress=True):
+        seen[cfg.train.out_dir] = cfg.train.steps
+        raise SystemExit  # stop after the budget is known
+
+    monkeypatch.setattr("xlip.train.loop.pretrain", fake_pretrain)
+    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
+                               variants=ablate.variant_overrides(["clip", "xlip"]),
+                               equal="time")
+    with pytest.raises(SystemExit):
+        ablate.run_ablation(spec, progress=False, log=lambda s: None)
+    assert list(seen.values()) == [160]  # clip first: 40 xlip steps x 0.2 s / 0.05 s
+    assert ablate.step_budget(spec, lambda s: None) == {"clip": 160, "xlip": 40}
+
+
+def test_ablation_refuses_unknown_variants_and_contradictions(corpus, tmp_path, capsys):
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    assert main(["ablate", "--config", str(cfg), "--variants", "clip,bogus", "--out",
+                 str(tmp_path / "a")]) == 2
+    assert "unknown variant 'bogus'" in capsys.readouterr().err
+    # xlip_fast needs MIM: a variant whose overrides contradict it fails before any training
+    assert main(["ablate", "--config", str(cfg), "--variants", "xlip,bad", "--define",
+                 "bad=train.mode=fast,mim.policy=none,loss.w_mim=0", "--out",
+                 str(tmp_path / "a")]) == 2
+    assert "variant bad: train.mode=fast" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "runs").exists()
+
+
+def test_visualize_writes_one_figure_per_image(corpus, tmp_path, capsys):
+    from xlip.api import XLIP
+    from xlip.data.manifest import load_manifest
+    from xlip.eval.visualize import compute_views
+
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=2)
+    assert main(["pretrain", "--config", str(cfg), "--quiet",
+                 f"train.out_dir={tmp_path / 'run'}"]) == 0
+    rows = [r for r in load_manifest(corpus[0], verify_images=False)
+            if r.split == "test" and r.kind == "paired"][:2]
+    assert main(["visualize", "--model", str(tmp_path / "run"), rows[0].image, rows[1].image,
+                 "--text", "left pleural effusion", "--out", str(tmp_path / "viz")]) == 0
+    pngs = sorted((tmp_path / "viz").glob("*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)
+    m = XLIP.from_pretrained(tmp_path / "run")
+    v = compute_views(m.model, m.tokenizer, m.cfg, rows[0].image, rows[0], "left pleural effusion")
+    g = m.cfg.vision.grid
+    assert v.scores.shape == v.mask.shape == v.phrase_map.shape == (g, g)
+    assert v.mask.sum() == round(g * g * m.cfg.mim.ratio)
+    # the guide sums one unit of attention per guiding token; the phrase has four word tokens
+    assert v.scores.sum() == pytest.approx(len(v.guide_words), rel=1e-4)
+    assert v.phrase_map.sum() == pytest.approx(
+        len(m.tokenizer.tokenize("left pleural effusion")), rel=1e-4)
+    # visible patches of the reconstruction are the image itself
+    p = m.cfg.vision.patch_size
+    img = v.image.reshape(g, p, g, p).transpose(0, 2, 1, 3)
+    rec = v.reconstruction.reshape(g, p, g, p).transpose(0, 2, 1, 3)
+    visible = v.mask == 0
+    assert np.allclose(img[visible], rec[visible], atol=1e-5)
+    assert main(["visualize", "--model", str(tmp_path / "run"), str(tmp_path / "nope.png"),
+                 "--out", str(tmp_path / "viz")]) == 2
+    assert "no such image file" in capsys.readouterr().err

@@ -1,0 +1,275 @@
+"""`xlip ablate`: pre-train variants of one config side by side and evaluate each.
+
+Every variant trains on the same data with the same seeds, and either the same number of steps
+(``equal="steps"``) or the same wall-clock budget (``equal="time"``: each variant's seconds per
+step are measured first, in the same run, and its steps set to fill the reference variant's
+budget). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/`` and is skipped when its
+``result.json`` exists, so an interrupted ablation resumes. ``OUT/ablation.json`` and
+``OUT/ablation.md`` summarise: mean ± sd over seeds of the zero-shot mean AUC, each seed's
+95 % CI, per-finding AUCs, seconds per step and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from xlip.config import Config, ConfigError, from_dict, merge
+
+CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
+
+#: name: (overrides, description). ``xlip-no_prompts`` also drops the image-only sources.
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "clip": (CLIP, "contrastive only"),
+    "clip+random_mim": (["mim.policy=random", "mlm.policy=none", "loss.w_mlm=0"],
+                        "CL + MAE-style random masking"),
+    "clip+entmlm": (["mim.policy=none", "loss.w_mim=0", "mlm.policy=entity"],
+                    "CL + entity MLM"),
+    "xlip_random_mim": (["mim.policy=random", "mlm.policy=entity"],
+                        "CL + EntMLM + random masking"),
+    "xlip": (["mim.policy=attention", "mlm.policy=entity"],
+             "CL + EntMLM + AttMIM (the scorer trained by MLM)"),
+    "xlip_random_mlm": (["mim.policy=attention", "mlm.policy=random"],
+                        "CL + BERT-style random MLM + AttMIM"),
+    "xlip-no_prompts": (["mim.policy=attention", "mlm.policy=entity"],
+                        "XLIP without the image-only (label prompt) rows"),
+    "xlip_fast": (["mim.policy=attention", "mlm.policy=entity", "train.mode=fast"],
+                  "XLIP, FLIP-style step: one visible-patch pass with gradients"),
+}
+DEFAULT_VARIANTS = list(VARIANTS)
+SMALL_FINDINGS = ("Nodule", "Pneumothorax")
+
+
+@dataclass
+class AblationSpec:
+    """What to run. ``base``: the config as a plain dict (paths resolved); ``variants``:
+    name → overrides; ``equal``: steps | time; ``reference``: the variant whose step count
+    sets the time budget."""
+
+    base: dict[str, Any]
+    out: Path
+    variants: dict[str, list[str]]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    equal: str = "steps"
+    reference: str = "xlip"
+    budget_s: float = 0.0  # equal=time: seconds per run; 0: the reference's steps × s/step
+    steps: int = 0  # steps per run (equal=steps) or of the reference; 0: the config's
+    calibrate_steps: int = 30
+    evaluations: list[str] = field(default_factory=lambda: ["zeroshot"])
+
+
+def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Names from :data:`VARIANTS`, plus ``NAME=key=value,key=value`` definitions."""
+    custom = {}
+    for text in defined:
+        name, _, rest = text.partition("=")
+        if not name or not rest:
+            raise ConfigError(f"--define {text!r} must look like NAME=section.key=value,...")
+        custom[name] = [x.strip() for x in rest.split(",") if x.strip()]
+    out = {}
+    for name in names:
+        if name in custom:
+            out[name] = custom[name]
+        elif name in VARIANTS:
+            out[name] = list(VARIANTS[name][0])
+        else:
+            raise ConfigError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} "
+                              "(or define one with --define NAME=key=value,...)")
+    for name in custom:
+        out.setdefault(name, custom[name])
+    return out
+
+
+def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: int,
+                   out_dir: Path, steps: int | None = None) -> Config:
+    data = merge(base, overrides + [f"train.seed={seed}", f"train.out_dir={out_dir}"])
+    if name.endswith("no_prompts"):
+        data["data"]["sources"] = [s for s in data["data"]["sources"]
+                                   if s.get("kind", "paired") != "image_only"]
+    if steps is not None:
+        tr = data["train"]
+        tr["steps"] = steps
+        tr["ckpt_every"] = steps
+        tr["warmup_steps"] = min(tr.get("warmup_steps", 50), max(1, steps // 10))
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"variant {name}: {err}") from None
+
+
+def seconds_per_step(run: Path, skip_first: int = 1) -> float:
+    """Mean seconds per step between the first and the last log line of ``metrics.jsonl``
+    (the first interval holds start-up work and is left out)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    if len(rows) <= skip_first:
+        return rows[-1]["elapsed_s"] / rows[-1]["step"]
+    a, b = rows[skip_first - 1], rows[-1]
+    return (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+
+
+def run_ablation(spec: AblationSpec, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and evaluate every (variant, seed) not done yet; write the summary."""
+    from xlip.train.loop import pretrain
+
+    spec.out.mkdir(parents=True, exist_ok=True)
+    for name, overrides in spec.variants.items():  # every variant validates before any work
+        variant_config(spec.base, name, overrides, spec.seeds[0], spec.out / "check")
+    steps = step_budget(spec, log)
+    total = len(spec.variants) * len(spec.seeds)
+    k = 0
+    for name, overrides in spec.variants.items():
+        for seed in spec.seeds:
+            k += 1
+            run = spec.out / "runs" / name / f"seed{seed}"
+            if (run / "result.json").is_file():
+                log(f"[{k}/{total}] {name} seed {seed}: done already")
+                continue
+            cfg = variant_config(spec.base, name, overrides, seed, run, steps.get(name))
+            log(f"[{k}/{total}] {name} seed {seed}: {cfg.train.steps} steps → {run}")
+            if run.exists():
+                shutil.rmtree(run)
+            t0 = time.perf_counter()
+            pretrain(cfg, progress=progress)
+            wall = time.perf_counter() - t0
+            result = evaluate_run(run, spec.evaluations)
+            result.update(variant=name, seed=seed, steps=cfg.train.steps, wall_s=wall,
+                          s_per_step=seconds_per_step(run), overrides=overrides)
+            (run / "result.json").write_text(json.dumps(result, indent=2))
+            log(f"    zero-shot mean AUC {result['zeroshot']['mean_auc']:.3f} "
+                f"({wall / 60:.1f} min)")
+    summary = summarise(spec, steps)
+    (spec.out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (spec.out / "ablation.md").write_text(markdown(summary))
+    return summary
+
+
+def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int]:
+    """Steps per variant: the config's for equal steps; for equal time, the budget divided by
+    each variant's seconds per step, measured by short runs (cached in calibration.json)."""
+    base_steps = spec.steps or int(spec.base.get("train", {}).get("steps", 1000))
+    if spec.equal == "steps":
+        return {name: base_steps for name in spec.variants}
+    if spec.equal != "time":
+        raise ConfigError(f"--equal {spec.equal!r}: choose steps or time")
+    from xlip.train.loop import pretrain
+
+    path = spec.out / "calibration.json"
+    cal = json.loads(path.read_text()) if path.is_file() else {}
+    names = list(spec.variants)
+    if not spec.budget_s and spec.reference not in names:
+        names.append(spec.reference)
+    for name in names:
+        if name in cal:
+            continue
+        overrides = spec.variants.get(name) or variant_overrides([spec.reference])[name]
+        run = spec.out / "calibration" / name
+        shutil.rmtree(run, ignore_errors=True)
+        cfg = variant_config(spec.base, name, overrides, spec.seeds[0], run,
+                             spec.calibrate_steps)
+        cfg.train.log_every = max(1, spec.calibrate_steps // 3)
+        log(f"calibrating {name}: {spec.calibrate_steps} steps")
+        pretrain(cfg, progress=False)
+        cal[name] = seconds_per_step(run)
+        path.write_text(json.dumps(cal, indent=2))
+        shutil.rmtree(run, ignore_errors=True)
+    budget = spec.budget_s or base_steps * cal[spec.reference]
+    out = {name: max(1, int(budget / cal[name])) for name in spec.variants}
+    log("equal time: " + ", ".join(f"{n} {s} steps ({cal[n]:.3f} s/step)"
+                                   for n, s in out.items()) + f"; budget {budget:.0f} s")
+    return out
+
+
+def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
+    from xlip.api import XLIP
+    from xlip.eval.zeroshot import evaluate_zeroshot
+
+    model = XLIP.from_pretrained(run)
+    cfg = model.cfg
+    out: dict[str, Any] = {}
+    for name in evaluations:
+        if name != "zeroshot":
+            raise ConfigError(f"unknown evaluation {name!r}; available: zeroshot")
+        if not cfg.data.eval_manifest:
+            raise ConfigError("the ablation config has no data.eval_manifest to evaluate on")
+        res = evaluate_zeroshot(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
+                                cfg.data.eval_split, cfg.eval.findings)
+        out["zeroshot"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "per_finding",
+                                               "n_images", "split")}
+    return out
+
+
+def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
+    variants: dict[str, Any] = {}
+    for name, overrides in spec.variants.items():
+        results = []
+        for seed in spec.seeds:
+            path = spec.out / "runs" / name / f"seed{seed}" / "result.json"
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+        if not results:
+            continue
+        aucs = [r["zeroshot"]["mean_auc"] for r in results]
+        findings = list(results[0]["zeroshot"]["per_finding"])
+        variants[name] = {
+            "mean_auc": statistics.fmean(aucs),
+            "sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+            "seeds": [{"seed": r["seed"], "mean_auc": r["zeroshot"]["mean_auc"],
+                       "ci95": r["zeroshot"]["mean_auc_ci95"], "steps": r["steps"],
+                       "s_per_step": r["s_per_step"], "wall_s": r["wall_s"]} for r in results],
+            "per_finding": {f: statistics.fmean(r["zeroshot"]["per_finding"][f]
+                                                for r in results) for f in findings},
+            "s_per_step": statistics.fmean(r["s_per_step"] for r in results),
+            "wall_s": statistics.fmean(r["wall_s"] for r in results),
+            "steps": results[0]["steps"],
+            "overrides": overrides,
+            "description": VARIANTS.get(name, ([], "custom"))[1],
+        }
+    return {"variants": variants,
+            "config": spec.base,
+            "budget": {"equal": spec.equal, "steps": steps,
+                       "reference": spec.reference if spec.equal == "time" else None,
+                       "budget_s": spec.budget_s or None},
+            "seeds": spec.seeds,
+            "evaluations": spec.evaluations}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    v = summary["variants"]
+    budget = summary["budget"]
+    small = [f for f in SMALL_FINDINGS if v and f in next(iter(v.values()))["per_finding"]]
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
+             "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed the AUC and its "
+             "bootstrap 95 % CI.", "",
+             "| variant | steps | mean AUC | per seed (95 % CI) | " +
+             " | ".join(small) + (" | " if small else "") + "s/step | wall min |",
+             "|---|---|---|---|" + "---|" * len(small) + "---|---|"]
+    for name, r in v.items():
+        per_seed = "; ".join(f"{s['mean_auc']:.3f} ({_ci(s['ci95'])})" for s in r["seeds"])
+        smalls = "".join(f" {r['per_finding'][f]:.3f} |" for f in small)
+        lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** ± {r['sd']:.3f} | "
+                     f"{per_seed} |{smalls} {r['s_per_step']:.3f} | {r['wall_s'] / 60:.1f} |")
+    if v:
+        findings = list(next(iter(v.values()))["per_finding"])
+        lines += ["", "Per finding (mean over seeds):", "",
+                  "| variant | " + " | ".join(findings) + " |",
+                  "|---|" + "---|" * len(findings)]
+        for name, r in v.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r['per_finding'][f]:.3f}"
+                                                   for f in findings) + " |")
+        lines += ["", "Variants:", ""]
+        lines += [f"- `{name}`: {r['description']} (`{' '.join(r['overrides']) or '-'}`)"
+                  for name, r in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _ci(ci: Sequence[float]) -> str:
+    lo, hi = ci
+    return "–" if math.isnan(lo) else f"{lo:.3f}–{hi:.3f}"
