@@ -135,3 +135,14 @@ def test_visualize_writes_one_figure_per_image(corpus, tmp_path, capsys):
     assert main(["visualize", "--model", str(tmp_path / "run"), str(tmp_path / "nope.png"),
                  "--out", str(tmp_path / "viz")]) == 2
     assert "no such image file" in capsys.readouterr().err
+
+
+def test_lesion_patches_are_the_cells_the_circle_touches():
+    from xlip.eval.attmim import lesion_patches
+
+    # 128-px source, 64-px model, patch 8: grid 8. A 6-px lesion centred in cell (2, 3)
+    assert lesion_patches((2 * (3 * 8 + 4), 2 * (2 * 8 + 4)), 6, 128, 64, 8) == [2 * 8 + 3]
+    # centred on the corner of four cells: all four
+    assert lesion_patches((2 * 32, 2 * 32), 4, 128, 64, 8) == [27, 28, 35, 36]
+    # a large lesion covers a block
+    assert len(lesion_patches((64, 64), 40, 128, 64, 8)) >= 9

@@ -41,8 +41,13 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                         "XLIP without the image-only (label prompt) rows"),
     "xlip_fast": (["mim.policy=attention", "mlm.policy=entity", "train.mode=fast"],
                   "XLIP, FLIP-style step: one visible-patch pass with gradients"),
+    "xlip_fast_random": (["mim.policy=random", "mlm.policy=entity", "train.mode=fast"],
+                         "FLIP-style step with random masking: no full-image pass at all"),
 }
-DEFAULT_VARIANTS = list(VARIANTS)
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "xlip_fast_random"]
+#: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
+#: lesion patches that AttMIM masks (xlip.eval.attmim)
+EVALUATIONS = ("zeroshot", "attmim")
 SMALL_FINDINGS = ("Nodule", "Pneumothorax")
 
 
@@ -188,20 +193,26 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int
 
 def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     from xlip.api import XLIP
+    from xlip.eval.attmim import lesion_mask_share
     from xlip.eval.zeroshot import evaluate_zeroshot
 
     model = XLIP.from_pretrained(run)
     cfg = model.cfg
     out: dict[str, Any] = {}
+    if not cfg.data.eval_manifest:
+        raise ConfigError("the ablation config has no data.eval_manifest to evaluate on")
     for name in evaluations:
-        if name != "zeroshot":
-            raise ConfigError(f"unknown evaluation {name!r}; available: zeroshot")
-        if not cfg.data.eval_manifest:
-            raise ConfigError("the ablation config has no data.eval_manifest to evaluate on")
-        res = evaluate_zeroshot(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
-                                cfg.data.eval_split, cfg.eval.findings)
-        out["zeroshot"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "per_finding",
-                                               "n_images", "split")}
+        if name == "zeroshot":
+            res = evaluate_zeroshot(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
+                                    cfg.data.eval_split, cfg.eval.findings)
+            out["zeroshot"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "per_finding",
+                                                   "n_images", "split")}
+        elif name == "attmim":  # synthetic corpus only: where the masks fall
+            if cfg.mim.policy == "attention":
+                out["attmim"] = lesion_mask_share(model.model, model.tokenizer, cfg,
+                                                  cfg.data.eval_manifest, cfg.data.eval_split)
+        else:
+            raise ConfigError(f"unknown evaluation {name!r}; available: {', '.join(EVALUATIONS)}")
     return out
 
 
@@ -226,6 +237,9 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
             "per_finding": {f: statistics.fmean(r["zeroshot"]["per_finding"][f]
                                                 for r in results) for f in findings},
             "s_per_step": statistics.fmean(r["s_per_step"] for r in results),
+            "lesion_mask_share": (statistics.fmean(r["attmim"]["masked_share"]
+                                                   for r in results)
+                                  if all("attmim" in r for r in results) else None),
             "wall_s": statistics.fmean(r["wall_s"] for r in results),
             "steps": results[0]["steps"],
             "overrides": overrides,
@@ -245,15 +259,22 @@ def markdown(summary: dict[str, Any]) -> str:
     budget = summary["budget"]
     small = [f for f in SMALL_FINDINGS if v and f in next(iter(v.values()))["per_finding"]]
     seeds = ", ".join(map(str, summary["seeds"]))
+    lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed the AUC and its "
-             "bootstrap 95 % CI.", "",
+             "bootstrap 95 % CI." + (" Lesion masked: the share of nodule/mass patches that "
+                                     "AttMIM masks (random masking: the mask ratio)."
+                                     if lesions else ""), "",
              "| variant | steps | mean AUC | per seed (95 % CI) | " +
-             " | ".join(small) + (" | " if small else "") + "s/step | wall min |",
-             "|---|---|---|---|" + "---|" * len(small) + "---|---|"]
+             " | ".join(small) + (" | " if small else "") +
+             ("lesion masked | " if lesions else "") + "s/step | wall min |",
+             "|---|---|---|---|" + "---|" * (len(small) + lesions) + "---|---|"]
     for name, r in v.items():
         per_seed = "; ".join(f"{s['mean_auc']:.3f} ({_ci(s['ci95'])})" for s in r["seeds"])
         smalls = "".join(f" {r['per_finding'][f]:.3f} |" for f in small)
+        if lesions:
+            share = r.get("lesion_mask_share")
+            smalls += f" {share:.2f} |" if share is not None else " – |"
         lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** ± {r['sd']:.3f} | "
                      f"{per_seed} |{smalls} {r['s_per_step']:.3f} | {r['wall_s'] / 60:.1f} |")
     if v:

@@ -154,7 +154,8 @@ def _ablate(args: argparse.Namespace) -> int:
     spec = AblationSpec(base=base, out=out, variants=variant_overrides(names, args.define),
                         seeds=[int(x) for x in args.seeds.split(",")], equal=args.equal,
                         reference=args.reference, budget_s=args.budget_s,
-                        steps=args.steps or 0)
+                        steps=args.steps or 0,
+                        evaluations=["zeroshot", "attmim"] if args.demo else ["zeroshot"])
     if args.demo:
         prepare_demo_data(out)
     summary = run_ablation(spec, progress=not args.quiet)
