@@ -283,3 +283,20 @@ def test_fast_mode_with_hybrid_stem_tracks_whole_image_batchnorm_stats():
     with torch.no_grad():  # the first BatchNorm's input on the whole (unblanked) images
         whole = model.vision.patch_embed.stem[0](batch["images"]).mean(dim=(0, 2, 3))
     assert torch.allclose(bn.running_mean, 0.9 * before + 0.1 * whole, atol=1e-5)
+
+
+def test_one_bert_call_gives_what_two_calls_give(cfg):
+    """The clean texts of image rows and the masked MLM texts share one BERT call; each row's
+    states must equal those of its own call (text-only rows get no clean pass)."""
+    cfg = tiny_config(text={"dropout": 0.0}, mlm={"text_only": True})
+    model = XLIPModel(cfg, VOCAB).eval()
+    batch = random_batch(cfg, B=4)
+    batch["has_image"] = torch.tensor([True, False, True, True])
+    img_rows = batch["has_image"].nonzero().squeeze(1)
+    txt, mtxt = model._encode_texts(batch, img_rows)
+    clean = model.text(batch["input_ids"][img_rows], batch["attention_mask"][img_rows])
+    masked = model.text(batch["mlm_input_ids"], batch["mlm_attention_mask"])["tokens"]
+    assert txt["tokens"].shape[0] == 3 and mtxt.shape[0] == 4
+    assert torch.allclose(txt["tokens"], clean["tokens"], atol=1e-5)
+    assert torch.allclose(txt["pooled"], clean["pooled"], atol=1e-5)
+    assert torch.allclose(mtxt, masked, atol=1e-5)

@@ -85,10 +85,7 @@ class XLIPModel(nn.Module):
         has_image = batch["has_image"]  # (B,) bool
         img_rows = has_image.nonzero().squeeze(1)  # (Bi,)
         images = batch["images"]  # (Bi, C, H, W), aligned with img_rows
-        # the clean text serves CL and MIM, both of rows with an image: text-only rows only
-        # take the masked (MLM) pass
-        txt = self.text(batch["input_ids"][img_rows],
-                        batch["attention_mask"][img_rows]) if len(img_rows) else None
+        txt, mtxt = self._encode_texts(batch, img_rows)
         enc = self._encode_images(batch, txt, img_rows, out, generator) if len(img_rows) else None
 
         if enc is not None:
@@ -100,9 +97,8 @@ class XLIPModel(nn.Module):
             if cfg.loss.cl_targets == "labels":
                 out["cl_labels"] = batch["labels"][img_rows]
 
-        if self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel():
+        if mtxt is not None:
             rows = batch["mlm_rows"]  # (Bm,) rows of the batch that take part in MLM
-            mtxt = self.text(batch["mlm_input_ids"], batch["mlm_attention_mask"])["tokens"]
             ctx, gate = self._image_context(enc, has_image, rows, mtxt)
             states = self.mm_decoder(mtxt, batch["mlm_attention_mask"].bool(), ctx, gate)
             labels = batch["mlm_labels"]  # (Bm, L)
@@ -112,6 +108,27 @@ class XLIPModel(nn.Module):
             out["mlm_rows"] = rows[:, None].expand_as(labels)[sel]
             out["mlm_batch"] = has_image.shape[0]
         return out
+
+    def _encode_texts(self, batch: dict[str, Tensor],
+                      img_rows: Tensor) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+        """BERT over the clean texts of the rows with an image (CL, AttMIM; text-only rows need
+        none) and the masked texts of the MLM rows, in one call: one batch of Bi + Bm rows
+        costs less than two. Returns (``pooled`` (Bi, H) / ``tokens`` (Bi, L, H), masked
+        token states (Bm, L, H)), None where there are no such rows."""
+        ids, masks = [], []
+        if len(img_rows):
+            ids.append(batch["input_ids"][img_rows])
+            masks.append(batch["attention_mask"][img_rows])
+        mlm = self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
+        if mlm:
+            ids.append(batch["mlm_input_ids"])
+            masks.append(batch["mlm_attention_mask"])
+        if not ids:
+            return None, None
+        out = self.text(torch.cat(ids), torch.cat(masks))
+        n = len(img_rows)
+        txt = {"pooled": out["pooled"][:n], "tokens": out["tokens"][:n]} if n else None
+        return txt, (out["tokens"][n:] if mlm else None)
 
     def _encode_images(self, batch: dict[str, Tensor], txt: dict[str, Tensor], img_rows: Tensor,
                        out: dict[str, Tensor],
