@@ -292,3 +292,28 @@ def test_reports_without_the_trained_sections_are_found_before_training(corpus, 
     with pytest.warns(UserWarning, match="left out"):
         ds = MixedDataset(cfg)
     assert all("INDICATION" not in r.text for r in ds.records[0])
+
+
+def test_mlm_can_read_other_sections_than_cl(corpus):
+    """mlm.text_policy=findings_impression with data.text_policy=impression: CL and AttMIM
+    read the impression, EntMLM masks words of the whole report."""
+    manifest, tokdir = corpus
+    tok = load_tokenizer(tokdir)
+    cfg = data_cfg(manifest, tokdir)
+    cfg.data.text_policy = "impression"
+    cfg.mlm.text_policy = "findings_impression"
+    samples, batch = collate_batch(cfg, tok)
+    rows = batch["mlm_rows"].tolist()
+    assert rows == [i for i, s in enumerate(samples) if s.kind == "paired"]
+    assert batch["mlm_input_ids"].shape[1] == batch["input_ids"].shape[1]
+    for j, r in enumerate(rows):
+        s = samples[r]
+        assert s.text and s.text in s.mlm_text  # the impression, inside the whole report
+        clean = tok.decode(batch["input_ids"][r], skip_special_tokens=True)
+        labels = batch["mlm_labels"][j]
+        original = batch["mlm_input_ids"][j].clone()
+        original[labels != -100] = labels[labels != -100]
+        full = tok.decode(original, skip_special_tokens=True)
+        assert clean == tok.decode(tok(s.text)["input_ids"], skip_special_tokens=True)
+        assert full == tok.decode(tok(s.mlm_text)["input_ids"], skip_special_tokens=True)
+        assert len(full) > len(clean)  # the findings section comes along

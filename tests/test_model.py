@@ -300,3 +300,22 @@ def test_one_bert_call_gives_what_two_calls_give(cfg):
     assert torch.allclose(txt["tokens"], clean["tokens"], atol=1e-5)
     assert torch.allclose(txt["pooled"], clean["pooled"], atol=1e-5)
     assert torch.allclose(mtxt, masked, atol=1e-5)
+
+
+def test_hybrid_masked_pass_normalises_with_running_stats():
+    """In training, the masked (visible-only) pass of the hybrid stem uses the running
+    BatchNorm statistics of whole images: a visible patch's tokens do not depend on the other
+    images of the batch, as they would with the blanked batch's own statistics."""
+    cfg = tiny_config(vision={"stem": "hybrid"}).vision
+    torch.manual_seed(0)
+    vit = VisionTransformer(cfg).train()
+    x = torch.randn(3, 1, 32, 32)
+    vit(x)  # one full pass: running statistics of whole images
+    keep = torch.tensor([[0, 5, 10, 15]] * 3)
+    a = vit(x, keep)["tokens"][0]
+    y = x.clone()
+    y[1:] = y[1:] * 4 + 2  # other images of the batch change
+    b = vit(y, keep)["tokens"][0]
+    assert torch.allclose(a, b, atol=1e-5)
+    vit.eval()
+    assert torch.allclose(a, vit(x, keep)["tokens"][0], atol=1e-5)

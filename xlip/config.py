@@ -113,6 +113,10 @@ class MLMConfig:
     min_ratio: float = 0.15  # floor, topped up with random words
     prompts: bool = False  # disease-kind prompts take part in MLM
     text_only: bool = False  # reports without images train MLM (image cross-attention skipped)
+    # report sections EntMLM masks; empty: data.text_policy (what CL reads). The findings
+    # section names absent findings too ("No pneumothorax."): masked, only the image tells
+    # which they are
+    text_policy: str = ""
 
 
 @dataclass
@@ -245,6 +249,8 @@ def validate(cfg: Config) -> None:
     from xlip.text.sections import TEXT_POLICIES
 
     _choice("data.text_policy", cfg.data.text_policy, TEXT_POLICIES)
+    if cfg.mlm.text_policy:
+        _choice("mlm.text_policy", cfg.mlm.text_policy, TEXT_POLICIES)
     if v.image_size % v.patch_size:
         raise ConfigError(f"vision.image_size={v.image_size} is not a multiple of "
                           f"vision.patch_size={v.patch_size}")

@@ -38,6 +38,7 @@ class Sample:
     labels: tuple[str, ...]
     image: Tensor | None  # (C, H, W)
     seed: int  # per-draw seed for prompt/masking randomness
+    mlm_text: str = ""  # the sections EntMLM masks when mlm.text_policy differs ("": text)
 
 
 def source_records(src: SourceConfig, cfg: Config, manifests: dict[str, list[Record]],
@@ -129,7 +130,10 @@ class MixedDataset(Dataset):
         if rec.kind != "image_only" and not text.strip():
             raise ManifestError(f"{rec.source} row {rec.row}: report is empty after section "
                                 f"selection (data.text_policy={self.cfg.data.text_policy})")
-        return Sample(s, self.sources[s].kind, text, other.labels, image, seed)
+        mlm_text = ""
+        if other.text and self.cfg.mlm.text_policy not in ("", self.cfg.data.text_policy):
+            mlm_text = select_text(other.text, self.cfg.mlm.text_policy)
+        return Sample(s, self.sources[s].kind, text, other.labels, image, seed, mlm_text)
 
 
 class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -255,60 +259,66 @@ class Collator:
         cfg = self.cfg
         rngs = [random.Random(s.seed ^ 0x5EED) for s in samples]
         texts, prompt = zip(*(self.text_for(s, r) for s, r in zip(samples, rngs)))
-        enc = self.tok(list(texts), padding="longest", truncation=True,
+        in_mlm = [cfg.mlm.policy != "none" and
+                  (s.kind == "paired" or (s.kind == "text_only" and cfg.mlm.text_only) or
+                   (p and cfg.mlm.prompts)) for s, p in zip(samples, prompt)]
+        mlm_rows = [b for b, m in enumerate(in_mlm) if m]
+        separate = any(samples[b].mlm_text for b in mlm_rows)  # mlm.text_policy differs
+        mlm_texts = [samples[b].mlm_text or texts[b] for b in mlm_rows] if separate else []
+        # one tokenizer call: the clean and the MLM texts share one padded length
+        enc = self.tok(list(texts) + mlm_texts, padding="longest", truncation=True,
                        max_length=cfg.text.max_length, return_offsets_mapping=True,
                        return_tensors="pt")
-        B, L = enc["input_ids"].shape
+        B, L = len(samples), enc["input_ids"].shape[1]
         guide = torch.zeros(B, L, dtype=torch.bool)
         fallback = torch.zeros(B, dtype=torch.bool)
-        mlm_rows, mlm_ids, mlm_labels = [], [], []
-        for b, (s, text, is_prompt) in enumerate(zip(samples, texts, prompt)):
-            ids = enc["input_ids"][b].tolist()
-            offsets = enc["offset_mapping"][b].tolist()
-            word_ids = enc.word_ids(b)
-            entities = extract_entities(text)
-            guide_tok = tokens_in(word_ids, offsets, [(e.start, e.end)
-                                                      for e in guide_entities(text, entities)])
+        entities = [extract_entities(t) for t in texts]
+        for b, text in enumerate(texts):
+            word_ids, offsets = enc.word_ids(b), enc["offset_mapping"][b].tolist()
+            spans = [(e.start, e.end) for e in guide_entities(text, entities[b])]
+            guide_tok = tokens_in(word_ids, offsets, spans)
             if not any(guide_tok):  # nothing present: every content token guides
                 guide_tok = [w is not None for w in word_ids]
                 fallback[b] = True
             guide[b] = torch.tensor(guide_tok)
-            in_mlm = (cfg.mlm.policy != "none" and
-                      (s.kind == "paired" or (s.kind == "text_only" and cfg.mlm.text_only) or
-                       (is_prompt and cfg.mlm.prompts)))
-            if in_mlm:
-                spans = [(e.start, e.end) for e in entities]
-                words = word_spans(word_ids, offsets, text)
-                ent_words = [w for w, (a, z) in words.items()
-                             if any(x < z and a < y for x, y in spans)]
-                chosen = select_mlm_words(sorted(words), ent_words, cfg.mlm.policy,
-                                          cfg.mlm.max_ratio, cfg.mlm.min_ratio, rngs[b])
-                masked, labels = mask_tokens(ids, word_ids, chosen, self.tok.mask_token_id,
-                                             self.vocab, self.special, rngs[b])
-                mlm_rows.append(b)
-                mlm_ids.append(masked)
-                mlm_labels.append(labels)
+        mlm_ids, mlm_labels, mlm_mask = [], [], []
+        for j, b in enumerate(mlm_rows):
+            k = B + j if separate else b  # the row of the MLM text in ``enc``
+            text = mlm_texts[j] if separate else texts[b]
+            ents = extract_entities(text) if separate else entities[b]
+            word_ids, offsets = enc.word_ids(k), enc["offset_mapping"][k].tolist()
+            words = word_spans(word_ids, offsets, text)
+            ent_words = [w for w, (a, z) in words.items()
+                         if any(x < z and a < y for x, y in ((e.start, e.end) for e in ents))]
+            chosen = select_mlm_words(sorted(words), ent_words, cfg.mlm.policy,
+                                      cfg.mlm.max_ratio, cfg.mlm.min_ratio, rngs[b])
+            masked, labels = mask_tokens(enc["input_ids"][k].tolist(), word_ids, chosen,
+                                         self.tok.mask_token_id, self.vocab, self.special,
+                                         rngs[b])
+            mlm_ids.append(masked)
+            mlm_labels.append(labels)
+            mlm_mask.append(enc["attention_mask"][k])
         has_image = torch.tensor([s.image is not None for s in samples])
         images = [s.image for s in samples if s.image is not None]
         keys = [label_key(s.labels) if p else hash_int("text:" + t)
                 for s, t, p in zip(samples, texts, prompt)]
-        batch = {
+        attention = enc["attention_mask"][:B]
+        return {
             "images": torch.stack(images) if images else torch.zeros(0, 1, 1, 1),
             "has_image": has_image,
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
+            "input_ids": enc["input_ids"][:B],
+            "attention_mask": attention,
             "text_key": torch.tensor(keys, dtype=torch.long),
             "labels": torch.tensor([label_vector(s.labels) for s in samples]),
-            "guide_mask": guide & enc["attention_mask"].bool(),
+            "guide_mask": guide & attention.bool(),
             "guide_fallback": fallback,
             "source": torch.tensor([s.source for s in samples]),
             "mlm_rows": torch.tensor(mlm_rows, dtype=torch.long),
             "mlm_input_ids": torch.tensor(mlm_ids, dtype=torch.long).reshape(-1, L),
-            "mlm_attention_mask": enc["attention_mask"][mlm_rows] if mlm_rows else
+            "mlm_attention_mask": torch.stack(mlm_mask) if mlm_mask else
             torch.zeros(0, L, dtype=torch.long),
             "mlm_labels": torch.tensor(mlm_labels, dtype=torch.long).reshape(-1, L),
         }
-        return batch
 
 
 def tokens_in(word_ids: list[int | None], offsets: list[list[int]],

@@ -13,7 +13,8 @@ Patch embeddings (``vision.stem``):
   scratch it learns much faster than the per-patch stems (figures in the README, "Config").
 
 A masked patch never leaks into a visible one: ``linear`` and ``conv`` cut the patches out
-before embedding; ``hybrid`` blanks the masked patches' pixels before the stem sees the image.
+before embedding; ``hybrid`` blanks the masked patches' pixels before the stem sees the image,
+and normalises them with the BatchNorm running statistics of whole images.
 """
 
 from __future__ import annotations
@@ -108,18 +109,22 @@ class HybridStem(nn.Module):
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module):
-    """BatchNorm layers normalise with the batch's statistics but leave their running
-    statistics alone (momentum 0): the masked-image pass must not skew what eval uses."""
+def running_bn_stats(module: nn.Module):
+    """BatchNorm layers normalise with their running statistics (those of whole images) and
+    leave them unchanged: the masked-image pass then embeds a visible patch as the full pass
+    does, and neither its blanked pixels nor the other images of the batch shift what
+    evaluation uses. (Normalising with the blanked batch's own statistics gave the visible
+    pass features of another distribution: 0.855 vs 0.863 zero-shot mean AUC, seeds 0 and 1 of
+    the demo ablation.)"""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
+    modes = [m.training for m in bns]
     for m in bns:
-        m.momentum = 0.0
+        m.eval()
     try:
         yield
     finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
+        for m, mode in zip(bns, modes):
+            m.train(mode)
 
 
 def blank_patches(images: Tensor, keep_ids: Tensor, p: int) -> Tensor:
@@ -174,7 +179,7 @@ class VisionTransformer(nn.Module):
         if isinstance(self.patch_embed, HybridStem):
             if keep_ids is None:
                 return self.patch_embed(images)
-            with frozen_bn_stats(self.patch_embed):
+            with running_bn_stats(self.patch_embed):
                 x = self.patch_embed(blank_patches(images, keep_ids, self.patch_size))
             return torch.gather(x, 1, keep_ids[:, :, None].expand(-1, -1, x.shape[-1]))
         patches = patchify(images, self.patch_size)  # (B, N, C, p, p)
