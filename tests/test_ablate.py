@@ -146,3 +146,17 @@ def test_lesion_patches_are_the_cells_the_circle_touches():
     assert lesion_patches((2 * 32, 2 * 32), 4, 128, 64, 8) == [27, 28, 35, 36]
     # a large lesion covers a block
     assert len(lesion_patches((64, 64), 40, 128, 64, 8)) >= 9
+
+
+def test_variant_sources_follow_the_switches(tmp_path):
+    base = load_config(None, [
+        "data.sources=[{manifest: m.csv, kind: paired}, {manifest: m.csv, kind: image_only},"
+        " {manifest: m.csv, kind: text_only}]", "mlm.text_only=true"]).to_dict()
+    kinds = {}
+    for name, overrides in ablate.variant_overrides(["clip", "xlip", "xlip-no_prompts",
+                                                     "clip+random_mim"]).items():
+        cfg = ablate.variant_config(base, name, overrides, 0, tmp_path)
+        kinds[name] = [s.kind for s in cfg.data.sources]
+    assert kinds == {"clip": ["paired", "image_only"], "clip+random_mim": ["paired", "image_only"],
+                     "xlip": ["paired", "image_only", "text_only"],
+                     "xlip-no_prompts": ["paired", "text_only"]}

@@ -24,7 +24,8 @@ from xlip.config import Config, ConfigError, from_dict, merge
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 
-#: name: (overrides, description). ``xlip-no_prompts`` also drops the image-only sources.
+#: name: (overrides, description). ``xlip-no_prompts`` also drops the image-only sources, and
+#: variants without MLM drop text-only sources (they train nothing else).
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "clip": (CLIP, "contrastive only"),
     "clip+random_mim": (["mim.policy=random", "mlm.policy=none", "loss.w_mlm=0"],
@@ -94,9 +95,12 @@ def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict
 def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: int,
                    out_dir: Path, steps: int | None = None) -> Config:
     data = merge(base, overrides + [f"train.seed={seed}", f"train.out_dir={out_dir}"])
-    if name.endswith("no_prompts"):
-        data["data"]["sources"] = [s for s in data["data"]["sources"]
-                                   if s.get("kind", "paired") != "image_only"]
+    drop = {"image_only"} if name.endswith("no_prompts") else set()
+    if data.get("mlm", {}).get("policy") == "none":  # text-only reports only train EntMLM
+        drop.add("text_only")
+        data["mlm"]["text_only"] = False
+    data["data"]["sources"] = [s for s in data["data"]["sources"]
+                               if s.get("kind", "paired") not in drop]
     if steps is not None:
         tr = data["train"]
         tr["steps"] = steps
