@@ -86,7 +86,7 @@ def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
 
 REDUCE_WORKER = """
 import json, sys, torch
-from xlip.train.distributed import init_distributed
+from xlip.train.distributed import init_distributed, shutdown_distributed
 from xlip.train.loop import MetricLog
 info = init_distributed()
 log = MetricLog(["paired", "text_only"], ["cl", "mlm"])
@@ -100,6 +100,7 @@ import time
 log.t0 = time.perf_counter() - 1.0  # one second since the last flush
 row = log.flush(info.device)
 json.dump(row, open(sys.argv[1] + f".{info.rank}", "w"))
+shutdown_distributed()
 """
 
 

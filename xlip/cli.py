@@ -15,10 +15,12 @@ OVERRIDES_HELP = "dotted config overrides, e.g. train.steps=100 mim.policy=rando
 
 def _pretrain(args: argparse.Namespace) -> int:
     from xlip.config import load_config
+    from xlip.train.distributed import shutdown_distributed
     from xlip.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
     out = pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    shutdown_distributed()
     print(f"model written to {out}")
     return 0
 

@@ -54,3 +54,14 @@ def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float], keys: Se
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group: all ranks meet, then it is destroyed.
+
+    Without this, a rank that exits while gloo's threads still talk to a slower rank can abort
+    at interpreter exit ("terminate called without an active exception").
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
