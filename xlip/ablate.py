@@ -189,7 +189,7 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int
         path.write_text(json.dumps(cal, indent=2))
         shutil.rmtree(run, ignore_errors=True)
     budget = spec.budget_s or base_steps * cal[spec.reference]
-    out = {name: max(1, int(budget / cal[name])) for name in spec.variants}
+    out = {name: max(1, round(budget / cal[name])) for name in spec.variants}
     log("equal time: " + ", ".join(f"{n} {s} steps ({cal[n]:.3f} s/step)"
                                    for n, s in out.items()) + f"; budget {budget:.0f} s")
     return out
