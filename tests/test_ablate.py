@@ -58,8 +58,15 @@ def test_ablation_runs_variants_and_seeds_then_resumes(corpus, tmp_path, monkeyp
     assert "mim_loss" in m and "cl_loss/image_only" not in m
     run_cfg = (out / "runs" / "lr" / "seed1" / "config.yaml").read_text()
     assert "lr: 0.001" in run_cfg and "seed: 1" in run_cfg
+    # the paired difference to clip, seed by seed
+    clip = {s["seed"]: s["mean_auc"] for s in summary["variants"]["clip"]["seeds"]}
+    xl = summary["variants"]["xlip"]
+    diffs = [s["mean_auc"] - clip[s["seed"]] for s in xl["seeds"]]
+    assert xl["vs_clip"]["mean"] == pytest.approx(np.mean(diffs))
+    assert xl["vs_clip"]["ahead"] == sum(d > 0 for d in diffs) and xl["vs_clip"]["seeds"] == 2
     md = (out / "ablation.md").read_text()
-    assert "| clip | 3 |" in md and "Nodule" in md
+    assert "| clip | 3 |" in md and "Nodule" in md and "Δ clip" in md
+    assert f"{xl['vs_clip']['mean']:+.3f} ({xl['vs_clip']['ahead']}/2)" in md
     # a second call trains nothing: every (variant, seed) has its result
     monkeypatch.setattr("xlip.train.loop.pretrain",
                         lambda *a, **k: pytest.fail("a finished run was trained again"))

@@ -50,6 +50,7 @@ DEFAULT_VARIANTS = [v for v in VARIANTS if v != "xlip_fast_random"]
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
 EVALUATIONS = ("zeroshot", "attmim")
 SMALL_FINDINGS = ("Nodule", "Pneumothorax")
+BASELINE = "clip"
 
 
 @dataclass
@@ -249,6 +250,12 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
             "overrides": overrides,
             "description": VARIANTS.get(name, ([], "custom"))[1],
         }
+    if BASELINE in variants:  # paired by seed: seed-to-seed noise cancels in part
+        base = {s["seed"]: s["mean_auc"] for s in variants[BASELINE]["seeds"]}
+        for v in variants.values():
+            diffs = [s["mean_auc"] - base[s["seed"]] for s in v["seeds"] if s["seed"] in base]
+            v["vs_clip"] = {"mean": statistics.fmean(diffs) if diffs else None,
+                            "ahead": sum(d > 0 for d in diffs), "seeds": len(diffs)}
     return {"variants": variants,
             "config": spec.base,
             "budget": {"equal": spec.equal, "steps": steps,
@@ -264,23 +271,33 @@ def markdown(summary: dict[str, Any]) -> str:
     small = [f for f in SMALL_FINDINGS if v and f in next(iter(v.values()))["per_finding"]]
     seeds = ", ".join(map(str, summary["seeds"]))
     lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
+    paired = any("vs_clip" in r for r in v.values())
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed the AUC and its "
              "bootstrap 95 % CI." + (" Lesion masked: the share of nodule/mass patches that "
                                      "AttMIM masks (random masking: the mask ratio)."
-                                     if lesions else ""), "",
-             "| variant | steps | mean AUC | per seed (95 % CI) | " +
+                                     if lesions else "") +
+             (" Δ clip: the mean over seeds of (variant − clip) on the same seed, and on how "
+              "many seeds the variant is ahead." if paired else ""), "",
+             "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
+             "per seed (95 % CI) | " +
              " | ".join(small) + (" | " if small else "") +
              ("lesion masked | " if lesions else "") + "s/step | wall min |",
-             "|---|---|---|---|" + "---|" * (len(small) + lesions) + "---|---|"]
+             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired) + "---|---|"]
     for name, r in v.items():
         per_seed = "; ".join(f"{s['mean_auc']:.3f} ({_ci(s['ci95'])})" for s in r["seeds"])
         smalls = "".join(f" {r['per_finding'][f]:.3f} |" for f in small)
         if lesions:
             share = r.get("lesion_mask_share")
             smalls += f" {share:.2f} |" if share is not None else " – |"
-        lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** ± {r['sd']:.3f} | "
-                     f"{per_seed} |{smalls} {r['s_per_step']:.3f} | {r['wall_s'] / 60:.1f} |")
+        delta = ""
+        if paired:
+            d = r.get("vs_clip")
+            delta = (f" {d['mean']:+.3f} ({d['ahead']}/{d['seeds']}) |"
+                     if d and d["mean"] is not None and name != BASELINE else " – |")
+        lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** ± {r['sd']:.3f} |"
+                     f"{delta} {per_seed} |{smalls} {r['s_per_step']:.3f} | "
+                     f"{r['wall_s'] / 60:.1f} |")
     if v:
         findings = list(next(iter(v.values()))["per_finding"])
         lines += ["", "Per finding (mean over seeds):", "",
