@@ -247,3 +247,15 @@ def test_guide_entities_present_findings_and_their_words():
         "Left lower lobe", "consolidation"]
     assert words("The lungs are clear. No acute cardiopulmonary abnormality.") == []
     assert words("ET tube in place. No pneumothorax.") == ["ET tube"]
+
+
+def test_guide_entities_reads_the_entities_it_is_given():
+    """The collator passes the entities it has already extracted: they are used, not
+    extracted a second time (which also doubled the NER's cost in every batch)."""
+    from xlip.text.ner import extract_entities, guide_entities
+
+    text = "No pleural effusion. Large right pneumothorax."
+    ents = extract_entities(text)
+    assert guide_entities(text, ents) == guide_entities(text)
+    only_first_sentence = [e for e in ents if e.start < text.index(".")]
+    assert guide_entities(text, only_first_sentence) == []  # "No pleural effusion." guides nothing

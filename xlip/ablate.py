@@ -11,6 +11,7 @@ budget). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/`` and is sk
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -102,15 +103,26 @@ def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: 
         data["mlm"]["text_only"] = False
     data["data"]["sources"] = [s for s in data["data"]["sources"]
                                if s.get("kind", "paired") not in drop]
+    if not data["data"]["sources"]:
+        raise ConfigError(f"variant {name}: leaves no data.sources (it drops the "
+                          f"{' and '.join(sorted(drop))} rows); leave it out of --variants")
     if steps is not None:
         tr = data["train"]
+        if steps < tr.get("steps", steps):  # e.g. a 30-step calibration run
+            tr["warmup_steps"] = min(tr.get("warmup_steps", 50), max(1, steps // 10))
         tr["steps"] = steps
         tr["ckpt_every"] = steps
-        tr["warmup_steps"] = min(tr.get("warmup_steps", 50), max(1, steps // 10))
     try:
         return from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"variant {name}: {err}") from None
+
+
+def config_digest(cfg: Config) -> str:
+    """A run's identity for resuming: its whole config, the output folder left out."""
+    data = cfg.to_dict()
+    data["train"].pop("out_dir", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def seconds_per_step(run: Path, skip_first: int = 1) -> float:
@@ -126,8 +138,14 @@ def seconds_per_step(run: Path, skip_first: int = 1) -> float:
 def run_ablation(spec: AblationSpec, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate every (variant, seed) not done yet; write the summary."""
-    from xlip.train.loop import pretrain
+    from xlip.train.loop import NonFiniteLossError, pretrain
 
+    for name in spec.evaluations:
+        if name not in EVALUATIONS:
+            raise ConfigError(f"unknown evaluation {name!r}; available: {', '.join(EVALUATIONS)}")
+    if not spec.base.get("data", {}).get("eval_manifest"):
+        raise ConfigError("the ablation config has no data.eval_manifest to evaluate on: set it "
+                          "in the config or pass data.eval_manifest=FILE")
     spec.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in spec.variants.items():  # every variant validates before any work
         variant_config(spec.base, name, overrides, spec.seeds[0], spec.out / "check")
@@ -138,22 +156,36 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
         for seed in spec.seeds:
             k += 1
             run = spec.out / "runs" / name / f"seed{seed}"
+            cfg = variant_config(spec.base, name, overrides, seed, run, steps.get(name))
+            digest = config_digest(cfg)
             if (run / "result.json").is_file():
+                done = json.loads((run / "result.json").read_text())
+                if done.get("config_digest", digest) != digest:  # results before digests: kept
+                    raise ConfigError(
+                        f"{run}: finished under another config than this ablation's (changed "
+                        f"overrides, steps or base config); use a new --out or delete the run")
                 log(f"[{k}/{total}] {name} seed {seed}: done already")
                 continue
-            cfg = variant_config(spec.base, name, overrides, seed, run, steps.get(name))
             log(f"[{k}/{total}] {name} seed {seed}: {cfg.train.steps} steps → {run}")
             if run.exists():
                 shutil.rmtree(run)
             t0 = time.perf_counter()
-            pretrain(cfg, progress=progress)
+            result: dict[str, Any] = {}
+            try:
+                pretrain(cfg, progress=progress)
+            except NonFiniteLossError as err:  # one diverged run does not stop the others
+                result["failed"] = str(err)
+                log(f"    failed: {err}")
             wall = time.perf_counter() - t0
-            result = evaluate_run(run, spec.evaluations)
+            if "failed" not in result:
+                result.update(evaluate_run(run, spec.evaluations),
+                              s_per_step=seconds_per_step(run))
+                log(f"    zero-shot mean AUC {result['zeroshot']['mean_auc']:.3f} "
+                    f"({wall / 60:.1f} min)")
             result.update(variant=name, seed=seed, steps=cfg.train.steps, wall_s=wall,
-                          s_per_step=seconds_per_step(run), overrides=overrides)
+                          overrides=overrides, config_digest=digest)
+            run.mkdir(parents=True, exist_ok=True)
             (run / "result.json").write_text(json.dumps(result, indent=2))
-            log(f"    zero-shot mean AUC {result['zeroshot']['mean_auc']:.3f} "
-                f"({wall / 60:.1f} min)")
     summary = summarise(spec, steps)
     (spec.out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (spec.out / "ablation.md").write_text(markdown(summary))
@@ -223,12 +255,17 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
 
 def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
     variants: dict[str, Any] = {}
+    failed: list[dict[str, Any]] = []
     for name, overrides in spec.variants.items():
         results = []
         for seed in spec.seeds:
             path = spec.out / "runs" / name / f"seed{seed}" / "result.json"
             if path.is_file():
-                results.append(json.loads(path.read_text()))
+                r = json.loads(path.read_text())
+                if "failed" in r:
+                    failed.append({"variant": name, "seed": seed, "error": r["failed"]})
+                else:
+                    results.append(r)
         if not results:
             continue
         aucs = [r["zeroshot"]["mean_auc"] for r in results]
@@ -257,6 +294,7 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
             v["vs_clip"] = {"mean": statistics.fmean(diffs) if diffs else None,
                             "ahead": sum(d > 0 for d in diffs), "seeds": len(diffs)}
     return {"variants": variants,
+            "failed": failed,
             "config": spec.base,
             "budget": {"equal": spec.equal, "steps": steps,
                        "reference": spec.reference if spec.equal == "time" else None,
@@ -275,7 +313,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed the AUC and its "
              "bootstrap 95 % CI." + (" Lesion masked: the share of nodule/mass patches that "
-                                     "AttMIM masks (random masking: the mask ratio)."
+                                     "AttMIM masks (random masking would mask the mask ratio; "
+                                     "variants without AttMIM show –)."
                                      if lesions else "") +
              (" Δ clip: the mean over seeds of (variant − clip) on the same seed, and on how "
               "many seeds the variant is ahead." if paired else ""), "",
@@ -306,6 +345,9 @@ def markdown(summary: dict[str, Any]) -> str:
         for name, r in v.items():
             lines.append(f"| {name} | " + " | ".join(f"{r['per_finding'][f]:.3f}"
                                                    for f in findings) + " |")
+    for f in summary.get("failed", []):
+        lines += ["", f"Failed (left out above): {f['variant']} seed {f['seed']}: {f['error']}"]
+    if v:
         lines += ["", "Variants:", ""]
         lines += [f"- `{name}`: {r['description']} (`{' '.join(r['overrides']) or '-'}`)"
                   for name, r in v.items()]

@@ -143,6 +143,15 @@ def _ablate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     overrides = list(args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("xlip ablate runs its variants one after another in one process: start "
+                          "it without torchrun (use xlip pretrain under torchrun for one run)")
+    try:
+        seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: give whole numbers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty: give at least one, e.g. --seeds 0")
     if args.demo == bool(args.config):
         raise ConfigError("xlip ablate needs exactly one of --config FILE and --demo")
     if args.demo:
@@ -154,7 +163,7 @@ def _ablate(args: argparse.Namespace) -> int:
         base = load_config(args.config, overrides).to_dict()
     names = [n for n in args.variants.split(",") if n] if args.variants else DEFAULT_VARIANTS
     spec = AblationSpec(base=base, out=out, variants=variant_overrides(names, args.define),
-                        seeds=[int(x) for x in args.seeds.split(",")], equal=args.equal,
+                        seeds=seeds, equal=args.equal,
                         reference=args.reference, budget_s=args.budget_s,
                         steps=args.steps or 0,
                         evaluations=["zeroshot", "attmim"] if args.demo else ["zeroshot"])
@@ -171,9 +180,14 @@ def _visualize(args: argparse.Namespace) -> int:
     from xlip.eval.visualize import visualize
 
     m = XLIP.from_pretrained(args.model)
-    manifest = args.manifest or m.cfg.data.eval_manifest or None
+    manifest = args.manifest
     if manifest and not Path(manifest).is_file():
         raise ConfigError(f"--manifest {manifest}: no such file")
+    if not manifest and m.cfg.data.eval_manifest:  # the model's own evaluation rows, if present
+        manifest = m.cfg.data.eval_manifest if Path(m.cfg.data.eval_manifest).is_file() else None
+        if manifest is None:
+            print(f"note: {m.cfg.data.eval_manifest} (the model's data.eval_manifest) is gone; "
+                  "images are shown without their reports (pass --manifest)", file=sys.stderr)
     paths = visualize(m.model, m.tokenizer, m.cfg, args.images, Path(args.out), manifest,
                       args.text or "", args.seed)
     print("written: " + " ".join(map(str, paths)))
@@ -374,12 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:  # VisualizeError is one
-        print(f"xlip: error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `xlip ... | head`: the reader has gone, nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (ConfigError, OSError, ValueError) as err:  # VisualizeError is one; OSError: an
+        print(f"xlip: error: {err}", file=sys.stderr)  # --out that is a file, no permission
+        return 2
+    except RuntimeError as err:
+        from xlip.train.loop import NonFiniteLossError
+
+        if not isinstance(err, NonFiniteLossError):
+            raise
+        print(f"xlip: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

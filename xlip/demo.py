@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,7 @@ def prepare_demo_data(out: Path, quick: bool = False) -> Path:
         synthesize(out / "data", n_train=n_train, n_test=n_test, seed=0, workers=2,
                    progress=True)
         stamp.write_text(json.dumps(want))
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)  # its vocabulary was the old corpus's
     else:
         print(f"[1/4] synthetic corpus already at {manifest}")
     if not (out / "tokenizer" / "tokenizer.json").is_file():

@@ -62,6 +62,9 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
     if model.mae_decoder is None:
         raise VisualizeError("this model was trained without MIM (mim.policy=none): it has no "
                              "mask or reconstruction to show")
+    if phrase and model.mm_decoder is None:
+        raise VisualizeError(f"--text {phrase!r}: this model has no multimodal decoder "
+                             "(mlm.policy=none), so no text-to-patch attention to show")
     model.eval()
     image = prepare_image(image_path, cfg.vision.image_size, stats=cfg.pixel_stats())
     kind, text, labels = guide_text(record, cfg)
@@ -71,8 +74,8 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
     txt = model.text(batch["input_ids"], batch["attention_mask"])
     gen = torch.Generator().manual_seed(seed)
     scores = None
+    full = model.vision(images) if cfg.mim.policy == "attention" or phrase else None
     if cfg.mim.policy == "attention":
-        full = model.vision(images)
         scores = model.mm_decoder.patch_scores(txt["tokens"], batch["attention_mask"].bool(),
                                                batch["guide_mask"], full["tokens"])
         keep, mask, restore = attention_masking(scores, cfg.mim.ratio, cfg.mim.high_share, gen)
@@ -88,12 +91,10 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
                         return_tensors="pt")
         special = torch.tensor([[i in tokenizer.all_special_ids for i in enc["input_ids"][0]]])
         ptxt = model.text(enc["input_ids"], enc["attention_mask"])["tokens"]
-        full = model.vision(images)
         phrase_map = grid(model.mm_decoder.patch_scores(
             ptxt, enc["attention_mask"].bool(), ~special, full["tokens"]), cfg)
     g = cfg.vision.grid
-    plain = prepare_image(image_path, cfg.vision.image_size, stats=cfg.pixel_stats())
-    return Views(image=plain[0].numpy(), text=tokenizer.decode(batch["input_ids"][0],
+    return Views(image=image[0].numpy(), text=tokenizer.decode(batch["input_ids"][0],
                                                                skip_special_tokens=True),
                  guide_words=words, fallback=bool(batch["guide_fallback"][0]),
                  scores=None if scores is None else grid(scores, cfg),
@@ -163,7 +164,8 @@ def visualize(model, tokenizer, cfg: Config, images: Sequence[str], out: Path,
                 for r in load_manifest(manifest, verify_images=False) if r.image}
     paths = []
     for i, image in enumerate(images):
-        if not Path(image).is_file():
+        # a shard member (shard-000001.tar#000042.png) is looked for as its tar
+        if not (Path(image).is_file() or Path(str(image).split("#", 1)[0]).is_file()):
             raise VisualizeError(f"{image}: no such image file")
         record = rows.get(str(Path(image).resolve()))
         paths.append(figure(model, tokenizer, cfg, str(image), record, phrase, seed + i,

@@ -1179,7 +1179,8 @@ def guide_entities(text: str, entities: Sequence[Entity] | None = None) -> list[
     effusion. Large right pneumothorax." that is "Large", "right" and "pneumothorax". Negated
     findings, normal statements and template words never guide. Sorted by ``start``.
     """
-    entities = extract_entities(text)
+    if entities is None:
+        entities = extract_entities(text)
     tokens = _tokenize(text)
     out: list[Entity] = []
     for first, last in _sentences(tokens):
