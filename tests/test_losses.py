@@ -132,3 +132,18 @@ def test_label_targets_match_naive_and_make_equal_findings_positives():
 
     assert cl(together, labels) < cl(apart, labels)
     assert cl(apart, None) < cl(together, None)
+
+
+def test_contrastive_logits_stay_fp32_under_bf16_autocast():
+    """Training runs the loss inside bf16 autocast; the logits must still be fp32 matmuls
+    (at logit scale 100, bf16's cosine error moves the loss by ~1e-2)."""
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(32, 64), dim=-1)
+    txt = F.normalize(img + 0.3 * torch.randn(32, 64), dim=-1)
+    keys = torch.arange(32)
+    scale = torch.tensor(100.0)
+    ref, _ = ContrastiveLoss()(img, txt, scale, keys)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, per = ContrastiveLoss()(img, txt, scale, keys)
+    assert got.dtype == per.dtype == torch.float32
+    assert abs(got.item() - ref.item()) < 1e-5, (got.item(), ref.item())

@@ -68,11 +68,14 @@ class ContrastiveLoss(nn.Module):
         all_img, all_txt = gather_with_grad(image), gather_with_grad(text)  # (G, E)
         all_key = gather_with_grad(text_key)
         all_labels = gather_with_grad(labels) if labels is not None else None
-        target = contrastive_targets(text_key, all_key, labels, all_labels)  # (B, G)
-        logits_i2t = logit_scale * image.float() @ all_txt.float().t()  # (B, G)
-        logits_t2i = logit_scale * text.float() @ all_img.float().t()  # (B, G)
-        loss_i = -(target * F.log_softmax(logits_i2t, dim=1)).sum(dim=1)
-        loss_t = -(target * F.log_softmax(logits_t2i, dim=1)).sum(dim=1)
+        # fp32 even under bf16 autocast (which would run these matmuls in bf16: at logit scale
+        # 100 its ~4e-3 cosine error is ~0.4 in the logits)
+        with torch.autocast(image.device.type, enabled=False):
+            target = contrastive_targets(text_key, all_key, labels, all_labels)  # (B, G)
+            logits_i2t = logit_scale.float() * image.float() @ all_txt.float().t()  # (B, G)
+            logits_t2i = logit_scale.float() * text.float() @ all_img.float().t()  # (B, G)
+            loss_i = -(target * F.log_softmax(logits_i2t, dim=1)).sum(dim=1)
+            loss_t = -(target * F.log_softmax(logits_t2i, dim=1)).sum(dim=1)
         per = 0.5 * (loss_i + loss_t)  # (B,)
         return per.mean(), per
 
