@@ -311,11 +311,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
     paired = any("vs_clip" in r for r in v.values())
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
-             "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed the AUC and its "
-             "bootstrap 95 % CI." + (" Lesion masked: the share of nodule/mass patches that "
-                                     "AttMIM masks (random masking would mask the mask ratio; "
-                                     "variants without AttMIM show –)."
-                                     if lesions else "") +
+             "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed (sN: seed N) "
+             "the AUC and its bootstrap 95 % CI." +
+             (" Lesion masked: the share of nodule/mass patches that AttMIM masks (random "
+              "masking would mask the mask ratio; variants without AttMIM show –)."
+              if lesions else "") +
              (" Δ clip: the mean over seeds of (variant − clip) on the same seed, and on how "
               "many seeds the variant is ahead." if paired else ""), "",
              "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
@@ -324,7 +324,9 @@ def markdown(summary: dict[str, Any]) -> str:
              ("lesion masked | " if lesions else "") + "s/step | wall min |",
              "|---|---|---|---|" + "---|" * (len(small) + lesions + paired) + "---|---|"]
     for name, r in v.items():
-        per_seed = "; ".join(f"{s['mean_auc']:.3f} ({_ci(s['ci95'])})" for s in r["seeds"])
+        per_seed = "; ".join(f"s{s['seed']} {s['mean_auc']:.3f} ({_ci(s['ci95'])})"
+                             for s in r["seeds"])
+        sd = f"± {r['sd']:.3f}" if len(r["seeds"]) > 1 else "(1 seed)"
         smalls = "".join(f" {r['per_finding'][f]:.3f} |" for f in small)
         if lesions:
             share = r.get("lesion_mask_share")
@@ -334,7 +336,7 @@ def markdown(summary: dict[str, Any]) -> str:
             d = r.get("vs_clip")
             delta = (f" {d['mean']:+.3f} ({d['ahead']}/{d['seeds']}) |"
                      if d and d["mean"] is not None and name != BASELINE else " – |")
-        lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** ± {r['sd']:.3f} |"
+        lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** {sd} |"
                      f"{delta} {per_seed} |{smalls} {r['s_per_step']:.3f} | "
                      f"{r['wall_s'] / 60:.1f} |")
     if v:

@@ -149,7 +149,8 @@ def _ablate(args: argparse.Namespace) -> int:
     try:
         seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
     except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: give whole numbers, e.g. --seeds 0,1,2") from None
+        raise ConfigError(f"--seeds {args.seeds!r}: give whole numbers, e.g. --seeds 0,1,2"
+                          ) from None
     if not seeds:
         raise ConfigError("--seeds is empty: give at least one, e.g. --seeds 0")
     if args.demo == bool(args.config):
