@@ -142,7 +142,8 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
 
     for name in spec.evaluations:
         if name not in EVALUATIONS:
-            raise ConfigError(f"unknown evaluation {name!r}; available: {', '.join(EVALUATIONS)}")
+            raise ConfigError(f"unknown evaluation {name!r}; available: "
+                              f"{', '.join(EVALUATIONS)}")
     if not spec.base.get("data", {}).get("eval_manifest"):
         raise ConfigError("the ablation config has no data.eval_manifest to evaluate on: set it "
                           "in the config or pass data.eval_manifest=FILE")
@@ -229,6 +230,8 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int
 
 
 def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
+    """The ``evaluations`` of one finished run (checked by :func:`run_ablation` before any
+    training: known names, a ``data.eval_manifest``)."""
     from xlip.api import XLIP
     from xlip.eval.attmim import lesion_mask_share
     from xlip.eval.zeroshot import evaluate_zeroshot
@@ -236,20 +239,15 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     model = XLIP.from_pretrained(run)
     cfg = model.cfg
     out: dict[str, Any] = {}
-    if not cfg.data.eval_manifest:
-        raise ConfigError("the ablation config has no data.eval_manifest to evaluate on")
     for name in evaluations:
         if name == "zeroshot":
             res = evaluate_zeroshot(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
                                     cfg.data.eval_split, cfg.eval.findings)
             out["zeroshot"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "per_finding",
                                                    "n_images", "split")}
-        elif name == "attmim":  # synthetic corpus only: where the masks fall
-            if cfg.mim.policy == "attention":
-                out["attmim"] = lesion_mask_share(model.model, model.tokenizer, cfg,
-                                                  cfg.data.eval_manifest, cfg.data.eval_split)
-        else:
-            raise ConfigError(f"unknown evaluation {name!r}; available: {', '.join(EVALUATIONS)}")
+        elif name == "attmim" and cfg.mim.policy == "attention":  # synthetic corpus only
+            out["attmim"] = lesion_mask_share(model.model, model.tokenizer, cfg,
+                                              cfg.data.eval_manifest, cfg.data.eval_split)
     return out
 
 
