@@ -1,6 +1,7 @@
 """`xlip ablate` (variants side by side, resume, equal time) and `xlip visualize`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +81,18 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
     cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
     out = tmp_path / "abl"
     out.mkdir()
+    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
+                               variants=ablate.variant_overrides(["clip", "xlip"]),
+                               equal="time")
+
+    def calibrated(name, seconds, base=spec.base):
+        c = ablate.variant_config(base, name, spec.variants[name], 0, out / "calibration" / name,
+                                  spec.calibrate_steps)
+        return {"s_per_step": seconds, "config_digest": ablate.config_digest(c)}
+
     # measured seconds per step, as if calibrated: CLIP 4x cheaper than XLIP
-    (out / "calibration.json").write_text(json.dumps({"clip": 0.05, "xlip": 0.2}))
+    (out / "calibration.json").write_text(json.dumps(
+        {"clip": calibrated("clip", 0.05), "xlip": calibrated("xlip", 0.2)}))
     seen = {}
 
     def fake_pretrain(cfg, progress=True):
@@ -89,13 +100,18 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
         raise SystemExit  # stop after the budget is known
 
     monkeypatch.setattr("xlip.train.loop.pretrain", fake_pretrain)
-    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
-                               variants=ablate.variant_overrides(["clip", "xlip"]),
-                               equal="time")
     with pytest.raises(SystemExit):
         ablate.run_ablation(spec, progress=False, log=lambda s: None)
     assert list(seen.values()) == [160]  # clip first: 40 xlip steps x 0.2 s / 0.05 s
     assert ablate.step_budget(spec, lambda s: None) == {"clip": 160, "xlip": 40}
+    # a measurement made under another config (here: another lr) is not reused
+    other = load_config(cfg, ["train.lr=1e-4"]).to_dict()
+    (out / "calibration.json").write_text(json.dumps(
+        {"clip": calibrated("clip", 0.05, other), "xlip": calibrated("xlip", 0.2)}))
+    seen.clear()
+    with pytest.raises(SystemExit):
+        ablate.step_budget(spec, lambda s: None)
+    assert [Path(p).name for p in seen] == ["clip"]  # clip is calibrated again
 
 
 def test_ablation_refuses_unknown_variants_and_contradictions(corpus, tmp_path, capsys):

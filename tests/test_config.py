@@ -45,6 +45,9 @@ def test_save_roundtrip(tmp_path):
      "stem=hybrid needs vision.patch_size a power of two"),
     (["vision.stem=resnet"], "vision.stem: unknown value 'resnet'"),
     (["text.dropout=1.0"], r"text.dropout=1.0 must lie in \[0, 1\)"),
+    (["mim.row_fraction=0"], r"mim.row_fraction=0.0 must lie in \(0, 1\]"),
+    (["mlm.row_fraction=1.5"], r"mlm.row_fraction=1.5 must lie in \(0, 1\]"),
+    (["train.mode=fast", "mim.row_fraction=0.5"], "train.mode=fast trains CL on the masked"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

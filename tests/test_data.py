@@ -317,3 +317,22 @@ def test_mlm_can_read_other_sections_than_cl(corpus):
         assert clean == tok.decode(tok(s.text)["input_ids"], skip_special_tokens=True)
         assert full == tok.decode(tok(s.mlm_text)["input_ids"], skip_special_tokens=True)
         assert len(full) > len(clean)  # the findings section comes along
+
+
+def test_mlm_row_fraction_draws_a_share_of_the_eligible_rows(corpus):
+    manifest, tokdir = corpus
+    tok = load_tokenizer(tokdir)
+    half = data_cfg(manifest, tokdir, row_fraction=0.5)
+    taken = eligible = 0
+    for step in range(12):
+        samples, batch = collate_batch(half, tok, step=step)
+        paired = {i for i, s in enumerate(samples) if s.kind == "paired"}
+        rows = batch["mlm_rows"].tolist()
+        assert set(rows) <= paired
+        assert len(batch["mlm_input_ids"]) == len(rows) == len(batch["mlm_labels"])
+        taken, eligible = taken + len(rows), eligible + len(paired)
+        again = Collator(half, tok, findings=MixedDataset(half).findings())(samples)
+        assert again["mlm_rows"].tolist() == rows  # drawn from the samples' own seeds
+    assert 0.3 < taken / eligible < 0.7
+    _, batch = collate_batch(data_cfg(manifest, tokdir), tok)
+    assert len(batch["mlm_rows"]) == 6  # fraction 1: every paired row (6 of 8 here)

@@ -319,3 +319,35 @@ def test_hybrid_masked_pass_normalises_with_running_stats():
     assert torch.allclose(a, b, atol=1e-5)
     vit.eval()
     assert torch.allclose(a, vit(x, keep)["tokens"][0], atol=1e-5)
+
+
+def test_mim_row_fraction_masks_a_random_share_of_the_image_rows():
+    """mim.row_fraction=0.25 of 8 image rows: MIM takes 2 rows (others' CL untouched), scores
+    and reconstructs them as the all-rows model does, and draws other rows with another seed."""
+    text = {"dropout": 0.0}  # both models in training mode must compute the same scores
+    full_cfg = tiny_config(text=text)
+    part_cfg = tiny_config(text=text, mim={"row_fraction": 0.25})
+    torch.manual_seed(0)
+    full = XLIPModel(full_cfg, VOCAB)
+    part = XLIPModel(part_cfg, VOCAB)
+    part.load_state_dict(full.state_dict())
+    batch = random_batch(full_cfg, B=8)
+    chosen = set()
+    for seed in range(6):
+        out = part(batch, generator=torch.Generator().manual_seed(seed))
+        rows = out["mim_rows"]
+        assert len(rows) == 2 and out["mim_pred"].shape[0] == 2
+        assert torch.equal(out["mim_images"], batch["images"][rows])
+        assert out["image_embed"].shape[0] == 8  # CL still sees every image
+        ref = full(batch)
+        assert torch.allclose(out["mim_scores"], ref["mim_scores"][rows], atol=1e-5)
+        chosen.add(tuple(rows.tolist()))
+    assert len(chosen) > 1
+    XLIPLoss(part_cfg)(out, batch)["mim_loss"].backward()
+    # at 1 no subset is drawn: the generator is left as it was, so masks stay as before
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    assert full._mim_subset(8, gen, torch.device("cpu")) is None
+    assert torch.equal(gen.get_state(), state)
+    part.eval()  # evaluation never subsets
+    assert part._mim_subset(8, gen, torch.device("cpu")) is None

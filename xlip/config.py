@@ -104,6 +104,10 @@ class MIMConfig:
     ratio: float = 0.5
     high_share: float = 0.75  # share of masked patches drawn from the top half by score
     norm_pix: bool = True
+    # share of each batch's image rows that are masked and reconstructed (drawn at random each
+    # step); below 1 the visible-patch pass, the MAE decoder and AttMIM scoring run on fewer
+    # rows, so a step costs less. CL always sees every row.
+    row_fraction: float = 1.0
 
 
 @dataclass
@@ -117,6 +121,9 @@ class MLMConfig:
     # section names absent findings too ("No pneumothorax."): masked, only the image tells
     # which they are
     text_policy: str = ""
+    # share of the rows eligible for MLM that take part in a step (each row drawn on its own);
+    # below 1 the masked BERT pass and the multimodal decoder run on fewer rows
+    row_fraction: float = 1.0
 
 
 @dataclass
@@ -275,6 +282,14 @@ def validate(cfg: Config) -> None:
         x = getattr(cfg.mim, name)
         if not 0.0 < x < 1.0:
             raise ConfigError(f"mim.{name}={x} must lie strictly between 0 and 1")
+    for term in ("mim", "mlm"):
+        x = getattr(cfg, term).row_fraction
+        if not 0.0 < x <= 1.0:
+            raise ConfigError(f"{term}.row_fraction={x} must lie in (0, 1]")
+    if cfg.train.mode == "fast" and cfg.mim.row_fraction < 1.0:
+        raise ConfigError(f"train.mode=fast trains CL on the masked images, so every row must "
+                          f"be masked: mim.row_fraction={cfg.mim.row_fraction} needs "
+                          "train.mode=default (or mim.row_fraction=1)")
     if not 0.0 < cfg.mlm.min_ratio <= cfg.mlm.max_ratio < 1.0:
         raise ConfigError(f"need 0 < mlm.min_ratio ({cfg.mlm.min_ratio}) <= mlm.max_ratio "
                           f"({cfg.mlm.max_ratio}) < 1")

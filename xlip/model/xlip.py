@@ -4,8 +4,9 @@
 
 - CL: ``image_embed`` (Bi, E), ``text_embed`` (Bi, E), ``logit_scale``, ``cl_text_key``, ``cl_rows``,
   ``cl_labels`` (Bi, F) with ``loss.cl_targets=labels``
-- AttMIM: ``mim_pred`` (Bi, N, C·p·p), ``mim_mask`` (Bi, N), ``mim_images``, ``mim_scores``, ``mim_rows``,
-  ``mim_guide_fallback`` (Bi,) rows guided by all their content tokens (no finding present)
+- AttMIM: ``mim_pred`` (Bm, N, C·p·p), ``mim_mask`` (Bm, N), ``mim_images``, ``mim_scores``, ``mim_rows``,
+  ``mim_guide_fallback`` (Bm,) rows guided by all their content tokens (no finding present);
+  Bm = Bi, or the ``mim.row_fraction`` share of the image rows drawn for this step
 - EntMLM: ``mlm_logits`` (M, V), ``mlm_labels`` (M,), ``mlm_rows`` (M,), ``mlm_batch``
 
 ``*_rows`` index the batch rows each output belongs to (for per-source logging).
@@ -151,22 +152,36 @@ class XLIPModel(nn.Module):
             self.vision.track_stem_stats(images)  # BatchNorm statistics of whole images
         if self.mae_decoder is None:
             return full
-        guide = batch["guide_mask"][img_rows]  # (Bi, L) bool
+        sub = self._mim_subset(len(img_rows), generator, images.device)  # (Bm,) or None
+        rows = img_rows if sub is None else img_rows[sub]  # the batch rows MIM takes
+        pick = (lambda x: x) if sub is None else (lambda x: x[sub])  # image rows → MIM rows
+        mim_images, text_tokens = pick(images), pick(txt["tokens"])
+        guide = batch["guide_mask"][rows]  # (Bm, L) bool
         if cfg.mim.policy == "attention":
-            text_mask = batch["attention_mask"][img_rows].bool()
-            scores = self.mm_decoder.patch_scores(txt["tokens"].detach(), text_mask, guide,
-                                                  full["tokens"].detach())  # (Bi, N)
+            text_mask = batch["attention_mask"][rows].bool()
+            scores = self.mm_decoder.patch_scores(text_tokens.detach(), text_mask, guide,
+                                                  pick(full["tokens"]).detach())  # (Bm, N)
             keep, mask, restore = attention_masking(scores, cfg.mim.ratio, cfg.mim.high_share,
                                                     generator)
             out["mim_scores"] = scores
-            out["mim_guide_fallback"] = batch["guide_fallback"][img_rows]
+            out["mim_guide_fallback"] = batch["guide_fallback"][rows]
         else:
-            keep, mask, restore = random_masking(len(img_rows), self.vision.num_patches,
+            keep, mask, restore = random_masking(len(rows), self.vision.num_patches,
                                                  cfg.mim.ratio, generator, images.device)
-        visible = self.vision(images, keep)  # tokens (Bi, K, D)
-        out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, txt["tokens"], guide)
-        out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, images, img_rows
+        visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
+        out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, text_tokens, guide)
+        out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, mim_images, rows
         return visible if fast else full
+
+    def _mim_subset(self, n: int, generator: torch.Generator | None,
+                    device: torch.device) -> Tensor | None:
+        """Indices (sorted) of the ``mim.row_fraction`` share of ``n`` image rows that MIM
+        takes, at least one; None for all rows (no random draw, so fraction 1 is unchanged)."""
+        frac = self.cfg.mim.row_fraction
+        if frac >= 1.0 or not self.training:
+            return None
+        k = max(1, round(frac * n))
+        return torch.randperm(n, generator=generator, device=device)[:k].sort().values
 
     def _image_context(self, full: dict[str, Tensor] | None, has_image: Tensor, rows: Tensor,
                        like: Tensor) -> tuple[Tensor, Tensor | None]:
