@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from xlip.config import Config, from_dict
+from xlip.text.labels import CANONICAL_FINDINGS
 
 VOCAB = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def random_batch(cfg: Config, B: int = 4, L: int = 10, seed: int = 0) -> dict:
         "input_ids": ids, "attention_mask": mask,
         "text_key": torch.arange(B), "guide_mask": guide,
         "guide_fallback": torch.zeros(B, dtype=torch.bool),
-        "labels": torch.eye(B, 22)[torch.arange(B) % 3],
+        "labels": torch.eye(B, len(CANONICAL_FINDINGS))[torch.arange(B) % 3],
         "source": torch.zeros(B, dtype=torch.long),
         "mlm_rows": torch.arange(B), "mlm_input_ids": mlm_ids,
         "mlm_attention_mask": mask, "mlm_labels": labels,

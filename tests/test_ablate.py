@@ -238,3 +238,10 @@ def test_ablation_refuses_torchrun(corpus, tmp_path, monkeypatch, capsys):
     cfg = write_cfg(corpus, tmp_path / "c.yaml")
     assert main(["ablate", "--config", str(cfg), "--out", str(tmp_path / "a")]) == 2
     assert "without torchrun" in capsys.readouterr().err
+
+
+def test_define_keeps_commas_inside_a_value():
+    got = ablate.variant_overrides(["two"], [
+        "two=mim.policy=random, data.sources=[{manifest: a.csv, kind: paired}], train.lr=1e-3"])
+    assert got["two"] == ["mim.policy=random",
+                          "data.sources=[{manifest: a.csv, kind: paired}]", "train.lr=1e-3"]

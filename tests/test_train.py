@@ -123,7 +123,13 @@ def test_dataset_normalisation_is_measured_saved_and_used_in_eval(corpus, tmp_pa
     mean, std = m.cfg.data.pixel_mean, m.cfg.data.pixel_std
     assert 0 < mean < 1 and 0 < std < 1
     image = next(r.image for r in load_manifest(corpus[0], verify_images=False) if r.image)
-    from_path = m.encode_image([image])  # bf16 autocast where the CPU accelerates it
+    from_path = m.encode_image([image])
     same = m.encode_image(prepare_image(image, 32, stats=(mean, std))[None])
     per_image = m.encode_image(prepare_image(image, 32)[None])
-    assert (from_path - same).abs().max() < 0.25 * (from_path - per_image).abs().max()
+    assert torch.allclose(from_path, same, atol=1e-5)
+    assert (from_path - per_image).abs().max() > 1e-3
+    # a path and a tensor are encoded at the same precision (bf16 here), as in training
+    m.cfg.train.precision = "bf16"
+    tensor = prepare_image(image, 32, stats=(mean, std))[None]
+    assert torch.allclose(m.encode_image([image]), m.encode_image(tensor), atol=1e-6)
+    assert not torch.allclose(m.encode_image(tensor), same, atol=1e-6)  # bf16 is not fp32

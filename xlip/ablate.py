@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import statistics
 import time
@@ -82,7 +83,8 @@ def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict
         name, _, rest = text.partition("=")
         if not name or not rest:
             raise ConfigError(f"--define {text!r} must look like NAME=section.key=value,...")
-        custom[name] = [x.strip() for x in rest.split(",") if x.strip()]
+        # a comma starts a new override only before "key=": values may hold commas
+        custom[name] = [x.strip() for x in re.split(r",(?=\s*[\w.]+=)", rest) if x.strip()]
     out = {}
     for name in names:
         if name in custom:

@@ -14,7 +14,8 @@ from torch import Tensor
 from transformers import BertConfig
 
 from xlip.config import Config, load_config, save_config
-from xlip.eval.zeroshot import class_embeddings, encode_images, positive_probability
+from xlip.eval.zeroshot import (class_embeddings, encode_images, encode_tensor,
+                                positive_probability)
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import load_weights, save_text_files, save_weights
@@ -54,10 +55,11 @@ class XLIP:
     @torch.no_grad()
     def encode_image(self, images: Tensor | Sequence[str | Path]) -> Tensor:
         """Image paths, or a normalised (B, 1, H, W) tensor → (B, E) unit-norm embeddings."""
+        precision = self.cfg.train.precision  # tensors and paths alike, as in training
         if isinstance(images, Tensor):
-            return self.model.encode_image(images.to(self.device))
+            return encode_tensor(self.model, images.to(self.device), precision)
         return encode_images(self.model, [str(p) for p in images], self.cfg.vision.image_size,
-                             self.cfg.eval.batch_size, self.cfg.pixel_stats())
+                             self.cfg.eval.batch_size, self.cfg.pixel_stats(), precision)
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:

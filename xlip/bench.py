@@ -15,6 +15,7 @@ import torch
 from xlip.config import Config, from_dict, merge
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
+from xlip.text.labels import CANONICAL_FINDINGS
 
 VARIANTS = {
     "attention": [["vision.attn_impl=explicit"], ["vision.attn_impl=sdpa"]],
@@ -35,7 +36,7 @@ def synthetic_batch(cfg: Config, batch: int, length: int, vocab: int) -> dict[st
             "attention_mask": torch.ones_like(ids), "text_key": torch.arange(batch),
             "guide_mask": torch.ones_like(ids, dtype=torch.bool),
             "guide_fallback": torch.zeros(batch, dtype=torch.bool),
-            "labels": torch.zeros(batch, 22),
+            "labels": torch.zeros(batch, len(CANONICAL_FINDINGS)),
             "source": torch.zeros(batch, dtype=torch.long), "mlm_rows": torch.arange(batch),
             "mlm_input_ids": ids, "mlm_attention_mask": torch.ones_like(ids),
             "mlm_labels": labels}

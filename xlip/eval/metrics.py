@@ -13,16 +13,7 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 def bootstrap_ci(y: np.ndarray, score: np.ndarray, n: int = 200, seed: int = 0,
                  alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI of the AUC (resamples that lack a class are skipped)."""
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() == y[idx].max():
-            continue
-        vals.append(roc_auc_score(y[idx], score[idx]))
-    if not vals:
-        return float("nan"), float("nan")
-    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+    return bootstrap_mean_ci(np.asarray(y)[:, None], np.asarray(score)[:, None], n, seed, alpha)
 
 
 def bootstrap_mean_ci(y: np.ndarray, score: np.ndarray, n: int = 200, seed: int = 0,

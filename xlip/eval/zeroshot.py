@@ -40,17 +40,26 @@ def class_embeddings(model, tokenizer, findings: Sequence[str],
 
 @torch.no_grad()
 def encode_images(model, paths: Sequence[str], size: int, batch_size: int = 128,
-                  stats: tuple[float, float] | None = None) -> torch.Tensor:
-    """(B, E) embeddings of image files; ``stats``: the model's dataset normalisation."""
+                  stats: tuple[float, float] | None = None,
+                  precision: str = "auto") -> torch.Tensor:
+    """(B, E) embeddings of image files; ``stats``: the model's dataset normalisation;
+    ``precision``: the model's ``train.precision`` (auto | bf16 | fp32)."""
     device = next(model.parameters()).device
     embs = []
     for i in range(0, len(paths), batch_size):
         x = torch.stack([prepare_image(p, size, stats=stats)
                          for p in paths[i:i + batch_size]]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=use_bf16("auto", device)):
-            embs.append(model.encode_image(x).float())
+        embs.append(encode_tensor(model, x, precision))
     return torch.cat(embs)
+
+
+@torch.no_grad()
+def encode_tensor(model, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+    """(B, E) fp32 embeddings of normalised images, under bf16 autocast where ``precision``
+    (the model's ``train.precision``) chooses it, as in training."""
+    device = images.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
+        return model.encode_image(images).float()
 
 
 def positive_probability(image_emb: torch.Tensor, class_emb: torch.Tensor,
@@ -88,7 +97,7 @@ def evaluate_zeroshot(model, tokenizer, cfg: Config, manifest: str | Path,
     if unknown:
         raise ValueError(f"eval.findings {unknown} never occur in {manifest} split {split!r}")
     img = encode_images(model, [r.image for r in records], image_size, batch_size,
-                        cfg.pixel_stats())
+                        cfg.pixel_stats(), cfg.train.precision)
     cls, prompts = class_embeddings(model, tokenizer, findings, max_length)
     prob = positive_probability(img, cls.to(img.device), float(model.scale())).cpu().numpy()
     per, details = {}, {}
