@@ -9,6 +9,7 @@ statistics), no dropout. EntMLM masks are drawn per sample, so they match.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,14 @@ from xlip.config import save_config
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.loop import pretrain
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now (a fixed one may be taken by another run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +61,7 @@ def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
     save_config(cfg2, tmp_path / "two.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", "-m", "xlip.cli", "pretrain", "--config",
+           "--master_port", free_port(), "-m", "xlip.cli", "pretrain", "--config",
            str(tmp_path / "two.yaml"), "--quiet"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -109,7 +118,7 @@ def test_metrics_reduce_over_ranks_whose_keys_differ(tmp_path):
     script.write_text(REDUCE_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29534", str(script), str(tmp_path / "row")]
+           "--master_port", free_port(), str(script), str(tmp_path / "row")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads((tmp_path / f"row.{r}").read_text()) for r in (0, 1)]
