@@ -336,3 +336,7 @@ def test_mlm_row_fraction_draws_a_share_of_the_eligible_rows(corpus):
     assert 0.3 < taken / eligible < 0.7
     _, batch = collate_batch(data_cfg(manifest, tokdir), tok)
     assert len(batch["mlm_rows"]) == 6  # fraction 1: every paired row (6 of 8 here)
+    # a tiny fraction still gives one row (a DDP rank without one would leave the decoder idle)
+    for step in range(4):
+        _, batch = collate_batch(data_cfg(manifest, tokdir, row_fraction=0.01), tok, step=step)
+        assert len(batch["mlm_rows"]) == 1

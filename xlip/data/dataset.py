@@ -263,7 +263,11 @@ class Collator:
                   (s.kind == "paired" or (s.kind == "text_only" and cfg.mlm.text_only) or
                    (p and cfg.mlm.prompts)) for s, p in zip(samples, prompt)]
         if self.train and cfg.mlm.row_fraction < 1.0:  # no draw at 1: the same masks as before
-            in_mlm = [m and r.random() < cfg.mlm.row_fraction for m, r in zip(in_mlm, rngs)]
+            draw = [r.random() for r in rngs]
+            eligible = [b for b, m in enumerate(in_mlm) if m]
+            in_mlm = [m and d < cfg.mlm.row_fraction for m, d in zip(in_mlm, draw)]
+            if eligible and not any(in_mlm):  # at least one row: every rank trains the decoder
+                in_mlm[min(eligible, key=draw.__getitem__)] = True
         mlm_rows = [b for b, m in enumerate(in_mlm) if m]
         separate = any(samples[b].mlm_text for b in mlm_rows)  # mlm.text_policy differs
         mlm_texts = [samples[b].mlm_text or texts[b] for b in mlm_rows] if separate else []
