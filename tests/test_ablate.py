@@ -245,3 +245,18 @@ def test_define_keeps_commas_inside_a_value():
         "two=mim.policy=random, data.sources=[{manifest: a.csv, kind: paired}], train.lr=1e-3"])
     assert got["two"] == ["mim.policy=random",
                           "data.sources=[{manifest: a.csv, kind: paired}]", "train.lr=1e-3"]
+
+
+def test_table_shows_the_step_range_when_seeds_got_different_budgets():
+    def seed(s, steps):
+        return {"seed": s, "mean_auc": 0.8, "ci95": [0.79, 0.81], "steps": steps,
+                "s_per_step": 1.0, "wall_s": 60.0}
+
+    row = {"mean_auc": 0.8, "sd": 0.0, "per_finding": {"Nodule": 0.7}, "s_per_step": 1.0,
+           "lesion_mask_share": None, "wall_s": 60.0, "overrides": [], "description": "",
+           "steps": 714, "seeds": [seed(0, 737), seed(1, 714)]}
+    summary = {"variants": {"clip": row}, "failed": [], "seeds": [0, 1],
+               "budget": {"equal": "time", "steps": {"clip": 737}, "reference": "xlip"}}
+    assert "| clip | 714–737 |" in ablate.markdown(summary)
+    row["seeds"] = [seed(0, 560), seed(1, 560)]
+    assert "| clip | 560 |" in ablate.markdown(summary)

@@ -291,7 +291,7 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
                                                    for r in results)
                                   if all("attmim" in r for r in results) else None),
             "wall_s": statistics.fmean(r["wall_s"] for r in results),
-            "steps": results[0]["steps"],
+            "steps": results[0]["steps"],  # per seed in "seeds" (equal-time budgets may differ)
             "overrides": overrides,
             "description": VARIANTS.get(name, ([], "custom"))[1],
         }
@@ -344,7 +344,9 @@ def markdown(summary: dict[str, Any]) -> str:
             d = r.get("vs_clip")
             delta = (f" {d['mean']:+.3f} ({d['ahead']}/{d['seeds']}) |"
                      if d and d["mean"] is not None and name != BASELINE else " – |")
-        lines.append(f"| {name} | {r['steps']} | **{r['mean_auc']:.3f}** {sd} |"
+        lo, hi = min(x["steps"] for x in r["seeds"]), max(x["steps"] for x in r["seeds"])
+        steps = str(lo) if lo == hi else f"{lo}–{hi}"
+        lines.append(f"| {name} | {steps} | **{r['mean_auc']:.3f}** {sd} |"
                      f"{delta} {per_seed} |{smalls} {r['s_per_step']:.3f} | "
                      f"{r['wall_s'] / 60:.1f} |")
     if v:
