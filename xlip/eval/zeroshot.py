@@ -16,7 +16,7 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci, f1_acc
 from xlip.text.prompts import zeroshot_prompts
-from xlip.train.precision import use_bf16
+from xlip.train.precision import autocast
 
 
 @torch.no_grad()
@@ -57,8 +57,7 @@ def encode_images(model, paths: Sequence[str], size: int, batch_size: int = 128,
 def encode_tensor(model, images: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """(B, E) fp32 embeddings of normalised images, under bf16 autocast where ``precision``
     (the model's ``train.precision``) chooses it, as in training."""
-    device = images.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
+    with autocast(precision, images.device):
         return model.encode_image(images).float()
 
 

@@ -152,15 +152,14 @@ class XLIPModel(nn.Module):
             self.vision.track_stem_stats(images)  # BatchNorm statistics of whole images
         if self.mae_decoder is None:
             return full
-        sub = self._mim_subset(len(img_rows), generator, images.device)  # (Bm,) or None
-        rows = img_rows if sub is None else img_rows[sub]  # the batch rows MIM takes
-        pick = (lambda x: x) if sub is None else (lambda x: x[sub])  # image rows → MIM rows
-        mim_images, text_tokens = pick(images), pick(txt["tokens"])
+        sub = self._mim_subset(len(img_rows), generator, images.device)  # image rows → MIM
+        rows = img_rows[sub]  # (Bm,) the batch rows MIM takes
+        mim_images, text_tokens = images[sub], txt["tokens"][sub]
         guide = batch["guide_mask"][rows]  # (Bm, L) bool
         if cfg.mim.policy == "attention":
             text_mask = batch["attention_mask"][rows].bool()
             scores = self.mm_decoder.patch_scores(text_tokens.detach(), text_mask, guide,
-                                                  pick(full["tokens"]).detach())  # (Bm, N)
+                                                  full["tokens"][sub].detach())  # (Bm, N)
             keep, mask, restore = attention_masking(scores, cfg.mim.ratio, cfg.mim.high_share,
                                                     generator)
             out["mim_scores"] = scores
@@ -174,12 +173,13 @@ class XLIPModel(nn.Module):
         return visible if fast else full
 
     def _mim_subset(self, n: int, generator: torch.Generator | None,
-                    device: torch.device) -> Tensor | None:
+                    device: torch.device) -> Tensor | slice:
         """Indices (sorted) of the ``mim.row_fraction`` share of ``n`` image rows that MIM
-        takes, at least one; None for all rows (no random draw, so fraction 1 is unchanged)."""
+        takes, at least one; ``slice(None)`` for all rows (no random draw, so fraction 1 is
+        unchanged)."""
         frac = self.cfg.mim.row_fraction
         if frac >= 1.0 or not self.training:
-            return None
+            return slice(None)
         k = max(1, round(frac * n))
         return torch.randperm(n, generator=generator, device=device)[:k].sort().values
 

@@ -27,7 +27,7 @@ from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
                                    save_checkpoint, save_text_files, save_weights,
                                    set_rng_state)
 from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_sums
-from xlip.train.precision import use_bf16
+from xlip.train.precision import autocast
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,11 +67,6 @@ def tokenizer_dir(cfg: Config) -> str:
         raise FileNotFoundError("no tokenizer: set text.tokenizer (train one with `xlip "
                                 "tokenizer train`) or text.pretrained (a local HF model dir)")
     return path
-
-
-def autocast(cfg: Config, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=use_bf16(cfg.train.precision, device))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -212,7 +207,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
             batch = to_device(next(batches), info.device)
             gen = torch.Generator(device=info.device).manual_seed(
                 tr.seed * 1_000_003 + (step * tr.grad_accum + micro) * 7 + info.rank)
-            with autocast(cfg, info.device):
+            with autocast(tr.precision, info.device):
                 out = net(batch, generator=gen)
                 losses = criterion(out, batch)
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))

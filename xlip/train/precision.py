@@ -20,3 +20,10 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "auto":
         return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
     return precision == "bf16"
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast where ``precision`` (``train.precision``) chooses it on ``device``, else a
+    disabled one: training and evaluation run under the same rule."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=use_bf16(precision, device))
