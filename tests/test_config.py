@@ -48,6 +48,7 @@ def test_save_roundtrip(tmp_path):
     (["mim.row_fraction=0"], r"mim.row_fraction=0.0 must lie in \(0, 1\]"),
     (["mlm.row_fraction=1.5"], r"mlm.row_fraction=1.5 must lie in \(0, 1\]"),
     (["train.mode=fast", "mim.row_fraction=0.5"], "train.mode=fast trains CL on the masked"),
+    (["train.adam_eps=0"], r"train.adam_eps=0.0 must be positive"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

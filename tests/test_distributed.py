@@ -51,8 +51,12 @@ def cl_mlm_cfg(corpus, out, batch_size):
         vision={"stem": "linear"},
         mim={"policy": "none"}, mlm={"policy": "entity", "text_only": True},
         loss={"w_mim": 0.0},
+        # adam_eps 1e-6: Adam's first step moves every weight by ~lr * g / (|g| + eps), so with
+        # the default 1e-8 a weight whose gradient is near 0 moves by +lr or -lr depending on the
+        # sign of float round-off, which differs between one and two processes (and between
+        # CPUs: it failed CI on another machine). 1e-6 makes the step continuous in g there.
         train={"out_dir": str(out), "steps": 3, "warmup_steps": 1, "log_every": 1,
-               "ckpt_every": 3, "threads": 1, "lr": 1e-3})
+               "ckpt_every": 3, "threads": 1, "lr": 1e-3, "adam_eps": 1e-6})
 
 
 def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):

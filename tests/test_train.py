@@ -52,6 +52,14 @@ def test_resume_continues_at_the_right_step_with_the_same_state(corpus, tmp_path
     assert steps == [3, 4]
 
 
+def test_optimizer_takes_the_configured_betas_and_eps(corpus, tmp_path):
+    out = pretrain(run_cfg(corpus, tmp_path / "run", steps=2, ckpt_every=2, adam_eps=1e-6,
+                           betas=(0.8, 0.9)), progress=False)
+    state = torch.load(out / "checkpoints" / "step_0000002" / "state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert groups and all(g["eps"] == 1e-6 and tuple(g["betas"]) == (0.8, 0.9) for g in groups)
+
+
 def test_metrics_log_every_term_and_source(corpus, tmp_path):
     cfg = run_cfg(corpus, tmp_path / "run", steps=2)
     cfg.model.init_temperature = 0.005  # logit scale 200 at init: clamped after the first step

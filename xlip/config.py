@@ -175,6 +175,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8  # AdamW epsilon (open_clip uses 1e-6 for ViTs)
     warmup_steps: int = 50
     grad_accum: int = 1
     clip_grad: float = 1.0
@@ -337,6 +338,8 @@ def validate(cfg: Config) -> None:
                           f"train.steps={tr.steps}")
     if len(tuple(tr.betas)) != 2:
         raise ConfigError("train.betas needs two numbers, e.g. [0.9, 0.98]")
+    if not tr.adam_eps > 0:
+        raise ConfigError(f"train.adam_eps={tr.adam_eps} must be positive, e.g. 1e-8")
 
 
 def _check_sources(cfg: Config) -> None:

@@ -169,7 +169,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
         # so CPU processes keep per-process batch statistics
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
-                            betas=tuple(tr.betas), fused=False)
+                            betas=tuple(tr.betas), eps=tr.adam_eps, fused=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, state = 0, None
     if resume:
