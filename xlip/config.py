@@ -15,8 +15,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from xlip.errors import XlipError
 
-class ConfigError(ValueError):
+
+class ConfigError(XlipError, ValueError):
     """A config file or override that cannot be used as written."""
 
 

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from xlip.errors import XlipError
 
-class ImageError(ValueError):
+
+class ImageError(XlipError, ValueError):
     """An image that cannot be decoded.
 
     ``str(err)`` names the file and the fix; ``err.reason`` is the short cause without the path

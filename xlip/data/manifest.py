@@ -13,12 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from xlip.errors import XlipError
 from xlip.text.labels import UnknownLabelError, parse_labels
 
 COLUMNS = ("image", "text", "labels", "split", "patient_id", "study_id", "view", "source")
 
 
-class ManifestError(ValueError):
+class ManifestError(XlipError, ValueError):
     """A manifest that cannot be used as it is."""
 
 

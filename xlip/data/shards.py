@@ -57,13 +57,14 @@ from PIL import Image
 from xlip.data.images import ImageError, load_image
 from xlip.data.manifest import (COLUMNS, Record, load_manifest, read_rows, reason_kind,
                                  write_rejects)
+from xlip.errors import XlipError
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
 SEP = ".tar#"  # "<shard>.tar#<member>" names a member of a shard
 
 
-class ShardPlanError(ValueError):
+class ShardPlanError(XlipError, ValueError):
     """An output folder that holds the shards of a different plan, or files not made by us."""
 
 

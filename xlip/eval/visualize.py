@@ -22,12 +22,13 @@ from xlip.config import Config
 from xlip.data.dataset import Collator, Sample
 from xlip.data.images import prepare_image
 from xlip.data.manifest import Record, load_manifest
+from xlip.errors import XlipError
 from xlip.masking import attention_masking, random_masking
 from xlip.model.vision import patchify, unpatchify
 from xlip.text.sections import select_text
 
 
-class VisualizeError(ValueError):
+class VisualizeError(XlipError, ValueError):
     """A model or input that cannot be visualised as asked."""
 
 

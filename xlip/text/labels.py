@@ -18,6 +18,8 @@ import re
 from types import MappingProxyType
 from typing import Mapping
 
+from xlip.errors import XlipError
+
 __all__ = [
     "CANONICAL_FINDINGS",
     "CHEXPERT_FINDINGS",
@@ -163,7 +165,7 @@ def _build_alias_table() -> Mapping[str, str]:
 LABEL_ALIASES: Mapping[str, str] = _build_alias_table()
 
 
-class UnknownLabelError(ValueError):
+class UnknownLabelError(XlipError, ValueError):
     """A label spelling that maps to no canonical finding."""
 
 

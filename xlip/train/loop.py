@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from xlip.config import Config, save_config
 from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset
 from xlip.data.images import dataset_stats
+from xlip.errors import XlipError
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
@@ -30,7 +31,7 @@ from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_s
 from xlip.train.precision import autocast
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(XlipError, RuntimeError):
     """Raised when a loss term becomes NaN or infinite."""
 
 

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from xlip.data.dataset import hash_int
 from xlip.data.manifest import COLUMNS, image_problem, reason_kind
+from xlip.errors import XlipError
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
 #: Columns after :data:`xlip.data.manifest.COLUMNS` in every adapter's manifest.
@@ -33,7 +34,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 FRONTAL = ("PA", "AP", "FRONTAL")  # FRONTAL: a frontal view not known to be PA or AP
 
 
-class AdapterError(ValueError):
+class AdapterError(XlipError, ValueError):
     """A dataset folder that cannot be read as the named dataset."""
 
 
