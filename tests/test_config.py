@@ -49,10 +49,39 @@ def test_save_roundtrip(tmp_path):
     (["mlm.row_fraction=1.5"], r"mlm.row_fraction=1.5 must lie in \(0, 1\]"),
     (["train.mode=fast", "mim.row_fraction=0.5"], "train.mode=fast trains CL on the masked"),
     (["train.adam_eps=0"], r"train.adam_eps=0.0 must be positive"),
+    # silently accepted before: betas truncated to two, lr rising, no checkpoints, unused weight
+    (["train.betas=[0.9, 0.98, 0.99]"], r"train.betas: expected 2 values, got 3"),
+    (["train.weight_decay=-0.1"], r"train.weight_decay=-0.1 must be 0 or more"),
+    (["train.min_lr_ratio=2"], r"train.min_lr_ratio=2.0 must lie in \[0, 1\]"),
+    (["train.ckpt_every=-1"], r"train.ckpt_every=-1 must be positive"),
+    (["mim.policy=none", "loss.w_mim=3", "mim.policy=none"],
+     r"loss.w_mim=3.0 but mim.policy=none, so the weight is never used"),
+    # stack traces before (a division or modulo by zero once training ran)
+    (["train.log_every=0"], r"train.log_every=0 must be positive"),
+    (["train.ckpt_every=0"], r"train.ckpt_every=0 must be positive"),
+    (["vision.patch_size=0"], r"vision.patch_size=0 must be positive"),
+    (["vision.image_size=-64"], r"vision.image_size=-64 must be positive"),
+    (["train.threads=-2"], r"train.threads=-2 must be 0 or more"),
+    (["data.num_workers=-1"], r"data.num_workers=-1 must be 0 or more"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_sections_validate_on_construction_not_only_when_loaded():
+    from xlip.config import LossConfig, MIMConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.betas"):
+        TrainConfig(betas=(0.9, 0.98, 0.99))
+    with pytest.raises(ConfigError, match="train.min_lr_ratio"):
+        TrainConfig(min_lr_ratio=1.5)
+    with pytest.raises(ConfigError, match="loss.w_mim=3.0 but mim.policy=none"):
+        Config(mim=MIMConfig(policy="none"), loss=LossConfig(w_mim=3.0, w_mlm=1.0))
+    cfg = Config()  # the defaults are valid
+    cfg.train.log_every = 0  # changed after construction: validate() still catches it
+    with pytest.raises(ConfigError, match="train.log_every=0"):
+        cfg.validate()
 
 
 def test_empty_key_in_yaml_file(tmp_path):

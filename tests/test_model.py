@@ -21,7 +21,8 @@ def total_loss(model, cfg, batch, seed=0):
     ("attention", "entity", "hybrid", "fast"), ("random", "entity", "linear", "fast")])
 def test_every_parameter_gets_a_gradient(mim, mlm, stem, mode):
     cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm}, vision={"stem": stem},
-                      train={"mode": mode})
+                      train={"mode": mode}, loss={"w_mim": float(mim != "none"),
+                                                  "w_mlm": float(mlm != "none")})
     torch.manual_seed(0)
     model = XLIPModel(cfg, VOCAB)
     loss, out, losses = total_loss(model, cfg, random_batch(cfg))

@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import BertConfig
 
 from xlip.config import Config, load_config, save_config
+from xlip.errors import MissingFileError
 from xlip.eval.zeroshot import (class_embeddings, encode_images, encode_tensor,
                                 positive_probability)
 from xlip.model.xlip import XLIPModel
@@ -32,7 +33,7 @@ class XLIP:
         path = Path(path)
         for name in ("config.yaml", "model.safetensors", "text_config.json", "tokenizer"):
             if not (path / name).exists():
-                raise FileNotFoundError(f"{path} is not an xlip model folder: {name} missing")
+                raise MissingFileError(f"{path} is not an xlip model folder: {name} missing")
         cfg = load_config(path / "config.yaml")
         tokenizer = load_tokenizer(path / "tokenizer")
         text_config = BertConfig.from_json_file(str(path / "text_config.json"))

@@ -8,18 +8,32 @@ import os
 import sys
 from pathlib import Path
 
+from xlip import __version__
 from xlip.config import ConfigError
+from xlip.errors import XlipError
+from xlip.paths import writable_dir, writable_file
 
 OVERRIDES_HELP = "dotted config overrides, e.g. train.steps=100 mim.policy=random"
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from xlip.config import load_config
+    from xlip.train.checkpoint import resolve_checkpoint
     from xlip.train.distributed import shutdown_distributed
     from xlip.train.loop import pretrain
 
-    cfg = load_config(args.config, args.overrides)
-    out = pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    config = args.config
+    if args.resume and not config:  # the checkpoint's own config, plus the overrides
+        if args.resume == "latest":
+            raise ConfigError("--resume latest needs --config (the run's config.yaml) to know "
+                              "the run folder; or give the checkpoint folder: --resume "
+                              "RUN/checkpoints/step_XXXXXXX")
+        config = resolve_checkpoint(Path("."), args.resume) / "config.yaml"
+    if args.resume_override and not args.resume:
+        raise ConfigError("--resume-override only applies together with --resume")
+    cfg = load_config(config, args.overrides)
+    out = pretrain(cfg, resume=args.resume, progress=not args.quiet,
+                   resume_override=args.resume_override)
     shutdown_distributed()
     print(f"model written to {out}")
     return 0
@@ -29,6 +43,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from xlip.api import XLIP
     from xlip.eval.zeroshot import evaluate_zeroshot, markdown_table, write_results
 
+    out = writable_dir(args.out or args.model, "--out")
     m = XLIP.from_pretrained(args.model)
     cfg = m.cfg
     manifest = args.manifest or cfg.data.eval_manifest
@@ -38,7 +53,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
                                args.split or cfg.data.eval_split,
                                args.findings or cfg.eval.findings)
     result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
-    js, md = write_results(result, Path(args.out or args.model))
+    js, md = write_results(result, out)
     print(markdown_table(result))
     print(f"written: {js} {md}")
     return 0
@@ -49,11 +64,13 @@ def _synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(size=args.size)
     if args.montage:
+        writable_file(args.montage, "--montage")
         print(f"montage written to {montage(args.montage, seed=args.seed, cfg=cfg)}")
         if not args.out:
             return 0
     if not args.out:
         raise ConfigError("xlip data synth needs --out DIR (or only --montage FILE.png)")
+    writable_dir(args.out, "--out")
     path = synthesize(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                       cfg=cfg, image_only_fraction=args.image_only,
                       text_only_fraction=args.text_only, workers=args.workers, progress=True)
@@ -72,6 +89,7 @@ def _prepare(args: argparse.Namespace) -> int:
         rad_vote=args.rad_vote, csv=args.csv or "", map=args.map or "",
         label_sep=args.label_sep, verify=args.verify, workers=args.workers,
         absolute_paths=args.absolute_paths, progress=not args.quiet)
+    writable_dir(args.out, "--out")
     summary = prepare(args.dataset, args.raw_dir, args.out, opts)
     print(summary.describe())
     out = Path(args.out)
@@ -82,6 +100,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from xlip.data.validate import exit_code, validate
 
+    if args.report:
+        writable_file(args.report, "--report")
     report = validate(args.manifests, args.eval, check_images=not args.no_images,
                       workers=args.workers, min_side=args.min_side, text_policy=args.text_policy)
     if args.report:
@@ -93,6 +113,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _shard(args: argparse.Namespace) -> int:
     from xlip.data.shards import write_shards
 
+    writable_dir(args.out, "--out")
     try:
         summary = write_shards(args.manifest, args.out, size=args.size,
                                shard_rows=args.shard_rows, workers=args.workers,
@@ -111,18 +132,24 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from xlip.text.sections import select_text
     from xlip.text.tokenizer import train_wordpiece
 
+    writable_dir(args.out, "--out")
     texts = []
     for m in args.manifests:
         texts += [select_text(r.text, args.text_policy) for r in
                   load_manifest(m, verify_images=False) if r.text and r.split == args.split]
     tok = train_wordpiece(texts, args.out, vocab_size=args.vocab_size)
     print(f"WordPiece vocabulary of {len(tok)} tokens from {len(texts)} reports → {args.out}")
+    if len(tok) < args.vocab_size:
+        print(f"note: --vocab-size {args.vocab_size} asked for more tokens than these reports "
+              f"yield; the vocabulary has {len(tok)} (every word piece seen at least twice)",
+              file=sys.stderr)
     return 0
 
 
 def _text_label(args: argparse.Namespace) -> int:
     from xlip.text.labeller import label_csv
 
+    writable_file(args.out, "--out")
     summary = label_csv(args.input, args.out, args.text_column, args.text_policy, args.prefix)
     print(summary.describe())
     print(f"written: {args.out}")
@@ -132,6 +159,7 @@ def _text_label(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from xlip.demo import run_demo
 
+    writable_dir(args.out, "--out")
     result = run_demo(Path(args.out), args.overrides, quick=args.quick)
     print(json.dumps({"mean_auc": result["mean_auc"]}))
     return 0
@@ -141,7 +169,7 @@ def _ablate(args: argparse.Namespace) -> int:
     from xlip.ablate import DEFAULT_VARIANTS, AblationSpec, run_ablation, variant_overrides
     from xlip.config import load_config
 
-    out = Path(args.out)
+    out = writable_dir(args.out, "--out")
     overrides = list(args.overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("xlip ablate runs its variants one after another in one process: start "
@@ -180,6 +208,7 @@ def _visualize(args: argparse.Namespace) -> int:
     from xlip.api import XLIP
     from xlip.eval.visualize import visualize
 
+    writable_dir(args.out, "--out")
     m = XLIP.from_pretrained(args.model)
     manifest = args.manifest
     if manifest and not Path(manifest).is_file():
@@ -200,6 +229,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     from xlip.bench import run_bench
 
+    if args.out:
+        writable_file(args.out, "--out")
     base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     base.pop("data", None)
     rows = run_bench(base, args.group, args.batch_size, args.steps,
@@ -213,6 +244,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xlip", description=__doc__)
+    p.add_argument("--version", action="version", version=f"xlip {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="synthetic corpus → tokenizer → pre-train → zero-shot")
@@ -327,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pre-train XLIP")
     pt.add_argument("--config", help="YAML config file")
-    pt.add_argument("--resume", help="'latest' or a checkpoint folder")
+    pt.add_argument("--resume", help="'latest' (with --config) or a checkpoint folder (its "
+                    "config.yaml is the default config); overrides that differ from the "
+                    "checkpoint's config are refused unless --resume-override")
+    pt.add_argument("--resume-override", action="store_true",
+                    help="apply overrides that differ from the checkpoint's config from the "
+                         "resumed step on (not those that change the model's shape)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     pt.set_defaults(func=_pretrain)
@@ -392,16 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `xlip ... | head`: the reader has gone, nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ConfigError, OSError, ValueError) as err:  # VisualizeError is one; OSError: an
-        print(f"xlip: error: {err}", file=sys.stderr)  # --out that is a file, no permission
-        return 2
-    except RuntimeError as err:
-        from xlip.train.loop import NonFiniteLossError
-
-        if not isinstance(err, NonFiniteLossError):
-            raise
+    except XlipError as err:  # a fault the user can fix: one line, no traceback
         print(f"xlip: error: {err}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as err:  # a file or folder the system refused (permission, disk full, ...)
+        if err.filename is None:
+            raise
+        print(f"xlip: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ class VisionConfig:
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
+    def __post_init__(self) -> None:
+        _check_vision(self)
+
 
 @dataclass
 class TextConfig:
@@ -88,6 +91,9 @@ class TextConfig:
         return (self.hidden or p[0], self.layers or p[1], self.heads or p[2],
                 self.intermediate or p[3])
 
+    def __post_init__(self) -> None:
+        _check_text(self)
+
 
 @dataclass
 class ModelConfig:
@@ -98,6 +104,9 @@ class ModelConfig:
     mae_decoder_depth: int = 4
     mae_decoder_heads: int = 8
     mm_decoder_depth: int = 2  # multimodal text decoder for EntMLM (width = text hidden)
+
+    def __post_init__(self) -> None:
+        _check_model(self)
 
 
 @dataclass
@@ -110,6 +119,9 @@ class MIMConfig:
     # step); below 1 the visible-patch pass, the MAE decoder and AttMIM scoring run on fewer
     # rows, so a step costs less. CL always sees every row.
     row_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_mim(self)
 
 
 @dataclass
@@ -127,6 +139,9 @@ class MLMConfig:
     # below 1 the masked BERT pass and the multimodal decoder run on fewer rows
     row_fraction: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check_mlm(self)
+
 
 @dataclass
 class LossConfig:
@@ -136,6 +151,9 @@ class LossConfig:
     # contrastive positives: text (identical reports, prompts of equal findings) | labels
     # (also soft positives weighted by label-set agreement, MedCLIP)
     cl_targets: str = "text"
+
+    def __post_init__(self) -> None:
+        _check_loss(self)
 
 
 @dataclass
@@ -147,6 +165,9 @@ class SourceConfig:
     weight: float = 1.0
     split: str = "train"
     name: str = ""  # for logging; default: kind
+
+    def __post_init__(self) -> None:
+        _check_source(self)
 
 
 @dataclass
@@ -168,6 +189,9 @@ class DataConfig:
     pixel_std: float = 0.0  # images when pre-training starts and saved in config.yaml
     shuffle_pairs: bool = False  # control experiment: break image-report pairing
 
+    def __post_init__(self) -> None:
+        _check_data(self)
+
 
 @dataclass
 class TrainConfig:
@@ -181,6 +205,9 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_accum: int = 1
     clip_grad: float = 1.0
+    # stop (exit 2, no final model) when the loss exceeds this many times its lowest logged
+    # value; 0: off. NaN/inf losses and gradient norms always stop the run
+    diverge_factor: float = 100.0
     precision: str = "auto"  # auto (bf16 on GPUs and CPUs with AMX/AVX512-BF16, else fp32) | bf16 | fp32
     seed: int = 0
     log_every: int = 10
@@ -191,12 +218,18 @@ class TrainConfig:
     # MIM and MLM; the full image is encoded without gradients, only for AttMIM's scores
     mode: str = "default"
 
+    def __post_init__(self) -> None:
+        _check_train(self)
+
 
 @dataclass
 class EvalConfig:
     findings: list[str] = field(default_factory=list)  # empty: every label present in eval set
     bootstrap: int = 200
     batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_eval(self)
 
 
 @dataclass
@@ -210,6 +243,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def pixel_stats(self) -> tuple[float, float] | None:
         """The (mean, std) images are normalised with; None: per image."""
@@ -237,30 +273,21 @@ def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
         raise ConfigError(f"{key}: unknown value {value!r}; choose one of {', '.join(allowed)}")
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError on values out of range or settings that contradict each other."""
-    v, t = cfg.vision, cfg.text
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        need = "0 or more" if allow_zero else "positive"
+        raise ConfigError(f"{key}={value} must be {need}")
+
+
+def _check_vision(v: VisionConfig) -> None:
     _choice("vision.preset", v.preset, [*VIT_PRESETS, "custom"])
     _choice("vision.stem", v.stem, ("linear", "conv", "hybrid"))
     _choice("vision.attn_impl", v.attn_impl, ("explicit", "sdpa"))
     _choice("vision.pool", v.pool, ("cls", "avg"))
-    _choice("text.preset", t.preset, [*BERT_PRESETS, "custom"])
-    _choice("text.attn_impl", t.attn_impl, ("eager", "sdpa"))
-    _choice("text.pool", t.pool, ("cls", "mean"))
-    _choice("mim.policy", cfg.mim.policy, MIM_POLICIES)
-    _choice("mlm.policy", cfg.mlm.policy, MLM_POLICIES)
-    _choice("loss.cl_targets", cfg.loss.cl_targets, ("text", "labels"))
-    _choice("train.precision", cfg.train.precision, ("auto", "bf16", "fp32"))
-    _choice("train.mode", cfg.train.mode, ("default", "fast"))
-    if cfg.train.mode == "fast" and cfg.mim.policy == "none":
-        raise ConfigError("train.mode=fast encodes only the visible patches of a masked image; "
-                          "it needs mim.policy=attention or random (mim.policy=none: use "
-                          "train.mode=default)")
-    from xlip.text.sections import TEXT_POLICIES
-
-    _choice("data.text_policy", cfg.data.text_policy, TEXT_POLICIES)
-    if cfg.mlm.text_policy:
-        _choice("mlm.text_policy", cfg.mlm.text_policy, TEXT_POLICIES)
+    for key in ("image_size", "patch_size", "in_chans", "mlp_ratio"):
+        _positive(f"vision.{key}", getattr(v, key))
+    for key in ("width", "depth", "heads"):
+        _positive(f"vision.{key}", getattr(v, key), allow_zero=True)
     if v.image_size % v.patch_size:
         raise ConfigError(f"vision.image_size={v.image_size} is not a multiple of "
                           f"vision.patch_size={v.patch_size}")
@@ -273,6 +300,14 @@ def validate(cfg: Config) -> None:
     if v.stem == "hybrid" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
         raise ConfigError("vision.stem=hybrid needs vision.patch_size a power of two "
                           "(one stride-2 stage per halving)")
+
+
+def _check_text(t: TextConfig) -> None:
+    _choice("text.preset", t.preset, [*BERT_PRESETS, "custom"])
+    _choice("text.attn_impl", t.attn_impl, ("eager", "sdpa"))
+    _choice("text.pool", t.pool, ("cls", "mean"))
+    for key in ("hidden", "layers", "heads", "intermediate"):
+        _positive(f"text.{key}", getattr(t, key), allow_zero=True)
     if not t.pretrained:
         hidden, layers, theads, _ = t.resolved()
         if not (hidden and layers and theads) or hidden % theads:
@@ -281,67 +316,150 @@ def validate(cfg: Config) -> None:
         raise ConfigError("text.max_length must be at least 8")
     if not 0.0 <= t.dropout < 1.0:
         raise ConfigError(f"text.dropout={t.dropout} must lie in [0, 1)")
+
+
+def _check_model(m: ModelConfig) -> None:
+    for key in ("embed_dim", "init_temperature", "max_logit_scale", "mae_decoder_width",
+                "mae_decoder_depth", "mae_decoder_heads", "mm_decoder_depth"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.mae_decoder_width % m.mae_decoder_heads:
+        raise ConfigError(f"model.mae_decoder_width={m.mae_decoder_width} must divide by "
+                          f"model.mae_decoder_heads={m.mae_decoder_heads}")
+
+
+def _check_mim(m: MIMConfig) -> None:
+    _choice("mim.policy", m.policy, MIM_POLICIES)
     for name in ("ratio", "high_share"):
-        x = getattr(cfg.mim, name)
+        x = getattr(m, name)
         if not 0.0 < x < 1.0:
             raise ConfigError(f"mim.{name}={x} must lie strictly between 0 and 1")
+    if not 0.0 < m.row_fraction <= 1.0:
+        raise ConfigError(f"mim.row_fraction={m.row_fraction} must lie in (0, 1]")
+
+
+def _check_mlm(m: MLMConfig) -> None:
+    from xlip.text.sections import TEXT_POLICIES
+
+    _choice("mlm.policy", m.policy, MLM_POLICIES)
+    if m.text_policy:
+        _choice("mlm.text_policy", m.text_policy, TEXT_POLICIES)
+    if not 0.0 < m.row_fraction <= 1.0:
+        raise ConfigError(f"mlm.row_fraction={m.row_fraction} must lie in (0, 1]")
+    if not 0.0 < m.min_ratio <= m.max_ratio < 1.0:
+        raise ConfigError(f"need 0 < mlm.min_ratio ({m.min_ratio}) <= mlm.max_ratio "
+                          f"({m.max_ratio}) < 1")
+    if m.text_only and m.policy == "none":
+        raise ConfigError("mlm.text_only=true needs an mlm.policy other than none")
+
+
+def _check_loss(lo: LossConfig) -> None:
+    _choice("loss.cl_targets", lo.cl_targets, ("text", "labels"))
     for term in ("mim", "mlm"):
-        x = getattr(cfg, term).row_fraction
-        if not 0.0 < x <= 1.0:
-            raise ConfigError(f"{term}.row_fraction={x} must lie in (0, 1]")
+        w = getattr(lo, f"w_{term}")
+        if w < 0:
+            raise ConfigError(f"loss.w_{term}={w} is negative")
+    if lo.w_cl <= 0:
+        raise ConfigError(f"loss.w_cl={lo.w_cl}: the contrastive loss is what trains "
+                          "image_proj, text_proj and the temperature, without which the model "
+                          "cannot embed images or texts (zero-shot, retrieval); give it a "
+                          "positive weight")
+
+
+def _check_source(s: SourceConfig, where: str = "data.sources[]") -> None:
+    _choice(f"{where}.kind", s.kind, KINDS)
+    if not s.manifest:
+        raise ConfigError(f"{where}.manifest is empty: give the manifest path")
+    if s.weight <= 0:
+        raise ConfigError(f"{where}.weight={s.weight} must be positive")
+    if not s.split:
+        raise ConfigError(f"{where}.split is empty: give the manifest split to read, e.g. train")
+
+
+def _check_data(d: DataConfig) -> None:
+    from xlip.text.sections import TEXT_POLICIES
+
+    _choice("data.text_policy", d.text_policy, TEXT_POLICIES)
+    _choice("data.normalize", d.normalize, ("image", "dataset"))
+    if d.pixel_std < 0 or (d.normalize == "image" and (d.pixel_std or d.pixel_mean)):
+        raise ConfigError(f"data.pixel_mean/pixel_std ({d.pixel_mean}, {d.pixel_std}) are read "
+                          "only with data.normalize=dataset, and pixel_std must be positive "
+                          "(0: measure it)")
+    if d.batch_size < 2:
+        raise ConfigError("data.batch_size must be at least 2 (contrastive loss needs negatives)")
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.prompt_negatives", d.prompt_negatives, allow_zero=True)
+    for i, s in enumerate(d.sources):
+        if not isinstance(s, SourceConfig):
+            raise ConfigError(f"data.sources[{i}]: expected a source mapping, got {s!r}")
+        _check_source(s, f"data.sources[{i}]")
+
+
+def _check_train(tr: TrainConfig) -> None:
+    _choice("train.precision", tr.precision, ("auto", "bf16", "fp32"))
+    _choice("train.mode", tr.mode, ("default", "fast"))
+    for key in ("steps", "grad_accum", "lr", "log_every", "ckpt_every", "adam_eps"):
+        _positive(f"train.{key}", getattr(tr, key))
+    for key in ("weight_decay", "warmup_steps", "clip_grad", "threads", "diverge_factor"):
+        _positive(f"train.{key}", getattr(tr, key), allow_zero=True)
+    if 0 < tr.diverge_factor <= 1:
+        raise ConfigError(f"train.diverge_factor={tr.diverge_factor} would stop a run whose "
+                          "loss merely does not fall; give a factor above 1 (e.g. 100) or 0 "
+                          "(off)")
+    if not 0.0 <= tr.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={tr.min_lr_ratio} must lie in [0, 1] (the "
+                          "lowest learning rate as a share of train.lr)")
+    if tr.warmup_steps >= tr.steps and tr.steps > 1:
+        raise ConfigError(f"train.warmup_steps={tr.warmup_steps} must be below "
+                          f"train.steps={tr.steps}")
+    if len(tuple(tr.betas)) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
+        raise ConfigError(f"train.betas={list(tr.betas)} needs two numbers in [0, 1), "
+                          "e.g. [0.9, 0.98]")
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _positive("eval.bootstrap", e.bootstrap, allow_zero=True)
+    _positive("eval.batch_size", e.batch_size)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError on values out of range or settings that contradict each other.
+
+    Each section checks its own values when it is constructed; this adds the checks across
+    sections (and repeats the sections', for a config changed after construction)."""
+    _check_vision(cfg.vision)
+    _check_text(cfg.text)
+    _check_model(cfg.model)
+    _check_mim(cfg.mim)
+    _check_mlm(cfg.mlm)
+    _check_loss(cfg.loss)
+    _check_data(cfg.data)
+    _check_train(cfg.train)
+    _check_eval(cfg.eval)
+    if cfg.train.mode == "fast" and cfg.mim.policy == "none":
+        raise ConfigError("train.mode=fast encodes only the visible patches of a masked image; "
+                          "it needs mim.policy=attention or random (mim.policy=none: use "
+                          "train.mode=default)")
     if cfg.train.mode == "fast" and cfg.mim.row_fraction < 1.0:
         raise ConfigError(f"train.mode=fast trains CL on the masked images, so every row must "
                           f"be masked: mim.row_fraction={cfg.mim.row_fraction} needs "
                           "train.mode=default (or mim.row_fraction=1)")
-    if not 0.0 < cfg.mlm.min_ratio <= cfg.mlm.max_ratio < 1.0:
-        raise ConfigError(f"need 0 < mlm.min_ratio ({cfg.mlm.min_ratio}) <= mlm.max_ratio "
-                          f"({cfg.mlm.max_ratio}) < 1")
     for term, policy in (("mim", cfg.mim.policy), ("mlm", cfg.mlm.policy)):
         w = getattr(cfg.loss, f"w_{term}")
-        if w < 0:
-            raise ConfigError(f"loss.w_{term}={w} is negative")
         if w == 0 and policy != "none":
             raise ConfigError(f"loss.w_{term}=0 but {term}.policy={policy}: set "
                               f"{term}.policy=none to switch the task off")
-    if cfg.loss.w_cl <= 0:
-        raise ConfigError(f"loss.w_cl={cfg.loss.w_cl}: the contrastive loss is what trains "
-                          "image_proj, text_proj and the temperature, without which the model "
-                          "cannot embed images or texts (zero-shot, retrieval); give it a "
-                          "positive weight")
+        if w > 0 and policy == "none":
+            raise ConfigError(f"loss.w_{term}={w} but {term}.policy=none, so the weight is "
+                              f"never used: set loss.w_{term}=0, or switch {term} on")
     if cfg.mim.policy == "attention" and cfg.mlm.policy == "none":
         raise ConfigError("mim.policy=attention scores patches with the cross-attention that "
                           "EntMLM trains, but mlm.policy=none; use mim.policy=random or "
                           "switch MLM on")
-    if cfg.mlm.text_only and cfg.mlm.policy == "none":
-        raise ConfigError("mlm.text_only=true needs an mlm.policy other than none")
     for i, s in enumerate(cfg.data.sources):
-        _choice(f"data.sources[{i}].kind", s.kind, KINDS)
-        if not s.manifest:
-            raise ConfigError(f"data.sources[{i}].manifest is empty: give the manifest path")
-        if s.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be positive")
         if s.kind == "text_only" and not cfg.mlm.text_only:
             raise ConfigError(f"data.sources[{i}] is text_only but mlm.text_only=false: "
                               "text-only reports only train EntMLM; set mlm.text_only=true")
     _check_sources(cfg)
-    _choice("data.normalize", cfg.data.normalize, ("image", "dataset"))
-    if cfg.data.pixel_std < 0 or (cfg.data.normalize == "image" and
-                                  (cfg.data.pixel_std or cfg.data.pixel_mean)):
-        raise ConfigError(f"data.pixel_mean/pixel_std ({cfg.data.pixel_mean}, "
-                          f"{cfg.data.pixel_std}) are read only with data.normalize=dataset, "
-                          "and pixel_std must be positive (0: measure it)")
-    if cfg.data.batch_size < 2:
-        raise ConfigError("data.batch_size must be at least 2 (contrastive loss needs negatives)")
-    tr = cfg.train
-    if tr.steps < 1 or tr.grad_accum < 1 or tr.lr <= 0:
-        raise ConfigError("train.steps, train.grad_accum and train.lr must be positive")
-    if tr.warmup_steps >= tr.steps and tr.steps > 1:
-        raise ConfigError(f"train.warmup_steps={tr.warmup_steps} must be below "
-                          f"train.steps={tr.steps}")
-    if len(tuple(tr.betas)) != 2:
-        raise ConfigError("train.betas needs two numbers, e.g. [0.9, 0.98]")
-    if not tr.adam_eps > 0:
-        raise ConfigError(f"train.adam_eps={tr.adam_eps} must be positive, e.g. 1e-8")
 
 
 def _check_sources(cfg: Config) -> None:
@@ -388,7 +506,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
             raise ConfigError(f"unknown config key {full!r}{hint}; valid keys under "
                               f"{path or 'the top level'}: {', '.join(sorted(names))}")
         kwargs[key] = _coerce(hints[key], value, full)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a source checks itself without knowing its place in the list
+        raise ConfigError(str(err).replace("data.sources[]", path)) from None
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -406,6 +527,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         args = get_args(tp)
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)} "
+                              f"({list(value)})")
         return tuple(_coerce(a, v, path) for a, v in zip(args, value))
     if tp is bool:
         if isinstance(value, bool):

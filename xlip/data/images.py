@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xlip.errors import XlipError
+from xlip.errors import InputError, XlipError
 
 
 class ImageError(XlipError, ValueError):
@@ -208,7 +208,7 @@ def dataset_stats(paths: Sequence[str | Path], size: int, limit: int = 512,
     """(mean, std) of the resized [0, 1] pixels of up to ``limit`` images drawn with ``seed``."""
     paths = list(paths)
     if not paths:
-        raise ValueError("no images to measure the dataset's pixel statistics on")
+        raise InputError("no images to measure the dataset's pixel statistics on")
     pick = random.Random(seed).sample(paths, min(limit, len(paths)))
     total = total_sq = 0.0
     for p in pick:

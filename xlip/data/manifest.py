@@ -8,6 +8,7 @@ reason; by default loading then stops with an error naming the file, the rows an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -43,29 +44,109 @@ class Record:
         return "image_only" if self.image else "text_only"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
+SPLIT_NAMES = ("train", "valid", "val", "validate", "test")
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """Every data row of a CSV / JSONL manifest as strings (``image_path`` read as ``image``)."""
+    """Every data row of a CSV / JSONL manifest as strings (``image_path`` read as ``image``).
+
+    UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"). A file that is not UTF-8,
+    has no data rows, or holds a quote that swallows the rows after it raises ManifestError
+    naming the line."""
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
+    text = _decode(path)
     if path.suffix in (".jsonl", ".json"):
         rows: list[dict[str, str]] = []
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
+        for i, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append({k: "" if v is None else str(v)
-                                 for k, v in json.loads(line).items()})
+                    item = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ManifestError(f"{path} line {i}: not valid JSON ({err})") from None
+                if not isinstance(item, dict):
+                    raise ManifestError(f"{path} line {i}: expected a JSON object per line")
+                rows.append({k: "" if v is None else str(v) for k, v in item.items()})
     else:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                raise ManifestError(f"manifest {path} is empty")
-            rows = [{k: (v or "") for k, v in r.items() if k is not None} for r in reader]
-    if rows and "image" not in rows[0] and "image_path" in rows[0]:  # the ../shared/data spelling
+        rows = _read_csv(path, text)
+    if not rows:
+        raise ManifestError(f"manifest {path} has no data rows (a header at most); add rows "
+                            "or give another manifest")
+    if "image" not in rows[0] and "image_path" in rows[0]:  # the ../shared/data spelling
         for r in rows:
             r["image"] = r.pop("image_path")
     return rows
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ManifestError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                            "save the file as UTF-8 (Excel: \"CSV UTF-8\"), e.g. iconv -f "
+                            "cp1252 -t utf-8") from None
+
+
+def _read_csv(path: Path, text: str) -> list[dict[str, str]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[dict[str, str]] = []
+    end = 0  # the physical line the previous record ended on
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ManifestError(f"manifest {path} is empty")
+        end = reader.line_num
+        for values in reader:
+            start, end = end + 1, reader.line_num
+            if not values:
+                continue
+            if end > start:
+                _check_swallowed(path, header, values, start, end, len(rows) + 1)
+            row = dict(zip(header, values))
+            for k in header[len(values):]:
+                row[k] = ""
+            rows.append(row)
+    except csv.Error as err:
+        start = end + 1
+        hint = (f"; most likely a quote opens in data row {len(rows) + 1} (line {start}) and "
+                "is never closed, so every line after it was read into one field. Close it, or "
+                "write a quote inside a field as \"\"") if "field limit" in str(err) else ""
+        raise ManifestError(f"{path} line {reader.line_num}: not a valid CSV row ({err})"
+                            f"{hint}") from None
+    return rows
+
+
+def _looks_like_row(line: str, header: list[str]) -> bool:
+    """A line that parses as a whole manifest row: one field per column, and an image path
+    or a split name where the header has them."""
+    try:
+        values = next(csv.reader([line]), [])
+    except csv.Error:
+        return False
+    if len(values) != len(header):
+        return False
+    row = dict(zip(header, values))
+    image = (row.get("image") or row.get("image_path") or "").strip().lower()
+    return (image.endswith(IMAGE_SUFFIXES) or ".tar#" in image
+            or row.get("split", "").strip().lower() in SPLIT_NAMES)
+
+
+def _check_swallowed(path: Path, header: list[str], values: list[str], start: int, end: int,
+                     row: int) -> None:
+    """A quoted field may hold line breaks (a multi-line report), but not lines that are
+    themselves manifest rows: those were swallowed by a quote that never closed."""
+    for col, value in zip(header, values):
+        lines = value.split("\n")[1:]
+        swallowed = [x for x in lines if _looks_like_row(x.rstrip("\r"), header)]
+        if swallowed:
+            raise ManifestError(
+                f"{path} data row {row} (line {start}): a quote opens in its {col!r} field and "
+                f"does not close until line {end}, so {len(swallowed)} line(s) that are rows of "
+                f"their own were read into that field (the first: {swallowed[0][:60]!r}). "
+                "Remove the stray quote, or write a quote inside a field as \"\"")
 
 
 def image_problem(path: str) -> str:

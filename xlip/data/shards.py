@@ -57,7 +57,7 @@ from PIL import Image
 from xlip.data.images import ImageError, load_image
 from xlip.data.manifest import (COLUMNS, Record, load_manifest, read_rows, reason_kind,
                                  write_rejects)
-from xlip.errors import XlipError
+from xlip.errors import InputError, XlipError
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
@@ -224,7 +224,7 @@ def write_shards(manifest: str | Path, out_dir: str | Path, size: int = 256,
     """
     for name, value in (("size", size), ("shard_rows", shard_rows), ("workers", workers)):
         if value < 1:
-            raise ValueError(f"write_shards: {name}={value} must be >= 1")
+            raise InputError(f"write_shards: {name}={value} must be >= 1")
     manifest, out = Path(manifest).resolve(), Path(out_dir).resolve()
     if out / "manifest.csv" == manifest:
         raise ShardPlanError(f"--out {out} would replace the source manifest {manifest}; "

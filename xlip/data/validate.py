@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from xlip.data.manifest import COLUMNS, ManifestError, read_rows, image_problem
+from xlip.errors import InputError
 from xlip.text.labels import UnknownLabelError, canonical_label
 from xlip.text.sections import select_text
 
@@ -369,10 +370,10 @@ def validate(manifests: Sequence[str | Path], eval_manifests: Sequence[str | Pat
         text_policy: the section selection training uses (``data.text_policy``).
 
     Returns:
-        The report; nothing is raised for bad data (bad arguments raise ValueError).
+        The report; nothing is raised for bad data (bad arguments raise InputError).
     """
     if not manifests:
-        raise ValueError("validate needs at least one training manifest")
+        raise InputError("validate needs at least one training manifest")
     select_text("", text_policy)  # raises ValueError naming the valid policies
     report = Report([str(m) for m in manifests], [str(m) for m in eval_manifests])
     checker = _Checker(text_policy, min_side, report)

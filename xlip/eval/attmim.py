@@ -20,6 +20,7 @@ from xlip.data.dataset import Collator, Sample
 from xlip.data.images import prepare_image
 from xlip.data.manifest import Record, load_manifest
 from xlip.data.synthetic import SynthConfig, study
+from xlip.errors import InputError
 from xlip.masking import attention_masking
 from xlip.text.sections import select_text
 
@@ -77,7 +78,7 @@ def lesion_mask_share(model, tokenizer, cfg: Config, manifest: str | Path, split
         shares.append(float(np.mean(masked)))
         kinds.append(kind)
     if not shares:
-        raise ValueError(f"{manifest}: no {split} image with exactly one nodule or mass")
+        raise InputError(f"{manifest}: no {split} image with exactly one nodule or mass")
     kinds_arr, shares_arr = np.array(kinds), np.array(shares)
     return {"images": len(shares), "mask_ratio": cfg.mim.ratio,
             "masked_share": float(shares_arr.mean()),

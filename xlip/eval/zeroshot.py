@@ -3,6 +3,7 @@ is the softmax probability of the positive set. AUC, F1 and ACC with bootstrap 9
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from xlip.config import Config
 from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
+from xlip.errors import InputError
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci, f1_acc
 from xlip.text.prompts import zeroshot_prompts
 from xlip.train.precision import autocast
@@ -92,9 +94,17 @@ def evaluate_zeroshot(model, tokenizer, cfg: Config, manifest: str | Path,
     batch_size, bootstrap = cfg.eval.batch_size, cfg.eval.bootstrap
     records = eval_records(manifest, split)
     findings = list(findings) or default_findings(records)
-    unknown = [f for f in findings if not any(f in r.labels for r in records)]
+    present = sorted({f for r in records for f in r.labels})
+    unknown = [f for f in findings if f not in present]
     if unknown:
-        raise ValueError(f"eval.findings {unknown} never occur in {manifest} split {split!r}")
+        hints = []
+        for f in unknown:
+            close = difflib.get_close_matches(f.lower(), [p.lower() for p in present], n=2,
+                                              cutoff=0.6)
+            names = [p for p in present if p.lower() in close]
+            hints.append(f"{f!r}" + (f" (did you mean {' or '.join(names)}?)" if names else ""))
+        raise InputError(f"eval.findings: {', '.join(hints)} never occur in {manifest} split "
+                         f"{split!r}; its findings are {', '.join(present)}")
     img = encode_images(model, [r.image for r in records], image_size, batch_size,
                         cfg.pixel_stats(), cfg.train.precision)
     cls, prompts = class_embeddings(model, tokenizer, findings, max_length)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
 from xlip.config import TextConfig
+from xlip.errors import InputError, MissingFileError
 
 
 def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = None) -> BertModel:
@@ -19,7 +20,7 @@ def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = Non
     if cfg.pretrained:
         p = Path(cfg.pretrained)
         if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"text.pretrained: {p} is not a local Hugging Face model "
+            raise MissingFileError(f"text.pretrained: {p} is not a local Hugging Face model "
                                     "directory (no config.json); nothing is downloaded")
         model = BertModel.from_pretrained(str(p), local_files_only=True,
                                           add_pooling_layer=False,
@@ -27,7 +28,7 @@ def build_bert(cfg: TextConfig, vocab_size: int, config: BertConfig | None = Non
                                           hidden_dropout_prob=cfg.dropout,
                                           attention_probs_dropout_prob=cfg.dropout)
         if model.config.vocab_size < vocab_size:
-            raise ValueError(f"{p}: model vocabulary ({model.config.vocab_size}) is smaller "
+            raise InputError(f"{p}: model vocabulary ({model.config.vocab_size}) is smaller "
                              f"than the tokenizer's ({vocab_size}); use the model's tokenizer")
         return model
     hidden, layers, heads, inter = cfg.resolved()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xlip.config import VisionConfig
+from xlip.errors import InputError, MissingFileError
 from xlip.model.layers import Block, init_weights, sincos_2d
 
 
@@ -213,7 +214,7 @@ def load_timm_weights(model: VisionTransformer, path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vision.pretrained: {path} does not exist; give a local "
+        raise MissingFileError(f"vision.pretrained: {path} does not exist; give a local "
                                 "timm ViT state dict (.safetensors, .pth or .bin)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -229,7 +230,7 @@ def load_timm_weights(model: VisionTransformer, path: str | Path) -> list[str]:
     w = state.get("patch_embed.proj.weight")
     if w is not None and w.shape[1] != model.cfg.in_chans:
         if model.cfg.in_chans != 1:
-            raise ValueError(f"{path}: patch embedding has {w.shape[1]} channels, model "
+            raise InputError(f"{path}: patch embedding has {w.shape[1]} channels, model "
                              f"{model.cfg.in_chans}")
         state["patch_embed.proj.weight"] = w.sum(dim=1, keepdim=True)
     pe = state.get("pos_embed")
@@ -238,11 +239,11 @@ def load_timm_weights(model: VisionTransformer, path: str | Path) -> list[str]:
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if k in own and v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"{path}: shapes do not match the configured ViT "
+        raise InputError(f"{path}: shapes do not match the configured ViT "
                          f"(check vision.preset / patch_size): {'; '.join(bad[:5])}")
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise ValueError(f"{path}: keys not in an xlip ViT: {unexpected[:8]} — is this a "
+        raise InputError(f"{path}: keys not in an xlip ViT: {unexpected[:8]} — is this a "
                          "timm VisionTransformer state dict?")
     missing = [k for k in own if k not in state]
     model.load_state_dict(state, strict=False)

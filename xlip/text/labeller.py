@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xlip.errors import InputError, MissingFileError
 from xlip.text.ner import label_sets
 from xlip.text.sections import TEXT_POLICIES, select_text
 
@@ -60,25 +61,25 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
     """
     src, out = Path(src), Path(out)
     if text_policy not in TEXT_POLICIES:
-        raise ValueError(f"unknown text policy {text_policy!r}; choose one of "
+        raise InputError(f"unknown text policy {text_policy!r}; choose one of "
                          f"{', '.join(TEXT_POLICIES)}")
     if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such CSV file")
+        raise MissingFileError(f"{src}: no such CSV file")
     if src.resolve() == out.resolve():
-        raise ValueError(f"{out}: the output must not overwrite the input; choose another --out")
+        raise InputError(f"{out}: the output must not overwrite the input; choose another --out")
     with src.open(newline="", encoding="utf-8-sig") as fh:  # a BOM is not part of a name
         reader = csv.DictReader(fh)
         header = list(reader.fieldnames or [])
         rows = list(reader)
     if not header:
-        raise ValueError(f"{src}: empty file (no header row)")
+        raise InputError(f"{src}: empty file (no header row)")
     if text_column not in header:
-        raise ValueError(f"{src}: no column {text_column!r}; columns are {', '.join(header)}. "
+        raise InputError(f"{src}: no column {text_column!r}; columns are {', '.join(header)}. "
                          "Fix: pass --text-column with the column that holds the report")
     added = [prefix + c for c in LABEL_COLUMNS]
     clash = [c for c in added if c in header]
     if clash:
-        raise ValueError(f"{src} already has column(s) {', '.join(clash)}; pass --prefix "
+        raise InputError(f"{src} already has column(s) {', '.join(clash)}; pass --prefix "
                          "(e.g. --prefix ner_) to add the NER labels under other names")
 
     summary, rejects = LabelSummary(rows=len(rows)), []

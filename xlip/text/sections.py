@@ -20,6 +20,8 @@ import re
 from types import MappingProxyType
 from typing import Mapping
 
+from xlip.errors import InputError
+
 __all__ = ["SECTION_HEADERS", "TEXT_POLICIES", "clean_deid", "parse_sections", "select_text"]
 
 #: Text field policies accepted by :func:`select_text`.
@@ -152,10 +154,10 @@ def select_text(report: str, policy: str = "findings_impression") -> str:
     Sections come from :func:`parse_sections` and are cleaned by :func:`clean_deid`.
 
     Raises:
-        ValueError: unknown policy; the message lists the valid ones.
+        InputError (a ValueError): unknown policy; the message lists the valid ones.
     """
     if policy not in TEXT_POLICIES:
-        raise ValueError(
+        raise InputError(
             f"unknown text policy {policy!r}; valid policies: {', '.join(TEXT_POLICIES)}"
         )
     sections = parse_sections(report)

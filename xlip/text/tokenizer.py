@@ -7,6 +7,8 @@ from typing import Iterable
 
 from transformers import BertTokenizerFast, PreTrainedTokenizerFast
 
+from xlip.errors import InputError, MissingFileError
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -24,7 +26,7 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
                                special_tokens=SPECIAL_TOKENS)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
-        raise ValueError("tokenizer training got no non-empty text")
+        raise InputError("tokenizer training got no non-empty text")
     tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -41,16 +43,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a fast tokenizer from a local directory (no network)."""
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer directory {p} does not exist: train one with `xlip tokenizer train "
             f"MANIFEST --out {p}` or point text.tokenizer / text.pretrained at a local "
             "Hugging Face model directory")
     if not any((p / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
-        raise FileNotFoundError(f"{p} holds no tokenizer.json or vocab.txt")
+        raise MissingFileError(f"{p} holds no tokenizer.json or vocab.txt")
     try:
         tok = BertTokenizerFast.from_pretrained(str(p), local_files_only=True)
     except Exception as err:  # corrupt files: say which directory
-        raise ValueError(f"could not load a BERT tokenizer from {p}: {err}") from err
+        raise InputError(f"could not load a BERT tokenizer from {p}: {err}") from err
     if tok.mask_token_id is None or tok.pad_token_id is None or tok.cls_token_id is None:
-        raise ValueError(f"tokenizer in {p} lacks [MASK]/[PAD]/[CLS] tokens")
+        raise InputError(f"tokenizer in {p} lacks [MASK]/[PAD]/[CLS] tokens")
     return tok

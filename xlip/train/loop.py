@@ -17,22 +17,25 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from xlip.config import Config, save_config
+from xlip.config import Config, ConfigError, load_config, save_config
 from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset
 from xlip.data.images import dataset_stats
 from xlip.errors import XlipError
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
+from xlip.paths import writable_dir
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
                                    save_checkpoint, save_text_files, save_weights,
                                    set_rng_state)
 from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_sums
 from xlip.train.precision import autocast
+from xlip.train.resume import apply_optimizer_settings, check_resume
 
 
 class NonFiniteLossError(XlipError, RuntimeError):
-    """Raised when a loss term becomes NaN or infinite."""
+    """Training diverged: a loss or the gradient norm is NaN or infinite, or the loss grew past
+    ``train.diverge_factor`` times its lowest logged value. No final model is written."""
 
 
 NO_DECAY = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "logit_scale")
@@ -65,8 +68,8 @@ def lr_lambda(cfg: Config):
 def tokenizer_dir(cfg: Config) -> str:
     path = cfg.text.tokenizer or cfg.text.pretrained
     if not path:
-        raise FileNotFoundError("no tokenizer: set text.tokenizer (train one with `xlip "
-                                "tokenizer train`) or text.pretrained (a local HF model dir)")
+        raise ConfigError("no tokenizer: set text.tokenizer (train one with `xlip tokenizer "
+                          "train`) or text.pretrained (a local HF model dir)")
     return path
 
 
@@ -142,8 +145,15 @@ def build_loader(cfg: Config, dataset: MixedDataset, collate: Collator, start_st
                       prefetch_factor=4 if cfg.data.num_workers else None)
 
 
-def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> Path:
-    """Pre-train XLIP as ``cfg`` says; returns the run folder."""
+def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
+             resume_override: bool = False) -> Path:
+    """Pre-train XLIP as ``cfg`` says; returns the run folder.
+
+    ``resume``: 'latest' or a checkpoint folder. A config that differs from the checkpoint's
+    is refused (naming the keys) unless the change is safe or ``resume_override`` is set."""
+    cfg.validate()  # a config changed after construction
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty: name at least one manifest to train on")
     info = init_distributed()
     tr = cfg.train
     if tr.threads:
@@ -152,12 +162,19 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     torch.set_flush_denormal(True)
     torch.manual_seed(tr.seed + info.rank)
     random.seed(tr.seed + info.rank)
-    out_dir = Path(tr.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(tr.out_dir, "train.out_dir")
+    ck = None
+    if resume:
+        ck = resolve_checkpoint(out_dir, resume)
+        old = load_config(ck / "config.yaml")
+        changed = check_resume(old, cfg, resume, resume_override)
+        if cfg.data.normalize == "dataset" and not cfg.data.pixel_std:
+            cfg.data.pixel_mean, cfg.data.pixel_std = old.data.pixel_mean, old.data.pixel_std
+        if changed and info.is_main:
+            print(f"resuming {ck.name} with changed settings: {', '.join(changed)}",
+                  file=sys.stderr)
     tok_src = tokenizer_dir(cfg)
     tok = load_tokenizer(tok_src)
-    if not cfg.data.sources:
-        raise ValueError("data.sources is empty: name at least one manifest to train on")
     dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
     if cfg.data.normalize == "dataset" and not cfg.data.pixel_std:
         # measured once (the same draw on every rank) and saved with the config for evaluation
@@ -173,12 +190,12 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
                             betas=tuple(tr.betas), eps=tr.adam_eps, fused=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, state = 0, None
-    if resume:
-        ck = resolve_checkpoint(out_dir, resume)
+    if ck is not None:
         load_weights(model, ck / "model.safetensors")
         state = load_state(ck)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(opt, sched, cfg)
         start = int(state["step"])
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")
@@ -190,8 +207,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
                              ("mlm", cfg.mlm.policy != "none")) if on]
     log = MetricLog(dataset.names, terms)
     metrics_path = out_dir / "metrics.jsonl"
-    if not resume and metrics_path.exists() and info.is_main:
-        metrics_path.unlink()
+    if info.is_main:
+        keep_metrics_until(metrics_path, start)  # rows logged after the checkpoint are redone
+    guard = DivergenceGuard(tr.diverge_factor)
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -212,11 +230,14 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
                 out = net(batch, generator=gen)
                 losses = criterion(out, batch)
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-            check_finite(losses, step)
+            check_finite(losses, step, out_dir)
             (total / tr.grad_accum).backward()
             log.add(losses, out, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    tr.clip_grad if tr.clip_grad > 0 else 1e12)
+        if not torch.isfinite(grad_norm):  # before the step: the weights stay as they were
+            raise NonFiniteLossError(diverged(f"the gradient norm is {float(grad_norm)} at "
+                                              f"step {step + 1}", out_dir))
         opt.step()
         model.clamp_logit_scale()
         sched.step()
@@ -227,6 +248,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
             row.update(step=done, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                        logit_scale=float(model.scale().detach()),
                        elapsed_s=time.perf_counter() - t_start)
+            guard.check(row, out_dir)  # same row on every rank: all stop together
             if info.is_main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -246,11 +268,46 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True) -> P
     return out_dir
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+def diverged(what: str, out_dir: Path) -> str:
+    """The message of a diverged run: what happened, what is kept, and the fix."""
+    pointer = out_dir / "checkpoints" / "latest"
+    kept = (f"the last checkpoint, {out_dir / 'checkpoints' / pointer.read_text().strip()}, is "
+            "kept" if pointer.is_file() else "no checkpoint was written before it")
+    return (f"training diverged: {what}; no model.safetensors was written and {kept}. Lower "
+            "train.lr, raise train.warmup_steps, keep train.clip_grad > 0, or try "
+            "train.precision=fp32; then resume with --resume latest --resume-override "
+            "train.lr=... or start again")
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int, out_dir: Path) -> None:
     bad = {k: float(v.detach()) for k, v in losses.items()
            if k.endswith("_loss") and not torch.isfinite(v)}
     if bad:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step + 1}: {bad}. Lower train.lr, raise "
-            "train.warmup_steps, keep train.clip_grad > 0, or try train.precision=fp32; "
-            "resume from the last checkpoint with --resume latest")
+        raise NonFiniteLossError(diverged(f"non-finite loss at step {step + 1}: {bad}", out_dir))
+
+
+class DivergenceGuard:
+    """Stops a run whose loss (the weighted sum of its logged terms) grows past ``factor``
+    times the lowest value logged so far; 0 switches it off."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor, self.best = factor, math.inf
+
+    def check(self, row: dict[str, float], out_dir: Path) -> None:
+        total = sum(v for k, v in row.items() if k.endswith("_loss") and "/" not in k)
+        if self.factor and total > self.factor * self.best:
+            raise NonFiniteLossError(diverged(
+                f"the loss rose to {total:.4g} at step {row['step']}, over "
+                f"train.diverge_factor={self.factor:g} times its lowest logged value "
+                f"{self.best:.4g}", out_dir))
+        self.best = min(self.best, total)
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metric rows after ``step`` (all of them for a fresh run), so that a resumed run
+    appends without logging a step twice."""
+    if not path.exists():
+        return
+    rows = [x for x in path.read_text().splitlines() if x.strip()]
+    kept = [x for x in rows if json.loads(x).get("step", 0) <= step] if step else []
+    path.write_text("".join(x + "\n" for x in kept))
