@@ -3,15 +3,16 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import build_corpus, tiny_config
 from xlip.cli import main
-from xlip.config import save_config
+from xlip.config import load_config, save_config
 from xlip.data.manifest import load_manifest
-from xlip.train.loop import NonFiniteLossError, pretrain
+from xlip.train.loop import DivergenceGuard, NonFiniteLossError, lr_lambda, pretrain
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,71 @@ def test_dataset_normalisation_is_measured_saved_and_used_in_eval(corpus, tmp_pa
     tensor = prepare_image(image, 32, stats=(mean, std))[None]
     assert torch.allclose(m.encode_image([image]), m.encode_image(tensor), atol=1e-6)
     assert not torch.allclose(m.encode_image(tensor), same, atol=1e-6)  # bf16 is not fp32
+
+
+def test_a_diverged_run_stops_and_writes_no_model(corpus, tmp_path, capsys):
+    cfg = run_cfg(corpus, tmp_path / "run", steps=6, ckpt_every=2, lr=50.0, warmup_steps=0)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged" in err[0] and "train.lr" in err[0]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    for ck in (tmp_path / "run" / "checkpoints").glob("step_*"):  # only good ones were kept
+        w = load_file(str(ck / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_a_non_finite_gradient_stops_before_the_step(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(np.inf))
+    with pytest.raises(NonFiniteLossError, match=r"the gradient norm is inf at step 1; no "
+                                                 r"model.safetensors was written"):
+        pretrain(run_cfg(corpus, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_divergence_guard_compares_with_the_lowest_logged_loss(tmp_path):
+    guard = DivergenceGuard(10.0)
+    for step, (cl, mim) in enumerate([(4.0, 1.5), (3.0, 0.9), (2.0, 0.6), (3.5, 5.0)], 1):
+        guard.check({"step": step, "cl_loss": cl, "mim_loss": mim, "cl_loss/paired": 99.0},
+                    tmp_path)  # per-source terms are not summed twice
+    with pytest.raises(NonFiniteLossError, match=r"loss rose to 27 at step 5, over "
+                                                 r"train.diverge_factor=10 times .* 2.6"):
+        guard.check({"step": 5, "cl_loss": 3.0, "mim_loss": 24.0}, tmp_path)
+    DivergenceGuard(0.0).check({"step": 1, "cl_loss": 1e30}, tmp_path)  # 0: off
+
+
+def resumable(corpus, tmp_path):
+    """A 4-step run with checkpoints at 2 and 4, its config file, and the step-2 folder."""
+    cfg = run_cfg(corpus, tmp_path / "run", steps=4, ckpt_every=2)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 0
+    return tmp_path / "run" / "checkpoints" / "step_0000002"
+
+
+def test_resume_refuses_changed_settings_and_applies_them_on_request(corpus, tmp_path, capsys):
+    ck = resumable(corpus, tmp_path)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--resume", str(ck), "--quiet", "train.lr=5e-2",
+                 "mim.ratio=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "mim.ratio: 0.5 → 0.9, train.lr: 0.0005 → 0.05" in err and "--resume-override" in err
+    assert main(["pretrain", "--resume", str(ck), "--quiet", "vision.width=64",
+                 "--resume-override"]) == 2
+    assert "vision.width: 32 → 64" in capsys.readouterr().err
+    # with --resume-override the new lr truly applies: the schedule restarts from it at step 2
+    assert main(["pretrain", "--resume", str(ck), "--quiet", "--resume-override",
+                 "train.lr=5e-2"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # steps 3, 4 of the first run redone
+    cfg = load_config(run / "config.yaml")
+    assert cfg.train.lr == 5e-2
+    assert rows[2]["lr"] == pytest.approx(5e-2 * lr_lambda(cfg)(3))
+    assert rows[1]["lr"] == pytest.approx(5e-4 * lr_lambda(cfg)(2))
+
+
+def test_resume_takes_safe_changes(corpus, tmp_path):
+    ck = resumable(corpus, tmp_path)
+    assert main(["pretrain", "--resume", str(ck), "--quiet", "train.steps=5",
+                 "train.log_every=1"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]

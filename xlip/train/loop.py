@@ -287,8 +287,8 @@ def check_finite(losses: dict[str, torch.Tensor], step: int, out_dir: Path) -> N
 
 
 class DivergenceGuard:
-    """Stops a run whose loss (the weighted sum of its logged terms) grows past ``factor``
-    times the lowest value logged so far; 0 switches it off."""
+    """Stops a run whose loss (the sum of its logged terms) grows past ``factor`` times the
+    lowest value logged so far; 0 switches it off."""
 
     def __init__(self, factor: float) -> None:
         self.factor, self.best = factor, math.inf

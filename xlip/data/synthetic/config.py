@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from xlip.errors import InputError
+
 SYNTH_FINDINGS: tuple[str, ...] = (
     "Cardiomegaly", "Pleural Effusion", "Consolidation", "Pneumothorax", "Nodule", "Mass", "Edema",
     "Atelectasis", "Support Devices",
@@ -57,21 +59,21 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 32:
-            raise ValueError(f"SynthConfig.size must be an int >= 32, got {self.size!r}")
+            raise InputError(f"SynthConfig.size must be an int >= 32, got {self.size!r}")
         for name, p in self.prevalences().items():
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"SynthConfig.prevalence[{name!r}] = {p} must be in [0, 1)")
+                raise InputError(f"SynthConfig.prevalence[{name!r}] = {p} must be in [0, 1)")
         if not 0.0 <= self.normal_fraction < 1.0:
-            raise ValueError(f"SynthConfig.normal_fraction = {self.normal_fraction} "
+            raise InputError(f"SynthConfig.normal_fraction = {self.normal_fraction} "
                              "must be in [0, 1)")
         if self.noise < 0:
-            raise ValueError(f"SynthConfig.noise = {self.noise} must be >= 0")
+            raise InputError(f"SynthConfig.noise = {self.noise} must be >= 0")
         _check_names(self.force, "force")
         for name, value in self.force.items():
             if isinstance(value, dict):
                 _check_attributes(name, value)
             elif not isinstance(value, bool):
-                raise ValueError(f"SynthConfig.force[{name!r}] must be True, False or a dict of "
+                raise InputError(f"SynthConfig.force[{name!r}] must be True, False or a dict of "
                                  f"attributes, got {value!r}")
 
     def prevalences(self) -> dict[str, float]:
@@ -108,7 +110,7 @@ def _presence_probabilities(prevalences: tuple[float, ...],
 def _check_names(mapping: dict, what: str) -> None:
     unknown = sorted(set(mapping) - set(SYNTH_FINDINGS))
     if unknown:
-        raise ValueError(f"SynthConfig.{what}: unknown finding(s) {unknown}; "
+        raise InputError(f"SynthConfig.{what}: unknown finding(s) {unknown}; "
                          f"known: {list(SYNTH_FINDINGS)}")
 
 
@@ -116,12 +118,12 @@ def _check_attributes(name: str, attrs: dict[str, Any]) -> None:
     choices = ATTRIBUTE_CHOICES[name]
     for key, value in attrs.items():
         if key not in choices:
-            raise ValueError(f"SynthConfig.force[{name!r}]: unknown attribute {key!r}; "
+            raise InputError(f"SynthConfig.force[{name!r}]: unknown attribute {key!r}; "
                              f"known: {sorted(choices)}")
         values = value if key == "devices" else [value]
         if key == "devices" and (isinstance(value, str) or not value):
-            raise ValueError(f"SynthConfig.force[{name!r}]['devices'] must be a non-empty list "
+            raise InputError(f"SynthConfig.force[{name!r}]['devices'] must be a non-empty list "
                              f"from {DEVICES}")
         bad = [v for v in values if v not in choices[key]]
         if bad:
-            raise ValueError(f"SynthConfig.force[{name!r}][{key!r}]: {bad} not in {choices[key]}")
+            raise InputError(f"SynthConfig.force[{name!r}][{key!r}]: {bad} not in {choices[key]}")

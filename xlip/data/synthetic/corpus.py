@@ -14,6 +14,7 @@ from xlip.data.manifest import COLUMNS
 from xlip.data.synthetic.config import NO_FINDING, SYNTH_FINDINGS, SynthConfig
 from xlip.data.synthetic.render import render_study
 from xlip.data.synthetic.reports import write_report
+from xlip.errors import InputError
 
 SPLITS = {"train": 0, "test": 1}
 
@@ -37,10 +38,10 @@ def synthesize(out_dir, *, n_train: int, n_test: int, seed: int = 0,
     """
     cfg = cfg or SynthConfig()
     if n_train < 0 or n_test < 0:
-        raise ValueError(f"synthesize: n_train={n_train} and n_test={n_test} must be >= 0")
+        raise InputError(f"synthesize: n_train={n_train} and n_test={n_test} must be >= 0")
     if (image_only_fraction < 0 or text_only_fraction < 0
             or image_only_fraction + text_only_fraction > 1):
-        raise ValueError(f"synthesize: image_only_fraction={image_only_fraction} and "
+        raise InputError(f"synthesize: image_only_fraction={image_only_fraction} and "
                          f"text_only_fraction={text_only_fraction} "
                          "must be >= 0 and sum to at most 1")
     out = Path(out_dir)
