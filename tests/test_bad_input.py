@@ -145,3 +145,33 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"xlip {__version__}"
+
+
+def test_config_show_prints_valid_yaml_and_the_presets(tmp_path, capsys):
+    import yaml
+
+    from xlip.config import from_dict
+
+    assert main(["config", "show", "train.lr=0.003"]) == 0
+    out = capsys.readouterr()
+    cfg = from_dict(yaml.safe_load(out.out))
+    assert cfg.train.lr == 0.003 and "demo" in out.err and "base (768/12/12)" in out.err
+    assert main(["config", "show", "--preset", "demo", "--out", str(tmp_path)]) == 0
+    demo = from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert demo.train.out_dir == str(tmp_path) and demo.vision.stem == "hybrid"
+    assert main(["config", "show", "--preset", "huge"]) == 2
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "training studies (default: 20000)" in text and "(default: None)" not in text
+
+
+def test_tokenizer_says_when_the_vocabulary_is_smaller_than_asked(tmp_path, capsys):
+    m = write_lines(tmp_path / "m.csv", csv_lines(tmp_path, 3))
+    assert main(["tokenizer", "train", str(m), "--out", str(tmp_path / "tok"),
+                 "--vocab-size", "1000"]) == 0
+    err = capsys.readouterr().err
+    assert "--vocab-size 1000 asked for more tokens than these reports yield" in err

@@ -210,3 +210,15 @@ def test_resume_takes_safe_changes(corpus, tmp_path):
                  "train.log_every=1"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_eval_takes_a_checkpoint_folder_and_suggests_finding_names(corpus, tmp_path, capsys):
+    ck = resumable(corpus, tmp_path)
+    assert main(["eval", "zeroshot", "--model", str(ck)]) == 0
+    assert json.loads((ck / "zeroshot.json").read_text())["mean_auc"] > 0
+    capsys.readouterr()
+    assert main(["eval", "zeroshot", "--model", str(ck), "--findings", "Pleural Efusion"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'Pleural Efusion' (did you mean Pleural Effusion?)" in err[0]
+    assert main(["eval", "zeroshot", "--model", str(tmp_path / "nothing")]) == 2
+    assert "no such model folder" in capsys.readouterr().err

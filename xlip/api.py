@@ -31,12 +31,20 @@ class XLIP:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "XLIP":
         path = Path(path)
-        for name in ("config.yaml", "model.safetensors", "text_config.json", "tokenizer"):
-            if not (path / name).exists():
-                raise MissingFileError(f"{path} is not an xlip model folder: {name} missing")
+        if not path.is_dir():
+            raise MissingFileError(f"{path}: no such model folder (give a pre-training run's "
+                                   "folder or one of its checkpoints/step_* folders)")
+        # a checkpoint folder holds weights and config; tokenizer and text config are its run's
+        run = path.parent.parent if (path / "state.pt").is_file() else path
+        files = {"config.yaml": path, "model.safetensors": path, "text_config.json": run,
+                 "tokenizer": run}
+        for name, where in files.items():
+            if not (where / name).exists():
+                raise MissingFileError(f"{path} is not an xlip model folder: {where / name} "
+                                       "missing")
         cfg = load_config(path / "config.yaml")
-        tokenizer = load_tokenizer(path / "tokenizer")
-        text_config = BertConfig.from_json_file(str(path / "text_config.json"))
+        tokenizer = load_tokenizer(run / "tokenizer")
+        text_config = BertConfig.from_json_file(str(run / "text_config.json"))
         model = XLIPModel(cfg, len(tokenizer), text_config)
         load_weights(model, path / "model.safetensors")
         return cls(model.to(device), tokenizer, cfg)

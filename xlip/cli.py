@@ -43,8 +43,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from xlip.api import XLIP
     from xlip.eval.zeroshot import evaluate_zeroshot, markdown_table, write_results
 
-    out = writable_dir(args.out or args.model, "--out")
     m = XLIP.from_pretrained(args.model)
+    out = writable_dir(args.out or args.model, "--out")  # before the encoding, not after
     cfg = m.cfg
     manifest = args.manifest or cfg.data.eval_manifest
     if not manifest:
@@ -208,8 +208,8 @@ def _visualize(args: argparse.Namespace) -> int:
     from xlip.api import XLIP
     from xlip.eval.visualize import visualize
 
-    writable_dir(args.out, "--out")
     m = XLIP.from_pretrained(args.model)
+    writable_dir(args.out, "--out")
     manifest = args.manifest
     if manifest and not Path(manifest).is_file():
         raise ConfigError(f"--manifest {manifest}: no such file")
@@ -242,27 +242,77 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from xlip.config import BERT_PRESETS, VIT_PRESETS, load_config
+
+    if args.preset and args.config:
+        raise ConfigError("xlip config show takes --preset NAME or --config FILE, not both")
+    if args.preset:
+        from xlip.demo import demo_config
+
+        if args.preset != "demo":
+            raise ConfigError(f"--preset {args.preset}: unknown; the presets are: demo")
+        cfg = demo_config(Path(args.out), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    vit = ", ".join(f"{k} ({w}/{d}/{h})" for k, (w, d, h) in VIT_PRESETS.items())
+    bert = ", ".join(f"{k} ({h}/{n}/{a})" for k, (h, n, a, _) in BERT_PRESETS.items())
+    print(f"# config presets (--preset): demo (the `xlip demo` run, paths under --out)\n"
+          f"# vision.preset (width/depth/heads): {vit}, custom\n"
+          f"# text.preset (hidden/layers/heads): {bert}, custom", file=sys.stderr)
+    return 0
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help text plus "(default: X)" where X says something (not None, False or [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in
+                text and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _explain_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's --help shows the options' defaults."""
+    parser.formatter_class = _DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _explain_defaults(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xlip", description=__doc__)
+    p = argparse.ArgumentParser(prog="xlip", description="XLIP pre-training of chest X-ray "
+                                "image and report encoders, and their evaluation. Start with "
+                                "`xlip demo`; `xlip COMMAND --help` explains each command.")
     p.add_argument("--version", action="version", version=f"xlip {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="synthetic corpus → tokenizer → pre-train → zero-shot")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--quick", action="store_true", help="a one-minute smoke version")
+    d.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer, run "
+                                                      "and results")
+    d.add_argument("--quick", action="store_true", help="a small smoke version (30 steps on a "
+                   "1,500-image corpus; a few minutes on 2 cores, mostly writing the corpus)")
     d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     d.set_defaults(func=_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_cmd", required=True)
     s = data.add_parser("synth", help="write the synthetic chest X-ray corpus")
-    s.add_argument("--out")
-    s.add_argument("--n-train", type=int, default=20000)
-    s.add_argument("--n-test", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--image-only", type=float, default=0.25)
-    s.add_argument("--text-only", type=float, default=0.1)
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--out", help="folder for the PNGs, manifest.csv and synth.json")
+    s.add_argument("--n-train", type=int, default=20000, help="training studies")
+    s.add_argument("--n-test", type=int, default=1000, help="held-out test studies")
+    s.add_argument("--seed", type=int, default=0, help="seed of the whole corpus")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels (at least 32)")
+    s.add_argument("--image-only", type=float, default=0.25,
+                   help="share of training rows without their report (labels only)")
+    s.add_argument("--text-only", type=float, default=0.1,
+                   help="share of training rows without their image (report only)")
+    s.add_argument("--workers", type=int, default=2, help="worker processes")
     s.add_argument("--montage", help="also write a labelled contact sheet to this PNG")
     s.set_defaults(func=_synth)
 
@@ -337,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd",
                                                                         required=True)
     t = tk.add_parser("train", help="train a WordPiece vocabulary on manifest reports")
-    t.add_argument("manifests", nargs="+")
-    t.add_argument("--out", required=True)
-    t.add_argument("--vocab-size", type=int, default=4000)
-    t.add_argument("--split", default="train")
-    t.add_argument("--text-policy", default="findings_impression")
+    t.add_argument("manifests", nargs="+", help="manifests whose reports are read")
+    t.add_argument("--out", required=True, help="folder for tokenizer.json")
+    t.add_argument("--vocab-size", type=int, default=4000,
+                   help="most tokens (fewer when the reports hold fewer word pieces)")
+    t.add_argument("--split", default="train", help="only reports of this split")
+    t.add_argument("--text-policy", default="findings_impression",
+                   help="report sections read (the data.text_policy you will train with)")
     t.set_defaults(func=_tokenizer_train)
 
     txt = sub.add_parser("text", help="report text").add_subparsers(dest="text_cmd",
@@ -419,6 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--out", help="write the rows as JSON here")
     b.set_defaults(func=_bench)
+
+    cf = sub.add_parser("config", help="configs").add_subparsers(dest="config_cmd",
+                                                                 required=True)
+    cs = cf.add_parser("show", help="print the resolved config as YAML (the defaults, a file "
+                                    "or a preset, with overrides) and list the presets")
+    cs.add_argument("--config", help="YAML config file")
+    cs.add_argument("--preset", help="a built-in config: demo")
+    cs.add_argument("--out", default="runs/demo", help="--preset demo: its run folder")
+    cs.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    cs.set_defaults(func=_config_show)
+    _explain_defaults(p)
     return p
 
 
