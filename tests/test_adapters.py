@@ -615,7 +615,7 @@ def test_generic_with_a_column_map(tmp_path):
     assert [r["labels"] for r in manifest] == ["Cardiomegaly;Pleural Effusion", "Nodule"]
     assert manifest[0]["split"] == manifest[1]["split"]  # one patient, one split
     why = {int(r["row"]): r["reason"] for r in rows(out / "rejects.csv")}
-    assert why[2] == "image without report or labels"
+    assert why[2] == "image without report or labels (an image-only row needs labels)"
     assert why[3].startswith("unreadable image")
     assert why[5] == "missing image file"
     assert why[6] == "unknown label: 'Pneumonitis' in labels.csv row 6"

@@ -39,9 +39,25 @@ class Record:
 
     @property
     def kind(self) -> str:
-        if self.image and self.text.strip():
-            return "paired"
-        return "image_only" if self.image else "text_only"
+        return row_kind(self.image, self.text)
+
+
+def row_kind(image: str, text: str) -> str:
+    """paired | image_only | text_only: the one rule for what a row is (the loader, ``data
+    validate`` and ``data prepare`` all count by it)."""
+    if image.strip() and text.strip():
+        return "paired"
+    return "image_only" if image.strip() else "text_only"
+
+
+def unusable(image: str, text: str, labels, negatives=()) -> str:
+    """'' for a row that can train something, else why not: the one rule for rows rejected
+    before their image is opened."""
+    if not image.strip() and not text.strip():
+        return "neither image nor text"
+    if image.strip() and not text.strip() and not labels and not negatives:
+        return "image without report or labels (an image-only row needs labels)"
+    return ""
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp")
@@ -195,10 +211,7 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
         except UnknownLabelError as err:
             labels, negatives, reason = (), (), f"unknown label: {err}"
         abs_image = str((path.parent / image).resolve()) if image else ""
-        if not reason and not image and not text:
-            reason = "neither image nor text"
-        if not reason and image and not text and not labels and not negatives:
-            reason = "image without report or labels (an image-only row needs labels)"
+        reason = reason or unusable(image, text, labels, negatives)
         if not reason and image:
             reason = image_problem(abs_image) if verify_images else (
                 "" if image_exists(abs_image) else "missing image file")

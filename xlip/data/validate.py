@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from xlip.data.manifest import COLUMNS, ManifestError, read_rows, image_problem
+from xlip.data.manifest import (COLUMNS, ManifestError, image_problem, read_rows, row_kind,
+                                 unusable)
 from xlip.errors import InputError
 from xlip.text.labels import UnknownLabelError, canonical_label
 from xlip.text.sections import select_text
@@ -211,16 +212,13 @@ class _Checker:
             image, text = r.get("image", "").strip(), r.get("text", "").strip()
             at = [(name, i)]
             labelled = self.labels(r, at)
-            if not image and not text:
-                self.problem("unusable row", "neither image nor text",
-                             "fill in the image path or the report, or delete the row", at)
-            elif image and not text and not labelled:
-                self.problem("unusable row", "image without report or labels (an image-only "
-                             "row needs labels)", "add labels or the report, or delete the row",
-                             at)
+            reason = unusable(image, text, labelled)
+            if reason:
+                fix = ("fill in the image path or the report, or delete the row" if not image
+                       else "add labels or the report, or delete the row")
+                self.problem("unusable row", reason, fix, at)
             else:
-                self.kinds["paired" if image and text else "image_only" if image
-                           else "text_only"] += 1
+                self.kinds[row_kind(image, text)] += 1
             if text and not select_text(text, self.text_policy).strip():
                 self.problem("empty text", f"report is empty after section selection "
                              f"(text_policy={self.text_policy}): no findings or impression",

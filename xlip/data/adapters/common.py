@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from xlip.data.dataset import hash_int
-from xlip.data.manifest import COLUMNS, image_problem, reason_kind
+from xlip.data.manifest import COLUMNS, image_problem, reason_kind, row_kind, unusable
 from xlip.errors import XlipError
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
@@ -348,6 +348,11 @@ def write_outputs(col: Collector, out_dir: Path, *, verify: str = "decode", work
         raise AdapterError(f"--verify must be decode, exists or none, not {verify!r}")
     rows, first = [], {}
     for r in col.rows:  # a label file listing one image twice (the COVID collection does)
+        reason = unusable(r["image"], r["text"], r["labels"], r.get("negative_labels", ""))
+        if reason:  # what load_manifest would refuse later
+            file, _, row = r["_origin"].rpartition(" row ")
+            col.reject(file, row, reason, id=r["_id"], image=r["image"])
+            continue
         if r["image"] and r["image"] in first:
             file, _, row = r["_origin"].rpartition(" row ")
             col.reject(file, row, f"duplicate image (the same file as {first[r['image']]})",
@@ -378,8 +383,7 @@ def write_outputs(col: Collector, out_dir: Path, *, verify: str = "decode", work
         out_rows.append(r)
     _atomic_csv(out_dir / "manifest.csv", COLUMNS + EXTRA_COLUMNS, out_rows)
     _atomic_csv(out_dir / "rejects.csv", REJECT_COLUMNS, col.rejects)
-    kinds = Counter("paired" if r["image"] and r["text"] else
-                    "image_only" if r["image"] else "text_only" for r in out_rows)
+    kinds = Counter(row_kind(r["image"], r["text"]) for r in out_rows)
     summary = Summary(
         dataset=col.dataset, out_dir=out_dir, rows_in=col.rows_in, kept=len(out_rows),
         rejected=Counter(reason_kind(r["reason"]) for r in col.rejects), kinds=kinds,

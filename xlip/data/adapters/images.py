@@ -14,6 +14,7 @@ from xlip.data.adapters.common import (
 from xlip.data.adapters.labels import (
     CHEXPERT_COLUMNS, COVID_FINDINGS, RSNA_POSITIVE, VINDR_FINDINGS, chexpert_labels,
 )
+from xlip.data.manifest import unusable
 from xlip.text.labels import UnknownLabelError
 
 
@@ -406,12 +407,8 @@ def prepare_generic(raw: Path, opt, col: Collector) -> None:
             if image is None:
                 col.reject(path, i, "missing image file", id=get["image"], image=get["image"])
                 continue
-        if not image and not get["text"].strip():
-            col.reject(path, i, "neither an image nor a report", id=str(i))
-            continue
-        if image and not get["text"].strip() and not pos:
-            col.reject(path, i, "image without report or labels", id=get["image"],
-                       image=get["image"])
+        if reason := unusable(str(image or ""), get["text"], pos):
+            col.reject(path, i, reason, id=get["image"] or str(i), image=get["image"])
             continue
         pid = get["patient_id"]
         split = normalise_split(get["split"]) if get["split"] else (
