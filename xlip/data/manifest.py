@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from xlip.data.images import image_problem
+from xlip.data.storage import image_exists
 from xlip.errors import XlipError
 from xlip.text.labels import UnknownLabelError, parse_labels
 
@@ -68,19 +70,6 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def image_problem(path: str) -> str:
-    """'' if the image decodes (DICOM included), else a short reason: "missing image file",
-    "empty file (0 bytes)", "not an image (...)", "unreadable image (...)",
-    "unreadable DICOM (...)", "multi-frame DICOM (...)"."""
-    from xlip.data.images import ImageError, load_image
-
-    try:
-        load_image(path)
-    except ImageError as err:
-        return err.reason
-    return ""
-
-
 def load_manifest(path: str | Path, *, verify_images: bool = True,
                   rejects: str | Path | None = None, skip_bad: bool = False) -> list[Record]:
     """Read and validate a manifest.
@@ -92,8 +81,6 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
         skip_bad: drop rejected rows (they are still written to ``rejects``) instead of
             raising ManifestError.
     """
-    from xlip.data.shards import image_exists  # here: xlip.data.shards imports this module
-
     path = Path(path)
     rows = read_rows(path)
     if not rows:

@@ -27,11 +27,8 @@ shard whose ``.tar`` exists, removes stale ``*.tmp`` files and rebuilds the rest
 plan (another manifest, size or shard_rows) is refused. A rerun assumes the source images have not
 changed; only the manifest's bytes are checked. One run per folder at a time.
 
-Reading: an image path ``.../shard-000000.tar#000001.png`` names a shard member.
-:func:`read_shard_member` returns its bytes from a per-process index of each tar (member →
-offset, size; about 200 bytes a member; rebuilt when the tar changes on disk) with one seek and
-read. ``load_image`` decodes such paths and :func:`image_exists` lets the manifest check accept
-them, so the training loader reads raw manifests and shard manifests alike.
+Reading: an image path ``.../shard-000000.tar#000001.png`` names a shard member; reading it
+(``load_image``, the manifest check) is :mod:`xlip.data.storage`'s job, this module only writes.
 """
 
 from __future__ import annotations
@@ -61,7 +58,6 @@ from xlip.errors import XlipError
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
-SEP = ".tar#"  # "<shard>.tar#<member>" names a member of a shard
 
 
 class ShardPlanError(XlipError, ValueError):
@@ -113,67 +109,6 @@ class _ShardJob:
     key_width: int
     records: tuple[Record, ...]  # rows of this shard that the manifest check kept, row order
     rejects: tuple[dict, ...]  # rows of this shard that it rejected: {row, image, reason}
-
-
-# ---------------------------------------------------------------- reading
-
-
-_INDEX: dict[str, tuple[tuple[int, int, int], dict[str, tuple[int, int]]]] = {}
-"""Per-process cache: tar path → (its (inode, bytes, mtime_ns), {member: (data offset, size)})."""
-
-
-def split_shard_path(path: str | Path) -> tuple[str, str] | None:
-    """``(".../x.tar", "member")`` for ``".../x.tar#member"``, else None."""
-    tar, sep, member = str(path).rpartition(SEP)
-    return (tar + ".tar", member) if sep and member else None
-
-
-def _tar_index(tar: str) -> dict[str, tuple[int, int]]:
-    st = os.stat(tar)  # FileNotFoundError for a missing shard
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _INDEX.get(tar)
-    if hit is None or hit[0] != stamp:
-        with tarfile.open(tar, "r:") as t:
-            members = {m.name: (m.offset_data, m.size) for m in t if m.isfile()}
-        hit = _INDEX[tar] = (stamp, members)
-    return hit[1]
-
-
-def read_shard_member(path: str | Path) -> bytes:
-    """The bytes of member ``m`` of ``x.tar`` for ``path = "x.tar#m"``.
-
-    Raises:
-        FileNotFoundError: the tar does not exist or has no such member.
-        ValueError: ``path`` does not name a shard member.
-    """
-    parts = split_shard_path(path)
-    if parts is None:
-        raise ValueError(f"{path} does not name a shard member (<shard>.tar#<member>)")
-    tar, member = parts
-    try:
-        offset, size = _tar_index(tar)[member]
-    except KeyError:
-        raise FileNotFoundError(f"shard {tar} has no member {member!r}") from None
-    with open(tar, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(size)
-    if len(data) != size:
-        raise OSError(f"shard {tar} ends inside member {member!r}; rebuild it")
-    return data
-
-
-def image_exists(path: str | Path) -> bool:
-    """Whether ``path`` is a file, or a ``x.tar#member`` whose shard holds that member."""
-    parts = split_shard_path(path)
-    if parts is None:
-        return Path(path).is_file()
-    try:
-        return parts[1] in _tar_index(parts[0])
-    except (OSError, tarfile.TarError):
-        return False
-
-
-# ---------------------------------------------------------------- writing
 
 
 def shard_pixels(arr: np.ndarray, size: int) -> np.ndarray:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from xlip.data.dataset import hash_int
-from xlip.data.manifest import COLUMNS, image_problem, reason_kind
+from xlip.data.images import image_problem
+from xlip.data.manifest import COLUMNS, reason_kind
 from xlip.errors import XlipError
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
