@@ -18,8 +18,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from xlip.config import Config, save_config
-from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset
+from xlip.data.collate import Collator
+from xlip.data.dataset import MixedDataset
 from xlip.data.images import dataset_stats
+from xlip.data.sampler import MixedBatchSampler
 from xlip.errors import XlipError
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from xlip.data.dataset import hash_int
 from xlip.data.images import image_problem
 from xlip.data.manifest import COLUMNS, reason_kind
 from xlip.errors import XlipError
+from xlip.hashing import hash_int
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
 #: Columns after :data:`xlip.data.manifest.COLUMNS` in every adapter's manifest.
