@@ -15,8 +15,8 @@ from xlip.config import Config
 from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci, f1_acc
+from xlip.precision import autocast
 from xlip.text.prompts import zeroshot_prompts
-from xlip.train.precision import autocast
 
 
 @torch.no_grad()
