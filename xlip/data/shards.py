@@ -55,6 +55,7 @@ from xlip.data.images import ImageError, load_image
 from xlip.data.manifest import (COLUMNS, Record, load_manifest, read_rows, reason_kind,
                                  write_rejects)
 from xlip.errors import XlipError
+from xlip.files import atomic_open, atomic_path, write_atomic
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
@@ -231,7 +232,7 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> None:
     for p in ours:
         if p.suffix == ".tmp" and p.exists():  # left by an interrupted run
             p.unlink()
-    _write_atomic(out / PLAN, (json.dumps(plan, indent=2) + "\n").encode())
+    write_atomic(out / PLAN, (json.dumps(plan, indent=2) + "\n").encode(), fsync=True)
 
 
 def _jobs(records: list[Record], rejects: list[dict], plan: dict, out: Path,
@@ -301,37 +302,46 @@ def _write_shard(job: _ShardJob, tick: Callable[[], None]) -> int:
     """Write one shard and its ``.json``; returns the number of images written."""
     name = shard_name(job.index)
     tar_path = Path(job.out) / name
+    # the .tar is renamed into place last: a .tar on disk means a complete shard and .json
+    with atomic_path(tar_path) as tmp:
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                rows, rejects, written = _add_members(tar, job, tick)
+            fh.flush()
+            os.fsync(fh.fileno())
+        rejects.sort(key=lambda b: b["row"])
+        side = {"shard": name, "rows": rows, "rejects": rejects}
+        write_atomic(tar_path.with_suffix(".json"), json.dumps(side, ensure_ascii=False).encode(),
+                     fsync=True)
+    return written
+
+
+def _add_members(tar: tarfile.TarFile, job: _ShardJob,
+                 tick: Callable[[], None]) -> tuple[list[dict], list[dict], int]:
+    """Add the images of ``job``'s rows to ``tar``: (output-manifest rows, rejected rows,
+    images written)."""
     rows: list[dict] = []
     rejects = list(job.rejects)
     written = 0
-    tmp = tar_path.with_name(name + ".tmp")
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for rec in job.records:
-                row = _manifest_row(rec)
-                if rec.image:
-                    key = f"{rec.row:0{job.key_width}d}"
-                    try:
-                        arr = load_image(rec.image)
-                        png = encode_png(shard_pixels(arr, job.size))
-                    except ImageError as err:
-                        rejects.append({"row": rec.row, "image": _rel(rec.image, job),
-                                        "reason": err.reason})
-                        tick()
-                        continue
-                    _add(tar, f"{key}.png", png)
-                    _add(tar, f"{key}.json", _member_json(rec, arr.shape, job))
-                    row["image"] = f"{name}#{key}.png"
-                    written += 1
-                    tick()
-                rows.append(row)
-        fh.flush()
-        os.fsync(fh.fileno())
-    rejects.sort(key=lambda b: b["row"])
-    side = {"shard": name, "rows": rows, "rejects": rejects}
-    _write_atomic(tar_path.with_suffix(".json"), json.dumps(side, ensure_ascii=False).encode())
-    os.replace(tmp, tar_path)  # last: a .tar on disk means a complete shard and .json
-    return written
+    for rec in job.records:
+        row = _manifest_row(rec)
+        if rec.image:
+            key = f"{rec.row:0{job.key_width}d}"
+            try:
+                arr = load_image(rec.image)
+                png = encode_png(shard_pixels(arr, job.size))
+            except ImageError as err:
+                rejects.append({"row": rec.row, "image": _rel(rec.image, job),
+                                "reason": err.reason})
+                tick()
+                continue
+            _add(tar, f"{key}.png", png)
+            _add(tar, f"{key}.json", _member_json(rec, arr.shape, job))
+            row["image"] = f"{shard_name(job.index)}#{key}.png"
+            written += 1
+            tick()
+        rows.append(row)
+    return rows, rejects, written
 
 
 def _manifest_row(rec: Record) -> dict:
@@ -360,15 +370,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
     """manifest.csv and rejects.csv from every shard's ``.json``; fills ``summary``."""
     rows, rejects = [], []
@@ -386,10 +387,9 @@ def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
     summary.text_only = len(rows) - summary.images
     summary.rejected = Counter(reason_kind(b["reason"]) for b in rejects)
     write_rejects(out / "rejects.csv", rejects)
-    tmp = out / "manifest.csv.tmp"
-    with tmp.open("w", newline="") as fh:  # write_manifest without negative_labels would lose it
+    # write_manifest without negative_labels would lose it
+    with atomic_open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*COLUMNS, "negative_labels", *extra],
                            extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")
