@@ -1,5 +1,6 @@
 """Checkpoints: ``model.safetensors`` + ``config.yaml`` + ``state.pt`` in one folder, written
-atomically (a temporary folder renamed into place), with a ``latest`` pointer file."""
+atomically (a temporary folder renamed into place), with a ``latest`` pointer file. Weight files
+on their own: :mod:`xlip.model.weights`."""
 
 from __future__ import annotations
 
@@ -10,33 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from xlip.config import Config, save_config
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    missing, unexpected = load_model(model, str(path), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the configured model: missing "
-                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} — was it "
-                         "saved with a different config.yaml?")
-
-
-def save_text_files(model: nn.Module, tokenizer, path: Path) -> None:
-    """The tokenizer and the BERT config, so a folder loads without the original text dir."""
-    tokenizer.save_pretrained(str(path / "tokenizer"))
-    model.text.bert.config.to_json_file(str(path / "text_config.json"))
+from xlip.files import write_atomic
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,9 +46,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, cfg: Config,
     torch.save({**train_state, "step": step, "rng": rng_state()}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    write_atomic(root / "latest", final.name + "\n")
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -24,12 +24,11 @@ from xlip.data.images import dataset_stats
 from xlip.data.sampler import MixedBatchSampler
 from xlip.errors import XlipError
 from xlip.losses import XLIPLoss
+from xlip.model.weights import load_weights, save_text_files, save_weights
 from xlip.model.xlip import XLIPModel
 from xlip.precision import autocast
 from xlip.text.tokenizer import load_tokenizer
-from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
-                                   save_checkpoint, save_text_files, save_weights,
-                                   set_rng_state)
+from xlip.train.checkpoint import load_state, resolve_checkpoint, save_checkpoint, set_rng_state
 from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_sums
 
 
