@@ -27,16 +27,16 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from xlip.api import XLIP
-    from xlip.eval.zeroshot import evaluate_zeroshot, markdown_table, write_results
+    from xlip.eval.zeroshot import (ZeroShotOptions, evaluate_zeroshot, markdown_table,
+                                    write_results)
 
     m = XLIP.from_pretrained(args.model)
     cfg = m.cfg
     manifest = args.manifest or cfg.data.eval_manifest
     if not manifest:
         raise ConfigError("no evaluation manifest: pass --manifest or set data.eval_manifest")
-    result = evaluate_zeroshot(m.model, m.tokenizer, cfg, manifest,
-                               args.split or cfg.data.eval_split,
-                               args.findings or cfg.eval.findings)
+    options = ZeroShotOptions.from_config(cfg, manifest, args.split, args.findings)
+    result = evaluate_zeroshot(m.model, m.tokenizer, cfg, options)
     result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
     js, md = write_results(result, Path(args.out or args.model))
     print(markdown_table(result))
