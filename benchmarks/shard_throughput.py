@@ -37,7 +37,8 @@ from PIL import Image  # noqa: E402
 
 from xlip.data.images import load_image, normalize, prepare_image, resize  # noqa: E402
 from xlip.data.manifest import Record, load_manifest, write_manifest  # noqa: E402
-from xlip.data.shards import read_shard_member, shard_pixels, write_shards  # noqa: E402
+from xlip.data.shards import shard_pixels, write_shards  # noqa: E402
+from xlip.data.storage import read_shard_member  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_MANIFEST = SHARED_DATA / "nih_cxr14_starter" / "manifest.csv"

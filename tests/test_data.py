@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from tests.conftest import build_corpus, tiny_config
-from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset, quotas
+from xlip.data.collate import Collator, Sample
+from xlip.data.dataset import MixedDataset
 from xlip.data.manifest import ManifestError, load_manifest
+from xlip.data.sampler import MixedBatchSampler, quotas
 from xlip.text.ner import extract_entities
 from xlip.text.tokenizer import load_tokenizer
 
@@ -115,8 +117,6 @@ def batch_text(tok, batch, row):
 
 
 def test_guide_mask_skips_negated_findings(corpus):
-    from xlip.data.dataset import Sample
-
     _, tokdir = corpus
     tok = load_tokenizer(tokdir)
     cfg = data_cfg(corpus[0], tokdir)

@@ -11,8 +11,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from tests.conftest import SHARED_DATA, needs_shared_data, write_dicom
-from xlip.data.images import ImageError, image_size, load_image
-from xlip.data.manifest import image_problem
+from xlip.data.images import ImageError, image_problem, image_size, load_image
 
 SIIM = SHARED_DATA / "formats" / "dicom" / "siim_sample.dcm"
 FAKE_MONO1 = SHARED_DATA / "formats" / "dicom" / "fake_monochrome1.dcm"

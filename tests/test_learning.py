@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import build_corpus
 from xlip.config import from_dict
-from xlip.eval.zeroshot import evaluate_zeroshot
+from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 from xlip.api import XLIP
 from xlip.train.loop import pretrain
 
@@ -46,7 +46,7 @@ def learn_cfg(corpus, out, **data):
 def zeroshot(run, manifest):
     m = XLIP.from_pretrained(run)
     m.cfg.eval.bootstrap = 0
-    return evaluate_zeroshot(m.model, m.tokenizer, m.cfg, manifest, "test")
+    return evaluate_zeroshot(m.model, m.tokenizer, m.cfg, ZeroShotOptions(manifest, "test"))
 
 
 def test_pretraining_beats_chance_and_shuffled_control_does_not(corpus, tmp_path):

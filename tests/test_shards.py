@@ -12,10 +12,10 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from xlip.data.dataset import MixedDataset
-from xlip.data.images import ImageError, load_image
-from xlip.data.manifest import image_problem, load_manifest
-from xlip.data.shards import (ShardPlanError, image_exists, read_shard_member, split_shard_path,
-                              write_shards)
+from xlip.data.images import ImageError, image_problem, load_image
+from xlip.data.manifest import load_manifest
+from xlip.data.shards import ShardPlanError, write_shards
+from xlip.data.storage import image_exists, read_shard_member, split_shard_path
 from xlip.data.synthetic import SynthConfig, synthesize
 
 

@@ -222,3 +222,46 @@ def test_eval_takes_a_checkpoint_folder_and_suggests_finding_names(corpus, tmp_p
     assert len(err) == 1 and "'Pleural Efusion' (did you mean Pleural Effusion?)" in err[0]
     assert main(["eval", "zeroshot", "--model", str(tmp_path / "nothing")]) == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+class Payload:
+    """A pickled object that would run code on load (here only a print)."""
+
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_damaged_or_pickled_checkpoint_files_are_one_line_naming_the_file(corpus, tmp_path,
+                                                                           capsys):
+    ck = resumable(corpus, tmp_path)
+    run = tmp_path / "run"
+    assert oct((run / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask())
+    assert oct((ck / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask())
+    # a blocked pickle: the file is named, torch's "weights_only=False" hint is not repeated
+    state = torch.load(ck / "state.pt", weights_only=True)
+    torch.save({**state, "extra": Payload()}, ck / "state.pt")
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(ck), "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert "this ran" not in out.out + out.err
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and str(ck / "state.pt") in err[0] and "pickled" in err[0]
+    assert "weights_only" not in err[0]
+    # a truncated state.pt
+    (ck / "state.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    assert main(["pretrain", "--resume", str(ck), "--quiet"]) == 2
+    assert f"{ck / 'state.pt'}: not a readable training state" in capsys.readouterr().err
+    # a corrupt model.safetensors: evaluation names the file
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["eval", "zeroshot", "--model", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run / 'model.safetensors'}: not a readable safetensors" in err[0]
+
+
+def umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -244,15 +244,15 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     training: known names, a ``data.eval_manifest``)."""
     from xlip.api import XLIP
     from xlip.eval.attmim import lesion_mask_share
-    from xlip.eval.zeroshot import evaluate_zeroshot
+    from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
     model = XLIP.from_pretrained(run)
     cfg = model.cfg
     out: dict[str, Any] = {}
     for name in evaluations:
         if name == "zeroshot":
-            res = evaluate_zeroshot(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
-                                    cfg.data.eval_split, cfg.eval.findings)
+            res = evaluate_zeroshot(model.model, model.tokenizer, cfg,
+                                    ZeroShotOptions.from_config(cfg))
             out["zeroshot"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "per_finding",
                                                    "n_images", "split")}
         elif name == "attmim" and cfg.mim.policy == "attention":  # synthetic corpus only

@@ -17,9 +17,9 @@ from xlip.config import Config, load_config, save_config
 from xlip.errors import MissingFileError
 from xlip.eval.zeroshot import (class_embeddings, encode_images, encode_tensor,
                                 positive_probability)
+from xlip.model.weights import load_weights, save_text_files, save_weights
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
-from xlip.train.checkpoint import load_weights, save_text_files, save_weights
 
 
 class XLIP:

@@ -11,7 +11,7 @@ from pathlib import Path
 from xlip import __version__
 from xlip.config import ConfigError
 from xlip.errors import XlipError
-from xlip.paths import writable_dir, writable_file
+from xlip.files import writable_dir, writable_file
 
 OVERRIDES_HELP = "dotted config overrides, e.g. train.steps=100 mim.policy=random"
 
@@ -41,7 +41,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _zeroshot(args: argparse.Namespace) -> int:
     from xlip.api import XLIP
-    from xlip.eval.zeroshot import evaluate_zeroshot, markdown_table, write_results
+    from xlip.eval.zeroshot import (ZeroShotOptions, evaluate_zeroshot, markdown_table,
+                                    write_results)
 
     m = XLIP.from_pretrained(args.model)
     out = writable_dir(args.out or args.model, "--out")  # before the encoding, not after
@@ -49,9 +50,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
     manifest = args.manifest or cfg.data.eval_manifest
     if not manifest:
         raise ConfigError("no evaluation manifest: pass --manifest or set data.eval_manifest")
-    result = evaluate_zeroshot(m.model, m.tokenizer, cfg, manifest,
-                               args.split or cfg.data.eval_split,
-                               args.findings or cfg.eval.findings)
+    options = ZeroShotOptions.from_config(cfg, manifest, args.split, args.findings)
+    result = evaluate_zeroshot(m.model, m.tokenizer, cfg, options)
     result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
     js, md = write_results(result, out)
     print(markdown_table(result))

@@ -63,7 +63,8 @@ def prepare_demo_data(out: Path, quick: bool = False) -> Path:
 
 def run_demo(out: Path, overrides: list[str] | None = None, quick: bool = False) -> dict:
     from xlip.api import XLIP
-    from xlip.eval.zeroshot import evaluate_zeroshot, markdown_table, write_results
+    from xlip.eval.zeroshot import (ZeroShotOptions, evaluate_zeroshot, markdown_table,
+                                    write_results)
     from xlip.train.loop import pretrain
 
     cfg = demo_config(out, overrides or [], quick)  # validate before any work
@@ -73,8 +74,8 @@ def run_demo(out: Path, overrides: list[str] | None = None, quick: bool = False)
     pretrain(cfg)
     print("[4/4] zero-shot classification on the held-out test split")
     model = XLIP.from_pretrained(out)
-    result = evaluate_zeroshot(model.model, model.tokenizer, model.cfg, manifest, "test",
-                               cfg.eval.findings)
+    result = evaluate_zeroshot(model.model, model.tokenizer, model.cfg,
+                               ZeroShotOptions(manifest, "test", tuple(cfg.eval.findings)))
     result["text_policy"] = cfg.data.text_policy
     result["wall_s"] = time.perf_counter() - t0
     write_results(result, out)

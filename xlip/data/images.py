@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from xlip.data.storage import read_shard_member, split_shard_path
 from xlip.errors import InputError, XlipError
 
 
@@ -53,14 +54,12 @@ def load_image(path: str | Path) -> np.ndarray:
 
     PNG / JPEG / ...: 8-bit divided by 255, 16-bit and 32-bit scaled by the image's own range,
     colour to luminance. DICOM: see :func:`_load_dicom`. ``.../shard-000000.tar#000001.png``:
-    that member of a tar shard (see :mod:`xlip.data.shards`).
+    that member of a tar shard (see :mod:`xlip.data.storage`).
 
     Raises:
         ImageError: missing, empty, not an image, corrupt, or a DICOM xlip cannot use; the
             message names the file, ``reason`` the cause.
     """
-    from xlip.data.shards import split_shard_path  # here: xlip.data.shards imports this module
-
     path = Path(path)
     if split_shard_path(path):
         return _load_member(path)
@@ -88,9 +87,18 @@ def load_image(path: str | Path) -> np.ndarray:
         raise _failure(path, f"unreadable {kind} ({type(err).__name__}: {err})") from None
 
 
-def _load_member(path: Path) -> np.ndarray:
-    from xlip.data.shards import read_shard_member
+def image_problem(path: str) -> str:
+    """'' if the image decodes (DICOM included), else a short reason: "missing image file",
+    "empty file (0 bytes)", "not an image (...)", "unreadable image (...)",
+    "unreadable DICOM (...)", "multi-frame DICOM (...)"."""
+    try:
+        load_image(path)
+    except ImageError as err:
+        return err.reason
+    return ""
 
+
+def _load_member(path: Path) -> np.ndarray:
     try:
         return _load_pil(io.BytesIO(read_shard_member(path)))
     except FileNotFoundError as err:

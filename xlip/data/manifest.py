@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from xlip.data.images import image_problem
+from xlip.data.storage import image_exists
 from xlip.errors import XlipError
 from xlip.text.labels import UnknownLabelError, parse_labels
 
@@ -165,19 +167,6 @@ def _check_swallowed(path: Path, header: list[str], values: list[str], start: in
                 "Remove the stray quote, or write a quote inside a field as \"\"")
 
 
-def image_problem(path: str) -> str:
-    """'' if the image decodes (DICOM included), else a short reason: "missing image file",
-    "empty file (0 bytes)", "not an image (...)", "unreadable image (...)",
-    "unreadable DICOM (...)", "multi-frame DICOM (...)"."""
-    from xlip.data.images import ImageError, load_image
-
-    try:
-        load_image(path)
-    except ImageError as err:
-        return err.reason
-    return ""
-
-
 def load_manifest(path: str | Path, *, verify_images: bool = True,
                   rejects: str | Path | None = None, skip_bad: bool = False) -> list[Record]:
     """Read and validate a manifest.
@@ -189,8 +178,6 @@ def load_manifest(path: str | Path, *, verify_images: bool = True,
         skip_bad: drop rejected rows (they are still written to ``rejects``) instead of
             raising ManifestError.
     """
-    from xlip.data.shards import image_exists  # here: xlip.data.shards imports this module
-
     path = Path(path)
     rows = read_rows(path)
     if not rows:

@@ -27,11 +27,8 @@ shard whose ``.tar`` exists, removes stale ``*.tmp`` files and rebuilds the rest
 plan (another manifest, size or shard_rows) is refused. A rerun assumes the source images have not
 changed; only the manifest's bytes are checked. One run per folder at a time.
 
-Reading: an image path ``.../shard-000000.tar#000001.png`` names a shard member.
-:func:`read_shard_member` returns its bytes from a per-process index of each tar (member →
-offset, size; about 200 bytes a member; rebuilt when the tar changes on disk) with one seek and
-read. ``load_image`` decodes such paths and :func:`image_exists` lets the manifest check accept
-them, so the training loader reads raw manifests and shard manifests alike.
+Reading: an image path ``.../shard-000000.tar#000001.png`` names a shard member; reading it
+(``load_image``, the manifest check) is :mod:`xlip.data.storage`'s job, this module only writes.
 """
 
 from __future__ import annotations
@@ -58,10 +55,10 @@ from xlip.data.images import ImageError, load_image
 from xlip.data.manifest import (COLUMNS, Record, load_manifest, read_rows, reason_kind,
                                  write_rejects)
 from xlip.errors import InputError, XlipError
+from xlip.files import atomic_open, atomic_path, write_atomic
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
-SEP = ".tar#"  # "<shard>.tar#<member>" names a member of a shard
 
 
 class ShardPlanError(XlipError, ValueError):
@@ -113,67 +110,6 @@ class _ShardJob:
     key_width: int
     records: tuple[Record, ...]  # rows of this shard that the manifest check kept, row order
     rejects: tuple[dict, ...]  # rows of this shard that it rejected: {row, image, reason}
-
-
-# ---------------------------------------------------------------- reading
-
-
-_INDEX: dict[str, tuple[tuple[int, int, int], dict[str, tuple[int, int]]]] = {}
-"""Per-process cache: tar path → (its (inode, bytes, mtime_ns), {member: (data offset, size)})."""
-
-
-def split_shard_path(path: str | Path) -> tuple[str, str] | None:
-    """``(".../x.tar", "member")`` for ``".../x.tar#member"``, else None."""
-    tar, sep, member = str(path).rpartition(SEP)
-    return (tar + ".tar", member) if sep and member else None
-
-
-def _tar_index(tar: str) -> dict[str, tuple[int, int]]:
-    st = os.stat(tar)  # FileNotFoundError for a missing shard
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _INDEX.get(tar)
-    if hit is None or hit[0] != stamp:
-        with tarfile.open(tar, "r:") as t:
-            members = {m.name: (m.offset_data, m.size) for m in t if m.isfile()}
-        hit = _INDEX[tar] = (stamp, members)
-    return hit[1]
-
-
-def read_shard_member(path: str | Path) -> bytes:
-    """The bytes of member ``m`` of ``x.tar`` for ``path = "x.tar#m"``.
-
-    Raises:
-        FileNotFoundError: the tar does not exist or has no such member.
-        ValueError: ``path`` does not name a shard member.
-    """
-    parts = split_shard_path(path)
-    if parts is None:
-        raise ValueError(f"{path} does not name a shard member (<shard>.tar#<member>)")
-    tar, member = parts
-    try:
-        offset, size = _tar_index(tar)[member]
-    except KeyError:
-        raise FileNotFoundError(f"shard {tar} has no member {member!r}") from None
-    with open(tar, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(size)
-    if len(data) != size:
-        raise OSError(f"shard {tar} ends inside member {member!r}; rebuild it")
-    return data
-
-
-def image_exists(path: str | Path) -> bool:
-    """Whether ``path`` is a file, or a ``x.tar#member`` whose shard holds that member."""
-    parts = split_shard_path(path)
-    if parts is None:
-        return Path(path).is_file()
-    try:
-        return parts[1] in _tar_index(parts[0])
-    except (OSError, tarfile.TarError):
-        return False
-
-
-# ---------------------------------------------------------------- writing
 
 
 def shard_pixels(arr: np.ndarray, size: int) -> np.ndarray:
@@ -296,7 +232,7 @@ def _prepare_out(out: Path, plan: dict, overwrite: bool) -> None:
     for p in ours:
         if p.suffix == ".tmp" and p.exists():  # left by an interrupted run
             p.unlink()
-    _write_atomic(out / PLAN, (json.dumps(plan, indent=2) + "\n").encode())
+    write_atomic(out / PLAN, (json.dumps(plan, indent=2) + "\n").encode(), fsync=True)
 
 
 def _jobs(records: list[Record], rejects: list[dict], plan: dict, out: Path,
@@ -366,37 +302,46 @@ def _write_shard(job: _ShardJob, tick: Callable[[], None]) -> int:
     """Write one shard and its ``.json``; returns the number of images written."""
     name = shard_name(job.index)
     tar_path = Path(job.out) / name
+    # the .tar is renamed into place last: a .tar on disk means a complete shard and .json
+    with atomic_path(tar_path) as tmp:
+        with open(tmp, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                rows, rejects, written = _add_members(tar, job, tick)
+            fh.flush()
+            os.fsync(fh.fileno())
+        rejects.sort(key=lambda b: b["row"])
+        side = {"shard": name, "rows": rows, "rejects": rejects}
+        write_atomic(tar_path.with_suffix(".json"), json.dumps(side, ensure_ascii=False).encode(),
+                     fsync=True)
+    return written
+
+
+def _add_members(tar: tarfile.TarFile, job: _ShardJob,
+                 tick: Callable[[], None]) -> tuple[list[dict], list[dict], int]:
+    """Add the images of ``job``'s rows to ``tar``: (output-manifest rows, rejected rows,
+    images written)."""
     rows: list[dict] = []
     rejects = list(job.rejects)
     written = 0
-    tmp = tar_path.with_name(name + ".tmp")
-    with open(tmp, "wb") as fh:
-        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for rec in job.records:
-                row = _manifest_row(rec)
-                if rec.image:
-                    key = f"{rec.row:0{job.key_width}d}"
-                    try:
-                        arr = load_image(rec.image)
-                        png = encode_png(shard_pixels(arr, job.size))
-                    except ImageError as err:
-                        rejects.append({"row": rec.row, "image": _rel(rec.image, job),
-                                        "reason": err.reason})
-                        tick()
-                        continue
-                    _add(tar, f"{key}.png", png)
-                    _add(tar, f"{key}.json", _member_json(rec, arr.shape, job))
-                    row["image"] = f"{name}#{key}.png"
-                    written += 1
-                    tick()
-                rows.append(row)
-        fh.flush()
-        os.fsync(fh.fileno())
-    rejects.sort(key=lambda b: b["row"])
-    side = {"shard": name, "rows": rows, "rejects": rejects}
-    _write_atomic(tar_path.with_suffix(".json"), json.dumps(side, ensure_ascii=False).encode())
-    os.replace(tmp, tar_path)  # last: a .tar on disk means a complete shard and .json
-    return written
+    for rec in job.records:
+        row = _manifest_row(rec)
+        if rec.image:
+            key = f"{rec.row:0{job.key_width}d}"
+            try:
+                arr = load_image(rec.image)
+                png = encode_png(shard_pixels(arr, job.size))
+            except ImageError as err:
+                rejects.append({"row": rec.row, "image": _rel(rec.image, job),
+                                "reason": err.reason})
+                tick()
+                continue
+            _add(tar, f"{key}.png", png)
+            _add(tar, f"{key}.json", _member_json(rec, arr.shape, job))
+            row["image"] = f"{shard_name(job.index)}#{key}.png"
+            written += 1
+            tick()
+        rows.append(row)
+    return rows, rejects, written
 
 
 def _manifest_row(rec: Record) -> dict:
@@ -425,15 +370,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
     """manifest.csv and rejects.csv from every shard's ``.json``; fills ``summary``."""
     rows, rejects = [], []
@@ -451,10 +387,9 @@ def _finish(out: Path, jobs: list[_ShardJob], summary: ShardSummary) -> None:
     summary.text_only = len(rows) - summary.images
     summary.rejected = Counter(reason_kind(b["reason"]) for b in rejects)
     write_rejects(out / "rejects.csv", rejects)
-    tmp = out / "manifest.csv.tmp"
-    with tmp.open("w", newline="") as fh:  # write_manifest without negative_labels would lose it
+    # write_manifest without negative_labels would lose it
+    with atomic_open(out / "manifest.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[*COLUMNS, "negative_labels", *extra],
                            extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")

@@ -25,6 +25,7 @@ source): dataset A's patient 75 is not dataset B's patient 75.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import statistics
@@ -34,8 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from xlip.data.manifest import (COLUMNS, ManifestError, image_problem, read_rows, row_kind,
-                                 unusable)
+from PIL import Image
+
+from xlip.data.images import image_problem, image_size
+from xlip.data.manifest import COLUMNS, ManifestError, read_rows, row_kind, unusable
+from xlip.data.storage import image_exists, read_shard_member, split_shard_path
 from xlip.errors import InputError
 from xlip.text.labels import UnknownLabelError, canonical_label
 from xlip.text.sections import select_text
@@ -330,13 +334,6 @@ def _leak(parts: list[str]) -> bool:
 
 def _inspect(path: str) -> tuple[str, tuple[int, int] | None, str]:
     """(problem, (width, height), content digest) of one image; decodes it once."""
-    import io
-
-    from PIL import Image
-
-    from xlip.data.images import image_size
-    from xlip.data.shards import read_shard_member, split_shard_path
-
     problem = image_problem(path)
     if problem:
         return problem, None, ""
@@ -348,8 +345,6 @@ def _inspect(path: str) -> tuple[str, tuple[int, int] | None, str]:
 
 
 def _exists(path: str) -> tuple[str, None, str]:
-    from xlip.data.shards import image_exists
-
     return ("" if image_exists(path) else "missing image file"), None, ""
 
 

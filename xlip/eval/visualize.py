@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from xlip.config import Config
-from xlip.data.dataset import Collator, Sample
+from xlip.data.collate import Collator, Sample
 from xlip.data.images import prepare_image
 from xlip.data.manifest import Record, load_manifest
 from xlip.errors import XlipError

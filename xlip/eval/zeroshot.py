@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +18,8 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci, f1_acc
+from xlip.precision import autocast
 from xlip.text.prompts import zeroshot_prompts
-from xlip.train.precision import autocast
 
 
 @torch.no_grad()
@@ -84,16 +85,34 @@ def default_findings(records: Sequence[Record]) -> list[str]:
     return [f for f in names if 0 < sum(f in r.labels for r in records) < len(records)]
 
 
+@dataclass(frozen=True)
+class ZeroShotOptions:
+    """What :func:`evaluate_zeroshot` evaluates on."""
+
+    manifest: str | Path
+    split: str = "test"
+    findings: tuple[str, ...] = ()  # empty: every label with positive and negative images
+
+    @classmethod
+    def from_config(cls, cfg: Config, manifest: str | Path | None = None,
+                    split: str | None = None,
+                    findings: Sequence[str] | None = None) -> "ZeroShotOptions":
+        """The model's own settings (``data.eval_manifest``, ``data.eval_split``,
+        ``eval.findings``), each replaced where given."""
+        return cls(manifest or cfg.data.eval_manifest, split or cfg.data.eval_split,
+                   tuple(findings or cfg.eval.findings))
+
+
 @torch.no_grad()
-def evaluate_zeroshot(model, tokenizer, cfg: Config, manifest: str | Path,
-                      split: str = "test", findings: Sequence[str] = ()) -> dict:
-    """Zero-shot AUC per finding on the image rows of ``split``; image size, normalisation,
-    text length and bootstrap size come from the model's ``cfg``."""
+def evaluate_zeroshot(model, tokenizer, cfg: Config, options: ZeroShotOptions) -> dict:
+    """Zero-shot AUC per finding on the image rows of ``options.split``; image size,
+    normalisation, text length and bootstrap size come from the model's ``cfg``."""
     model.eval()
     image_size, max_length = cfg.vision.image_size, cfg.text.max_length
     batch_size, bootstrap = cfg.eval.batch_size, cfg.eval.bootstrap
+    manifest, split = options.manifest, options.split
     records = eval_records(manifest, split)
-    findings = list(findings) or default_findings(records)
+    findings = list(options.findings) or default_findings(records)
     present = sorted({f for r in records for f in r.labels})
     unknown = [f for f in findings if f not in present]
     if unknown:

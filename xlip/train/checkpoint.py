@@ -1,42 +1,24 @@
 """Checkpoints: ``model.safetensors`` + ``config.yaml`` + ``state.pt`` in one folder, written
-atomically (a temporary folder renamed into place), with a ``latest`` pointer file."""
+atomically (a temporary folder renamed into place), with a ``latest`` pointer file. Weight files
+on their own: :mod:`xlip.model.weights`."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from xlip.config import Config, save_config
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    missing, unexpected = load_model(model, str(path), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the configured model: missing "
-                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} — was it "
-                         "saved with a different config.yaml?")
-
-
-def save_text_files(model: nn.Module, tokenizer, path: Path) -> None:
-    """The tokenizer and the BERT config, so a folder loads without the original text dir."""
-    tokenizer.save_pretrained(str(path / "tokenizer"))
-    model.text.bert.config.to_json_file(str(path / "text_config.json"))
+from xlip.errors import InputError, MissingFileError
+from xlip.files import FILE_MODE, write_atomic
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,13 +45,12 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, cfg: Config,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
+    os.chmod(tmp / "model.safetensors", FILE_MODE)  # safetensors writes 0600
     save_config(cfg, tmp / "config.yaml")
     torch.save({**train_state, "step": step, "rng": rng_state()}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = root / "latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    write_atomic(root / "latest", final.name + "\n")
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -80,13 +61,25 @@ def resolve_checkpoint(out_dir: Path, resume: str) -> Path:
     if resume == "latest":
         pointer = out_dir / "checkpoints" / "latest"
         if not pointer.is_file():
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {out_dir}/checkpoints")
+            raise MissingFileError(f"--resume latest: no checkpoint under {out_dir}/checkpoints")
         return out_dir / "checkpoints" / pointer.read_text().strip()
     path = Path(resume)
     if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: no state.pt in {path}")
+        raise MissingFileError(f"--resume {resume}: no state.pt in {path}")
     return path
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    """The training state of a checkpoint folder: tensors and plain values only (a file holding
+    other pickled objects is refused: unpickling them can run code)."""
+    file = path / "state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never do that
+        raise InputError(f"{file} holds pickled Python objects besides tensors and plain "
+                         "values; xlip does not load those (unpickling can run code). Resume "
+                         "from a checkpoint xlip wrote") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise InputError(f"{file}: not a readable training state ({type(err).__name__}: "
+                         f"{str(err)[:160]}); the file is damaged or incomplete: resume from "
+                         "another checkpoint") from None

@@ -18,18 +18,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from xlip.config import Config, ConfigError, load_config, save_config
-from xlip.data.dataset import Collator, MixedBatchSampler, MixedDataset
+from xlip.data.collate import Collator
+from xlip.data.dataset import MixedDataset
 from xlip.data.images import dataset_stats
+from xlip.data.sampler import MixedBatchSampler
 from xlip.errors import XlipError
+from xlip.files import writable_dir
 from xlip.losses import XLIPLoss
+from xlip.model.weights import load_weights, save_text_files, save_weights
 from xlip.model.xlip import XLIPModel
-from xlip.paths import writable_dir
+from xlip.precision import autocast
 from xlip.text.tokenizer import load_tokenizer
-from xlip.train.checkpoint import (load_state, load_weights, resolve_checkpoint,
-                                   save_checkpoint, save_text_files, save_weights,
+from xlip.train.checkpoint import (load_state, resolve_checkpoint, save_checkpoint,
                                    set_rng_state)
 from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_sums
-from xlip.train.precision import autocast
 from xlip.train.resume import apply_optimizer_settings, check_resume
 
 

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from xlip.data.dataset import hash_int
-from xlip.data.manifest import COLUMNS, image_problem, reason_kind, row_kind, unusable
+from xlip.data.images import image_problem
+from xlip.data.manifest import COLUMNS, reason_kind, row_kind, unusable
 from xlip.errors import XlipError
+from xlip.files import atomic_open, write_atomic
+from xlip.hashing import hash_int
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
 #: Columns after :data:`xlip.data.manifest.COLUMNS` in every adapter's manifest.
@@ -390,19 +392,15 @@ def write_outputs(col: Collector, out_dir: Path, *, verify: str = "decode", work
         splits=Counter(r["split"] for r in out_rows),
         labels=Counter(lab for r in out_rows for lab in r["labels"].split(";") if lab),
         outside=col.outside, notes=col.notes)
-    tmp = out_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
-    os.replace(tmp, out_dir / "summary.json")
+    write_atomic(out_dir / "summary.json", json.dumps(summary.as_dict(), indent=2) + "\n")
     return summary
 
 
 def _atomic_csv(path: Path, columns: Sequence[str], rows: list[dict[str, str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def label_error_reason(err: UnknownLabelError) -> str:

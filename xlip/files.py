@@ -1,0 +1,95 @@
+"""Files xlip writes: atomically, with normal permissions, into folders checked up front.
+
+Atomic writes: a reader, or the rerun of an interrupted command, finds the old file or the new
+one, never half of one. The temporary file is ``<name>.tmp`` beside the target (one file system,
+so ``os.replace`` is atomic); an error while writing leaves it behind for the next run to
+overwrite or remove. Output folders are checked before any work is done, so that a command never
+computes for an hour and then fails on a folder it cannot write.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+from xlip.errors import XlipError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: rw for the owner, r for others under the usual umask 022 (some writers create 0600 files)
+FILE_MODE = 0o666 & ~_umask()
+
+
+def temporary_path(path: str | Path) -> Path:
+    """``<path>.tmp``: where :func:`atomic_path` has the new content written."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A path to write ``path``'s new content to; renamed onto ``path`` when the block ends
+    without an error (for writers that take a path, such as safetensors)."""
+    tmp = temporary_path(path)
+    yield tmp
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", *, fsync: bool = False,
+                **kwargs) -> Iterator[IO]:
+    """``open(path, mode, **kwargs)`` for writing, atomically. ``fsync``: force the bytes to disk
+    before the rename (files that a resumed run trusts)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = False) -> None:
+    """Write ``data`` (bytes, or text in the locale's encoding) to ``path`` atomically."""
+    with atomic_open(path, "wb" if isinstance(data, bytes) else "w", fsync=fsync) as fh:
+        fh.write(data)
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create ``path`` (and its parents) if needed and prove a file can be written in it.
+
+    ``what`` names the flag or key the path came from (``--out``, ``train.out_dir``)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise XlipError(f"{what} {p}: is an existing file, not a folder; give a folder path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".xlip_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):  # a file where a parent folder should be
+        raise XlipError(f"{what} {p}: a part of this path is a file, not a folder; give "
+                        "another path") from None
+    except OSError as err:
+        raise XlipError(f"{what} {p}: cannot write there ({err.strerror or err}); give a "
+                        "folder you can write to") from None
+    return p
+
+
+def writable_file(path: str | Path, what: str) -> Path:
+    """The folder of an output file must be writable, and the path must not be a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise XlipError(f"{what} {p}: is a folder; give a file path")
+    writable_dir(p.parent, what)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise XlipError(f"{what} {p}: the file exists and cannot be overwritten; give another "
+                        "path")
+    return p

@@ -1,0 +1,10 @@
+"""Stable hashes for seeds, splits and keys (Python's ``hash()`` is salted per process)."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def hash_int(text: str) -> int:
+    """Stable 63-bit hash (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
