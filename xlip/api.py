@@ -40,14 +40,22 @@ class XLIP:
                  "tokenizer": run}
         for name, where in files.items():
             if not (where / name).exists():
-                raise MissingFileError(f"{path} is not an xlip model folder: {where / name} "
-                                       "missing")
+                raise MissingFileError(f"{path} is not an xlip model folder: {name} missing"
+                                       + (f" (looked for it in the run folder {where})"
+                                          if where != path else ""))
         cfg = load_config(path / "config.yaml")
         tokenizer = load_tokenizer(run / "tokenizer")
         text_config = BertConfig.from_json_file(str(run / "text_config.json"))
         model = XLIPModel(cfg, len(tokenizer), text_config)
         load_weights(model, path / "model.safetensors")
         return cls(model.to(device), tokenizer, cfg)
+
+    def untrained(self, seed: int = 0) -> "XLIP":
+        """The same architecture, config and tokenizer with freshly initialised weights (the
+        no-pre-training baseline of probes and fine-tuning)."""
+        torch.manual_seed(seed)
+        model = XLIPModel(self.cfg, len(self.tokenizer), self.model.text.bert.config)
+        return XLIP(model.to(self.device), self.tokenizer, self.cfg)
 
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)

@@ -59,6 +59,29 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from xlip.api import XLIP
+    from xlip.eval.probe import ProbeOptions, linear_probe, markdown, write_probe
+
+    m = XLIP.from_pretrained(args.model)
+    manifest = args.manifest or m.cfg.data.eval_manifest
+    if not manifest:
+        raise ConfigError("no manifest to probe on: pass --manifest (training rows) and "
+                          "--test-manifest, or set the model's data.eval_manifest")
+    opt = ProbeOptions(manifest, args.test_manifest, args.split, args.val_split,
+                       args.test_split, args.fraction, args.init,
+                       tuple(args.findings or ()), args.seed)
+    out = writable_dir(args.out or Path(args.model) / f"probe_{args.init}_{args.fraction:g}",
+                       "--out")
+    model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
+    result = linear_probe(model, m.cfg, opt)
+    result["model"] = str(args.model)
+    js, md = write_probe(result, out)
+    print(markdown(result))
+    print(f"written: {js} {md}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from xlip.data.synthetic import SynthConfig, montage, synthesize
 
@@ -429,6 +452,26 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--findings", nargs="*", help="default: every label in the split")
     z.add_argument("--out", help="folder for zeroshot.json/.md (default: the model folder)")
     z.set_defaults(func=_zeroshot)
+    pb = ev.add_parser("probe", help="linear probe: frozen image features, one logistic "
+                                     "regression per finding, weight decay chosen on validation")
+    pb.add_argument("--model", required=True, help="model folder (a run or a checkpoint)")
+    pb.add_argument("--manifest", help="training and validation rows (default: the model's "
+                                       "data.eval_manifest)")
+    pb.add_argument("--test-manifest", help="test rows (default: --manifest)")
+    pb.add_argument("--split", default="train", help="training split")
+    pb.add_argument("--val-split", default="valid", help="validation split; without such "
+                    "rows, 10%% of the training patients are held out")
+    pb.add_argument("--test-split", default="test", help="test split")
+    pb.add_argument("--fraction", type=float, default=1.0,
+                    help="share of the training patients whose labels are used (0.01, 0.1, 1)")
+    pb.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
+                    help="random: the same encoder untrained (the no-pre-training baseline)")
+    pb.add_argument("--findings", nargs="*", help="default: every finding with positive and "
+                                                 "negative test images")
+    pb.add_argument("--seed", type=int, default=0, help="seed of the fraction, the held-out "
+                    "validation patients and the random initialisation")
+    pb.add_argument("--out", help="folder for probe.json/.md (default: MODEL/probe_INIT_FRAC)")
+    pb.set_defaults(func=_probe)
     ab = sub.add_parser("ablate", help="pre-train and evaluate variants side by side (same "
                                        "data, seeds, and steps or wall-clock time)")
     ab.add_argument("--config", help="YAML config all variants start from")

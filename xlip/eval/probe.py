@@ -1,0 +1,175 @@
+"""Linear probe: how well a frozen image encoder's features separate the findings.
+
+The protocol of MGCA, MRM and BenchX: the pre-trained image encoder is frozen, its pooled
+features are computed once per image, and one L2-regularised logistic regression per finding
+(multi-label) is trained on them. The regularisation strength is chosen on a validation split,
+never on the test split; the test AUC per finding comes with a bootstrap 95 % CI.
+``init="random"`` probes the same architecture untrained: the no-pre-training row every table
+needs beside the pre-trained one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from xlip.config import Config
+from xlip.data.images import prepare_image
+from xlip.data.manifest import ManifestError, Record
+from xlip.errors import InputError
+from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci
+from xlip.eval.zeroshot import default_findings, eval_records
+from xlip.hashing import hash_int
+from xlip.precision import autocast
+
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strength, chosen on validation
+HELD_OUT_VAL = 0.1  # share of training patients held out when the manifest has no val split
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """What :func:`linear_probe` trains and tests on."""
+
+    manifest: str | Path  # training (and validation) rows
+    test_manifest: str | Path | None = None  # default: ``manifest``
+    split: str = "train"
+    val_split: str = "valid"
+    test_split: str = "test"
+    fraction: float = 1.0  # share of the training patients used (label-efficiency rows)
+    init: str = "pretrained"  # pretrained | random (the same architecture, untrained)
+    findings: tuple[str, ...] = ()  # empty: every finding with both classes in the test split
+    seed: int = 0  # of the training fraction and the held-out validation patients
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise InputError(f"--fraction {self.fraction}: give a share in (0, 1], e.g. 0.01, "
+                             "0.1 or 1")
+        if self.init not in ("pretrained", "random"):
+            raise InputError(f"--init {self.init!r}: choose pretrained or random")
+
+
+def patient_share(r: Record, seed: int, salt: str) -> float:
+    """A stable number in [0, 1) per patient (the image when there is no patient id)."""
+    return hash_int(f"{salt}/{seed}/{r.patient_id or r.image}") / 2.0 ** 63
+
+
+@torch.no_grad()
+def pooled_features(model, paths: Sequence[str], cfg: Config, batch_size: int = 128
+                    ) -> np.ndarray:
+    """(n, width) pooled image-encoder features (before the contrastive projection)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(paths), batch_size):
+        x = torch.stack([prepare_image(p, cfg.vision.image_size, stats=cfg.pixel_stats())
+                         for p in paths[i:i + batch_size]]).to(device)
+        with autocast(cfg.train.precision, device):
+            out.append(model.vision(x)["pooled"].float().cpu())
+    return torch.cat(out).numpy()
+
+
+def split_rows(opt: ProbeOptions) -> tuple[list[Record], list[Record], list[Record], str]:
+    """Training, validation and test rows (images with labels), and how validation was made."""
+    train = eval_records(opt.manifest, opt.split)
+    try:
+        val = eval_records(opt.manifest, opt.val_split)
+        how = f"split {opt.val_split!r} of {opt.manifest}"
+    except ManifestError:  # no validation rows: hold out training patients
+        val = [r for r in train if patient_share(r, opt.seed, "val") < HELD_OUT_VAL]
+        train = [r for r in train if patient_share(r, opt.seed, "val") >= HELD_OUT_VAL]
+        how = (f"{HELD_OUT_VAL:.0%} of the training patients (seed {opt.seed}), as {opt.manifest} "
+               f"has no {opt.val_split!r} rows")
+    if opt.fraction < 1.0:
+        train = [r for r in train if patient_share(r, opt.seed, "fraction") < opt.fraction]
+    test = eval_records(opt.test_manifest or opt.manifest, opt.test_split)
+    return train, val, test, how
+
+
+def labels(records: Sequence[Record], findings: Sequence[str]) -> np.ndarray:
+    return np.array([[f in r.labels for f in findings] for r in records], dtype=int)
+
+
+def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = None
+                 ) -> dict[str, Any]:
+    """Fit and test the probe; returns the result dict written to ``probe.json``."""
+    t0 = time.perf_counter()
+    train, val, test, how = split_rows(opt)
+    findings = list(opt.findings) or default_findings(test)
+    ytr, yva, yte = (labels(x, findings) for x in (train, val, test))
+    usable = [j for j in range(len(findings))
+              if all(0 < y[:, j].sum() < len(y) for y in (ytr, yva, yte))]
+    skipped = [f for j, f in enumerate(findings) if j not in usable]
+    if not usable:
+        raise InputError(f"no finding has positive and negative images in each of training "
+                         f"({len(train)} images), validation ({len(val)}) and test "
+                         f"({len(test)}): use a larger --fraction or other splits")
+    findings = [findings[j] for j in usable]
+    ytr, yva, yte = ytr[:, usable], yva[:, usable], yte[:, usable]
+    feats = [pooled_features(model, [r.image for r in rows], cfg) for rows in (train, val, test)]
+    scaler = StandardScaler().fit(feats[0])
+    xtr, xva, xte = (scaler.transform(f) for f in feats)
+
+    def fit(c: float, j: int) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr[:, j])
+
+    val_auc = {c: float(np.mean([auc(yva[:, j], fit(c, j).decision_function(xva))
+                                 for j in range(len(findings))])) for c in C_GRID}
+    best = max(C_GRID, key=lambda c: (val_auc[c], -c))  # ties: the stronger regularisation
+    score = np.stack([fit(best, j).decision_function(xte) for j in range(len(findings))], 1)
+    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
+    per = {}
+    for j, f in enumerate(findings):
+        a = auc(yte[:, j], score[:, j])
+        ci = bootstrap_ci(yte[:, j], score[:, j], n=n_boot, seed=j) if n_boot else (a, a)
+        per[f] = {"auc": a, "auc_ci95": list(ci), "positives": int(yte[:, j].sum()),
+                  "n": len(yte), "train_positives": int(ytr[:, j].sum())}
+    mean_ci = bootstrap_mean_ci(yte, score, n=n_boot) if n_boot else (float("nan"),) * 2
+    return {"protocol": "linear_probe", "mean_auc": float(np.mean([p["auc"] for p in
+                                                                    per.values()])),
+            "mean_auc_ci95": list(mean_ci), "per_finding": per, "fraction": opt.fraction,
+            "init": opt.init, "C": best, "val_mean_auc_by_C": {str(c): v for c, v in
+                                                              val_auc.items()},
+            "validation": how, "skipped_findings": skipped,
+            "n_train": len(train), "n_val": len(val), "n_test": len(test),
+            "features": int(xtr.shape[1]), "manifest": str(opt.manifest),
+            "test_manifest": str(opt.test_manifest or opt.manifest), "split": opt.split,
+            "test_split": opt.test_split, "seed": opt.seed,
+            "wall_s": time.perf_counter() - t0}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Linear probe ({result['init']} encoder, {result['fraction']:g} of the training "
+             f"labels)", "",
+             f"Frozen pooled image features ({result['features']} dims), one logistic "
+             f"regression per finding, C = {result['C']:g} chosen on validation "
+             f"({result['validation']}); {result['n_train']} training, {result['n_val']} "
+             f"validation and {result['n_test']} test images ({result['test_manifest']} split "
+             f"`{result['test_split']}`).", "",
+             "| finding | AUC | 95% CI | test positives / n | training positives |",
+             "|---|---|---|---|---|"]
+    for f, d in result["per_finding"].items():
+        lo, hi = d["auc_ci95"]
+        lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['positives']} / "
+                     f"{d['n']} | {d['train_positives']} |")
+    lo, hi = result["mean_auc_ci95"]
+    lines.append(f"| **mean** | **{result['mean_auc']:.3f}** | {lo:.3f}–{hi:.3f} | | |")
+    if result["skipped_findings"]:
+        lines += ["", "Left out (a class missing in training, validation or test): "
+                  + ", ".join(result["skipped_findings"])]
+    return "\n".join(lines) + "\n"
+
+
+def write_probe(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "probe.json", out_dir / "probe.md"
+    js.write_text(json.dumps(result, indent=2) + "\n")
+    md.write_text(markdown(result))
+    return js, md
