@@ -77,6 +77,43 @@ def test_ablation_runs_variants_and_seeds_then_resumes(corpus, tmp_path, monkeyp
         summary["variants"].keys()
 
 
+def test_a_probe_is_added_to_finished_runs_without_training_them_again(tmp_path, monkeypatch):
+    corpus = build_corpus(tmp_path / "corpus", 240, 80, seed=3, size=32, vocab_size=400)
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=2)
+    args = ["ablate", "--config", str(cfg), "--variants", "clip,xlip", "--out",
+            str(tmp_path / "abl"), "--quiet"]
+    assert main(args) == 0
+    assert "linear probe" not in (tmp_path / "abl" / "ablation.md").read_text()
+    monkeypatch.setattr("xlip.train.loop.pretrain",
+                        lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert main(args + ["--probe"]) == 0
+    summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    for name in ("clip", "xlip"):
+        res = json.loads((tmp_path / "abl" / "runs" / name / "seed0" / "result.json")
+                         .read_text())
+        assert 0.0 < res["probe"]["mean_auc"] <= 1.0 and "zeroshot" in res
+        assert summary["variants"][name]["probe"]["mean_auc"] == res["probe"]["mean_auc"]
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    probe = summary["variants"]["xlip"]["probe"]["mean_auc"]
+    assert "| linear probe |" in md and f" {probe:.3f} |" in md
+
+
+def test_a_config_key_added_since_a_run_does_not_make_it_changed(tmp_path):
+    import yaml
+
+    from xlip.config import from_dict
+
+    cfg = from_dict({"train": {"out_dir": str(tmp_path)}})
+    data = cfg.to_dict()
+    del data["train"]["diverge_factor"], data["train"]["adam_eps"]  # keys newer than the run
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert ablate.same_config(tmp_path, cfg)
+    cfg.train.diverge_factor = 5.0  # not the default: a run without the key did not have it
+    assert not ablate.same_config(tmp_path, cfg)
+    cfg.train.diverge_factor, cfg.train.lr = 100.0, 1e-2
+    assert not ablate.same_config(tmp_path, cfg)
+
+
 def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, monkeypatch):
     cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
     out = tmp_path / "abl"

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import yaml
+
 from xlip.config import Config, ConfigError, from_dict, merge
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
@@ -53,7 +55,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("xlip_fast_random", "xlip_lite")]
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
-EVALUATIONS = ("zeroshot", "attmim")
+EVALUATIONS = ("zeroshot", "attmim", "probe")
 SMALL_FINDINGS = ("Nodule", "Pneumothorax")
 BASELINE = "clip"
 
@@ -130,6 +132,32 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def same_config(run: Path, cfg: Config) -> bool:
+    """Whether a finished run's ``config.yaml`` is ``cfg``, keys added to xlip since the run
+    (absent from its file, at their default in ``cfg``) aside: a new setting must not make every
+    finished run of an ablation count as changed."""
+    from xlip.train.resume import flatten
+
+    try:
+        old = flatten(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return False
+    new, default = flatten(cfg.to_dict()), flatten(Config().to_dict())
+    for key in set(old) | set(new):
+        if key in ("train.out_dir", "data.pixel_mean", "data.pixel_std"):
+            continue
+        if key not in old:
+            if new[key] != default.get(key):
+                return False
+        elif _plain_value(old[key]) != _plain_value(new.get(key)):
+            return False
+    return True
+
+
+def _plain_value(x: Any) -> Any:
+    return list(x) if isinstance(x, tuple) else x
+
+
 def seconds_per_step(run: Path, skip_first: int = 1) -> float:
     """Mean seconds per step between the first and the last log line of ``metrics.jsonl``
     (the first interval holds start-up work and is left out)."""
@@ -166,11 +194,19 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
             digest = config_digest(cfg)
             if (run / "result.json").is_file():
                 done = json.loads((run / "result.json").read_text())
-                if done.get("config_digest", digest) != digest:  # results before digests: kept
+                if done.get("config_digest", digest) != digest and not same_config(run, cfg):
                     raise ConfigError(
                         f"{run}: finished under another config than this ablation's (changed "
                         f"overrides, steps or base config); use a new --out or delete the run")
-                log(f"[{k}/{total}] {name} seed {seed}: done already")
+                missing = [e for e in spec.evaluations if e not in done and e != "attmim"
+                           and "failed" not in done]
+                if missing:  # an evaluation added since (e.g. the probe): the model is kept
+                    log(f"[{k}/{total}] {name} seed {seed}: trained; evaluating "
+                        f"{', '.join(missing)}")
+                    done.update(evaluate_run(run, missing))
+                    (run / "result.json").write_text(json.dumps(done, indent=2))
+                else:
+                    log(f"[{k}/{total}] {name} seed {seed}: done already")
                 continue
             log(f"[{k}/{total}] {name} seed {seed}: {cfg.train.steps} steps → {run}")
             if run.exists():
@@ -244,6 +280,7 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     training: known names, a ``data.eval_manifest``)."""
     from xlip.api import XLIP
     from xlip.eval.attmim import lesion_mask_share
+    from xlip.eval.probe import ProbeOptions, linear_probe
     from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
     model = XLIP.from_pretrained(run)
@@ -258,6 +295,12 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
         elif name == "attmim" and cfg.mim.policy == "attention":  # synthetic corpus only
             out["attmim"] = lesion_mask_share(model.model, model.tokenizer, cfg,
                                               cfg.data.eval_manifest, cfg.data.eval_split)
+        elif name == "probe":  # train rows of the evaluation manifest, its test split
+            res = linear_probe(model.model, cfg, ProbeOptions(
+                cfg.data.eval_manifest, test_split=cfg.data.eval_split, seed=cfg.train.seed))
+            out["probe"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "C", "n_train",
+                                                "validation")}
+            out["probe"]["per_finding"] = {f: d["auc"] for f, d in res["per_finding"].items()}
     return out
 
 
@@ -290,6 +333,7 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
             "lesion_mask_share": (statistics.fmean(r["attmim"]["masked_share"]
                                                    for r in results)
                                   if all("attmim" in r for r in results) else None),
+            "probe": _probe_summary(results),
             "wall_s": statistics.fmean(r["wall_s"] for r in results),
             "steps": results[0]["steps"],  # per seed in "seeds" (equal-time budgets may differ)
             "overrides": overrides,
@@ -311,6 +355,16 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
             "evaluations": spec.evaluations}
 
 
+def _probe_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Linear-probe mean AUC over seeds, when every seed has one."""
+    if not results or not all("probe" in r for r in results):
+        return None
+    aucs = [r["probe"]["mean_auc"] for r in results]
+    return {"mean_auc": statistics.fmean(aucs),
+            "sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+            "seeds": {str(r["seed"]): r["probe"]["mean_auc"] for r in results}}
+
+
 def markdown(summary: dict[str, Any]) -> str:
     v = summary["variants"]
     budget = summary["budget"]
@@ -318,6 +372,7 @@ def markdown(summary: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, summary["seeds"]))
     lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
     paired = any("vs_clip" in r for r in v.values())
+    probes = any(r.get("probe") for r in v.values())
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed (sN: seed N) "
              "the AUC and its bootstrap 95 % CI." +
@@ -325,12 +380,16 @@ def markdown(summary: dict[str, Any]) -> str:
               "masking would mask the mask ratio; variants without AttMIM show –)."
               if lesions else "") +
              (" Δ clip: the mean over seeds of (variant − clip) on the same seed, and on how "
-              "many seeds the variant is ahead." if paired else ""), "",
+              "many seeds the variant is ahead." if paired else "") +
+             (" Linear probe: mean AUC of one logistic regression per finding on the frozen "
+              "image features (training rows of the evaluation manifest, C chosen on held-out "
+              "validation patients), mean ± sd over seeds." if probes else ""), "",
              "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
-             "per seed (95 % CI) | " +
+             ("linear probe | " if probes else "") + "per seed (95 % CI) | " +
              " | ".join(small) + (" | " if small else "") +
              ("lesion masked | " if lesions else "") + "s/step | wall min |",
-             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired) + "---|---|"]
+             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired + probes) +
+             "---|---|"]
     for name, r in v.items():
         per_seed = "; ".join(f"s{s['seed']} {s['mean_auc']:.3f} ({_ci(s['ci95'])})"
                              for s in r["seeds"])
@@ -344,6 +403,10 @@ def markdown(summary: dict[str, Any]) -> str:
             d = r.get("vs_clip")
             delta = (f" {d['mean']:+.3f} ({d['ahead']}/{d['seeds']}) |"
                      if d and d["mean"] is not None and name != BASELINE else " – |")
+        if probes:
+            pr = r.get("probe")
+            delta += (f" {pr['mean_auc']:.3f}" + (f" ± {pr['sd']:.3f}" if len(pr["seeds"]) > 1
+                                                   else "") + " |") if pr else " – |"
         lo, hi = min(x["steps"] for x in r["seeds"]), max(x["steps"] for x in r["seeds"])
         steps = str(lo) if lo == hi else f"{lo}–{hi}"
         lines.append(f"| {name} | {steps} | **{r['mean_auc']:.3f}** {sd} |"

@@ -214,11 +214,13 @@ def _ablate(args: argparse.Namespace) -> int:
     else:
         base = load_config(args.config, overrides).to_dict()
     names = [n for n in args.variants.split(",") if n] if args.variants else DEFAULT_VARIANTS
+    evaluations = (["zeroshot", "attmim"] if args.demo else ["zeroshot"]) + (
+        ["probe"] if args.probe else [])
     spec = AblationSpec(base=base, out=out, variants=variant_overrides(names, args.define),
                         seeds=seeds, equal=args.equal,
                         reference=args.reference, budget_s=args.budget_s,
                         steps=args.steps or 0,
-                        evaluations=["zeroshot", "attmim"] if args.demo else ["zeroshot"])
+                        evaluations=evaluations)
     if args.demo:
         prepare_demo_data(out)
     summary = run_ablation(spec, progress=not args.quiet)
@@ -491,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--equal time: seconds per run instead of the reference's")
     ab.add_argument("--steps", type=int, help="train.steps for every variant")
     ab.add_argument("--out", required=True, help="folder for runs/, ablation.json/.md")
+    ab.add_argument("--probe", action="store_true", help="also a linear probe of each run's "
+                    "frozen image features (xlip eval probe; added to finished runs without "
+                    "training them again)")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
     ab.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (every variant)")
     ab.set_defaults(func=_ablate)

@@ -23,14 +23,14 @@ from sklearn.preprocessing import StandardScaler
 
 from xlip.config import Config
 from xlip.data.images import prepare_image
-from xlip.data.manifest import ManifestError, Record
+from xlip.data.manifest import ManifestError, Record, load_manifest
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci
-from xlip.eval.zeroshot import default_findings, eval_records
+from xlip.eval.zeroshot import default_findings
 from xlip.hashing import hash_int
 from xlip.precision import autocast
 
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strength, chosen on validation
+C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # inverse L2 strength
 HELD_OUT_VAL = 0.1  # share of training patients held out when the manifest has no val split
 
 
@@ -78,19 +78,32 @@ def pooled_features(model, paths: Sequence[str], cfg: Config, batch_size: int = 
 
 def split_rows(opt: ProbeOptions) -> tuple[list[Record], list[Record], list[Record], str]:
     """Training, validation and test rows (images with labels), and how validation was made."""
-    train = eval_records(opt.manifest, opt.split)
-    try:
-        val = eval_records(opt.manifest, opt.val_split)
-        how = f"split {opt.val_split!r} of {opt.manifest}"
-    except ManifestError:  # no validation rows: hold out training patients
+    rows = image_rows(opt.manifest)
+    train = of_split(rows, opt.split, opt.manifest)
+    val = [r for r in rows if r.split == opt.val_split]
+    how = f"split {opt.val_split!r} of {opt.manifest}"
+    if not val:  # no validation rows: hold out training patients
         val = [r for r in train if patient_share(r, opt.seed, "val") < HELD_OUT_VAL]
         train = [r for r in train if patient_share(r, opt.seed, "val") >= HELD_OUT_VAL]
         how = (f"{HELD_OUT_VAL:.0%} of the training patients (seed {opt.seed}), as {opt.manifest} "
                f"has no {opt.val_split!r} rows")
     if opt.fraction < 1.0:
         train = [r for r in train if patient_share(r, opt.seed, "fraction") < opt.fraction]
-    test = eval_records(opt.test_manifest or opt.manifest, opt.test_split)
-    return train, val, test, how
+    test_manifest = opt.test_manifest or opt.manifest
+    test_rows = rows if test_manifest == opt.manifest else image_rows(test_manifest)
+    return train, val, of_split(test_rows, opt.test_split, test_manifest), how
+
+
+def image_rows(manifest: str | Path) -> list[Record]:
+    return [r for r in load_manifest(manifest, verify_images=False) if r.image and r.labels]
+
+
+def of_split(rows: list[Record], split: str, manifest: str | Path) -> list[Record]:
+    out = [r for r in rows if r.split == split]
+    if not out:
+        raise ManifestError(f"{manifest}: no rows with image and labels in split {split!r}; "
+                            f"its splits are {', '.join(sorted({r.split for r in rows}))}")
+    return out
 
 
 def labels(records: Sequence[Record], findings: Sequence[str]) -> np.ndarray:
