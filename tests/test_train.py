@@ -222,6 +222,10 @@ def test_eval_takes_a_checkpoint_folder_and_suggests_finding_names(corpus, tmp_p
     assert len(err) == 1 and "'Pleural Efusion' (did you mean Pleural Effusion?)" in err[0]
     assert main(["eval", "zeroshot", "--model", str(tmp_path / "nothing")]) == 2
     assert "no such model folder" in capsys.readouterr().err
+    taken = tmp_path / "taken.txt"
+    taken.write_text("")
+    assert main(["eval", "zeroshot", "--model", str(ck), "--out", str(taken)]) == 2
+    assert "is an existing file" in capsys.readouterr().err  # before encoding, not after
 
 
 class Payload:
