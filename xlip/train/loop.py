@@ -165,9 +165,10 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     torch.manual_seed(tr.seed + info.rank)
     random.seed(tr.seed + info.rank)
     out_dir = writable_dir(tr.out_dir, "train.out_dir")
-    ck = None
-    if resume:
+    ck, state = None, None
+    if resume:  # every file of the checkpoint checked before the data is loaded
         ck = resolve_checkpoint(out_dir, resume)
+        state = load_state(ck)
         old = load_config(ck / "config.yaml")
         changed = check_resume(old, cfg, resume, resume_override)
         if cfg.data.normalize == "dataset" and not cfg.data.pixel_std:
@@ -191,10 +192,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
                             betas=tuple(tr.betas), eps=tr.adam_eps, fused=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    start, state = 0, None
-    if ck is not None:
+    start = 0
+    if ck is not None and state is not None:
         load_weights(model, ck / "model.safetensors")
-        state = load_state(ck)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         apply_optimizer_settings(opt, sched, cfg)
