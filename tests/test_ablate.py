@@ -94,8 +94,13 @@ def test_a_probe_is_added_to_finished_runs_without_training_them_again(tmp_path,
         assert 0.0 < res["probe"]["mean_auc"] <= 1.0 and "zeroshot" in res
         assert summary["variants"][name]["probe"]["mean_auc"] == res["probe"]["mean_auc"]
     md = (tmp_path / "abl" / "ablation.md").read_text()
-    probe = summary["variants"]["xlip"]["probe"]["mean_auc"]
-    assert "| linear probe |" in md and f" {probe:.3f} |" in md
+    probe = summary["variants"]["xlip"]["probe"]
+    assert "| probe 100 % | probe 10 % |" in md and f" {probe['mean_auc']:.3f} |" in md
+    assert probe["fractions"]["1"]["mean_auc"] == probe["mean_auc"]
+    assert res["probe"]["fractions"]["0.1"]["n_train"] < res["probe"]["n_train"]
+    # 1 % of 200 training images holds no positive of any finding: recorded, not fatal
+    assert "no finding has positive and negative" in res["probe"]["fractions"]["0.01"]["error"]
+    assert "0.01" not in probe["fractions"] and "probe 1 %" not in md
 
 
 def test_a_config_key_added_since_a_run_does_not_make_it_changed(tmp_path):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from xlip.config import Config, ConfigError, from_dict, merge
+from xlip.errors import InputError
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 
@@ -56,6 +57,7 @@ DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("xlip_fast_random", "xlip_l
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
 EVALUATIONS = ("zeroshot", "attmim", "probe")
+PROBE_FRACTIONS = (1.0, 0.1, 0.01)  # label fractions of the probe (features computed once)
 SMALL_FINDINGS = ("Nodule", "Pneumothorax")
 BASELINE = "clip"
 
@@ -280,7 +282,7 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     training: known names, a ``data.eval_manifest``)."""
     from xlip.api import XLIP
     from xlip.eval.attmim import lesion_mask_share
-    from xlip.eval.probe import ProbeOptions, linear_probe
+    from xlip.eval.probe import ProbeOptions, linear_probes
     from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
     model = XLIP.from_pretrained(run)
@@ -296,11 +298,19 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
             out["attmim"] = lesion_mask_share(model.model, model.tokenizer, cfg,
                                               cfg.data.eval_manifest, cfg.data.eval_split)
         elif name == "probe":  # train rows of the evaluation manifest, its test split
-            res = linear_probe(model.model, cfg, ProbeOptions(
-                cfg.data.eval_manifest, test_split=cfg.data.eval_split, seed=cfg.train.seed))
-            out["probe"] = {k: res[k] for k in ("mean_auc", "mean_auc_ci95", "C", "n_train",
-                                                "validation")}
-            out["probe"]["per_finding"] = {f: d["auc"] for f, d in res["per_finding"].items()}
+            res = linear_probes(model.model, cfg, ProbeOptions(
+                cfg.data.eval_manifest, test_split=cfg.data.eval_split, seed=cfg.train.seed),
+                PROBE_FRACTIONS)
+            full = res[1.0]
+            if "error" in full:
+                raise InputError(f"{run}: linear probe: {full['error']}")
+            out["probe"] = {k: full[k] for k in ("mean_auc", "mean_auc_ci95", "C", "n_train",
+                                                 "validation")}
+            out["probe"]["per_finding"] = {f: d["auc"] for f, d in full["per_finding"].items()}
+            out["probe"]["fractions"] = {
+                f"{fr:g}": ({"error": r["error"]} if "error" in r else
+                            {"mean_auc": r["mean_auc"], "n_train": r["n_train"], "C": r["C"]})
+                for fr, r in res.items()}
     return out
 
 
@@ -360,9 +370,16 @@ def _probe_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not results or not all("probe" in r for r in results):
         return None
     aucs = [r["probe"]["mean_auc"] for r in results]
+    fractions = {}
+    for fr in results[0]["probe"].get("fractions", {}):
+        if all("mean_auc" in r["probe"].get("fractions", {}).get(fr, {}) for r in results):
+            v = [r["probe"]["fractions"][fr]["mean_auc"] for r in results]
+            fractions[fr] = {"mean_auc": statistics.fmean(v),
+                             "sd": statistics.stdev(v) if len(v) > 1 else 0.0}
     return {"mean_auc": statistics.fmean(aucs),
             "sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-            "seeds": {str(r["seed"]): r["probe"]["mean_auc"] for r in results}}
+            "seeds": {str(r["seed"]): r["probe"]["mean_auc"] for r in results},
+            "fractions": fractions}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -372,7 +389,10 @@ def markdown(summary: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, summary["seeds"]))
     lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
     paired = any("vs_clip" in r for r in v.values())
-    probes = any(r.get("probe") for r in v.values())
+    first = next((r["probe"] for r in v.values() if r.get("probe")), None)
+    fractions = sorted({f for r in v.values() if r.get("probe") for f in
+                        r["probe"].get("fractions", {})}, key=lambda f: -float(f))
+    probes = (len(fractions) or 1) if first else 0
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed (sN: seed N) "
              "the AUC and its bootstrap 95 % CI." +
@@ -381,11 +401,13 @@ def markdown(summary: dict[str, Any]) -> str:
               if lesions else "") +
              (" Δ clip: the mean over seeds of (variant − clip) on the same seed, and on how "
               "many seeds the variant is ahead." if paired else "") +
-             (" Linear probe: mean AUC of one logistic regression per finding on the frozen "
-              "image features (training rows of the evaluation manifest, C chosen on held-out "
-              "validation patients), mean ± sd over seeds." if probes else ""), "",
+             (" Probe: linear-probe mean AUC (one logistic regression per finding on the "
+              "frozen image features; training rows of the evaluation manifest, or the share of "
+              "their patients given in %; C chosen on held-out validation patients), mean ± sd "
+              "over seeds." if probes else ""), "",
              "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
-             ("linear probe | " if probes else "") + "per seed (95 % CI) | " +
+             "".join(f"probe {float(f) * 100:g} % | " for f in fractions or ["1"][:probes]) +
+             "per seed (95 % CI) | " +
              " | ".join(small) + (" | " if small else "") +
              ("lesion masked | " if lesions else "") + "s/step | wall min |",
              "|---|---|---|---|" + "---|" * (len(small) + lesions + paired + probes) +
@@ -403,10 +425,11 @@ def markdown(summary: dict[str, Any]) -> str:
             d = r.get("vs_clip")
             delta = (f" {d['mean']:+.3f} ({d['ahead']}/{d['seeds']}) |"
                      if d and d["mean"] is not None and name != BASELINE else " – |")
-        if probes:
-            pr = r.get("probe")
-            delta += (f" {pr['mean_auc']:.3f}" + (f" ± {pr['sd']:.3f}" if len(pr["seeds"]) > 1
-                                                   else "") + " |") if pr else " – |"
+        pr = r.get("probe")
+        for f in fractions or ["1"][:probes]:
+            x = (pr.get("fractions") or {"1": pr}).get(f) if pr else None
+            delta += (f" {x['mean_auc']:.3f}" + (f" ± {x['sd']:.3f}" if len(r["seeds"]) > 1
+                                                  else "") + " |") if x else " – |"
         lo, hi = min(x["steps"] for x in r["seeds"]), max(x["steps"] for x in r["seeds"])
         steps = str(lo) if lo == hi else f"{lo}–{hi}"
         lines.append(f"| {name} | {steps} | **{r['mean_auc']:.3f}** {sd} |"

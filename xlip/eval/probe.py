@@ -10,6 +10,7 @@ needs beside the pre-trained one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -113,8 +114,41 @@ def labels(records: Sequence[Record], findings: Sequence[str]) -> np.ndarray:
 def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = None
                  ) -> dict[str, Any]:
     """Fit and test the probe; returns the result dict written to ``probe.json``."""
+    return linear_probes(model, cfg, opt, [opt.fraction], bootstrap)[opt.fraction]
+
+
+def linear_probes(model, cfg: Config, opt: ProbeOptions, fractions: Sequence[float],
+                  bootstrap: int | None = None) -> dict[float, dict[str, Any]]:
+    """One probe per label fraction (``opt.fraction`` aside), on features computed once. The
+    validation and test rows are the same for every fraction. A fraction too small to hold
+    both classes of any finding gives ``{"error": why}``; when every fraction does, this
+    raises."""
     t0 = time.perf_counter()
-    train, val, test, how = split_rows(opt)
+    train, val, test, how = split_rows(dataclasses.replace(opt, fraction=1.0))
+    feats = [pooled_features(model, [r.image for r in rows], cfg) for rows in (train, val, test)]
+    out = {}
+    for fraction in fractions:
+        keep = [i for i, r in enumerate(train)
+                if fraction >= 1.0 or patient_share(r, opt.seed, "fraction") < fraction]
+        sub = dataclasses.replace(opt, fraction=fraction)
+        try:
+            out[fraction] = fit_probe(sub, [train[i] for i in keep], val, test,
+                                      feats[0][keep], feats[1], feats[2], how,
+                                      cfg.eval.bootstrap if bootstrap is None else bootstrap)
+        except InputError as err:
+            if len(fractions) == 1:
+                raise
+            out[fraction] = {"error": str(err), "fraction": fraction}
+        out[fraction]["wall_s"] = time.perf_counter() - t0
+    if all("error" in r for r in out.values()):
+        raise InputError(next(iter(out.values()))["error"])
+    return out
+
+
+def fit_probe(opt: ProbeOptions, train: list[Record], val: list[Record], test: list[Record],
+              ftr: np.ndarray, fva: np.ndarray, fte: np.ndarray, how: str, n_boot: int
+              ) -> dict[str, Any]:
+    """The logistic regressions on given features: C chosen on validation, tested on test."""
     findings = list(opt.findings) or default_findings(test)
     ytr, yva, yte = (labels(x, findings) for x in (train, val, test))
     usable = [j for j in range(len(findings))
@@ -126,9 +160,8 @@ def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = 
                          f"({len(test)}): use a larger --fraction or other splits")
     findings = [findings[j] for j in usable]
     ytr, yva, yte = ytr[:, usable], yva[:, usable], yte[:, usable]
-    feats = [pooled_features(model, [r.image for r in rows], cfg) for rows in (train, val, test)]
-    scaler = StandardScaler().fit(feats[0])
-    xtr, xva, xte = (scaler.transform(f) for f in feats)
+    scaler = StandardScaler().fit(ftr)
+    xtr, xva, xte = (scaler.transform(f) for f in (ftr, fva, fte))
 
     def fit(c: float, j: int) -> LogisticRegression:
         return LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr[:, j])
@@ -137,7 +170,6 @@ def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = 
                                  for j in range(len(findings))])) for c in C_GRID}
     best = max(C_GRID, key=lambda c: (val_auc[c], -c))  # ties: the stronger regularisation
     score = np.stack([fit(best, j).decision_function(xte) for j in range(len(findings))], 1)
-    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     per = {}
     for j, f in enumerate(findings):
         a = auc(yte[:, j], score[:, j])
@@ -154,8 +186,7 @@ def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = 
             "n_train": len(train), "n_val": len(val), "n_test": len(test),
             "features": int(xtr.shape[1]), "manifest": str(opt.manifest),
             "test_manifest": str(opt.test_manifest or opt.manifest), "split": opt.split,
-            "test_split": opt.test_split, "seed": opt.seed,
-            "wall_s": time.perf_counter() - t0}
+            "test_split": opt.test_split, "seed": opt.seed}
 
 
 def markdown(result: dict[str, Any]) -> str:
