@@ -2,6 +2,8 @@
 
 It serves EntMLM (which words to mask), AttMIM (which tokens guide the image masking) and report ->
 label extraction (DESIGN section 3). Everything is explicit and documented here; there is no model.
+The term lexicons, trigger phrases and normal-statement rules are data in
+:mod:`xlip.text.ner_lexicon`; this module holds the matcher and the rules that use them.
 
 Matching
     Text is split into word tokens (letters/digits; hyphens, slashes and apostrophes separate words,
@@ -79,10 +81,36 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from xlip.text.labels import CANONICAL_FINDINGS
+from xlip.text.ner_lexicon import (
+    ABBREVIATIONS,
+    ANATOMY_TERMS,
+    CONNECTORS,
+    CONTINUE,
+    COPULAS,
+    DETERMINERS,
+    DEVICE_TERMS,
+    FINDING_TERMS,
+    HEDGES,
+    IRREGULAR_PLURALS,
+    MODIFIER_TERMS,
+    NEG_POST,
+    NEG_PRE,
+    NEGATORS,
+    OTHER_FINDING_TERMS,
+    PRE_NORMAL,
+    SIDED_ANATOMY,
+    STATE_RULES,
+    TERM,
+    TRIGGERS,
+    UNC_BI,
+    UNC_POST,
+    UNC_PRE,
+    UNC_WEAK,
+    StateRule,
+)
 
 __all__ = [
     "ASSERTIONS",
@@ -120,603 +148,17 @@ class Entity:
     assertion: str
 
 
-# --------------------------------------------------------------------------------------------
-# Lexicon. Surface forms may use "(a|b|)" groups (an empty alternative makes the group optional).
-# --------------------------------------------------------------------------------------------
+# Two-way trigger kinds (_pick_kind): a phrase listed in TRIGGERS as pre and post acts by position.
+_NEG_BOTH = "neg_both"  # acts as post when an entity precedes it
+_UNC_BOTH = "unc_both"  # acts as pre when an entity follows it
+_BACKWARD = frozenset({NEG_POST, UNC_POST, UNC_BI, _NEG_BOTH, _UNC_BOTH})
 
-_FINDING_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "Enlarged Cardiomediastinum": (
-        "enlarged cardiomediastinum",
-        "enlarged cardiomediastinal (silhouette|contour|shadow)",
-        "enlargement of the cardiomediastinal (silhouette|contour)",
-        "cardiomediastinal enlargement",
-        "(widened|enlarged) (superior |)mediastinum",
-        "(widened|enlarged) (superior |)mediastinal (silhouette|contour|shadow)",
-        "widening of the (superior |)mediastinum",
-        "mediastinal (widening|enlargement)",
-    ),
-    "Cardiomegaly": (
-        "cardiomegaly",
-        "enlarged heart",
-        "enlarged heart size",
-        "increased heart size",
-        "enlarged cardiac (silhouette|contour|shadow|size)",
-        "(cardiac|heart) enlargement",
-        "enlargement of the (heart|cardiac silhouette)",
-    ),
-    "Lung Opacity": (
-        "opacity",
-        "opacification",
-        "opacified",
-        "(lung|pulmonary|parenchymal) (opacity|opacification)",
-        "(airspace|air space|alveolar) (opacity|opacification)",
-        "ground glass (opacity|opacification)",
-        "(reticular|reticulonodular|interstitial) opacity",
-        "density",
-        "haziness",
-    ),
-    "Lung Lesion": (
-        "lesion",
-        "(lung|pulmonary|cavitary) lesion",
-        "cavitation",
-        "cavity",
-        "tumor",
-        "tumour",
-        "neoplasm",
-        "carcinoma",
-        "malignancy",
-        "lung cancer",
-        "metastasis",
-        "metastatic disease",
-    ),
-    "Edema": (
-        "edema",
-        "oedema",
-        "(pulmonary|interstitial|alveolar|hydrostatic) (edema|oedema)",
-        "interstitial pulmonary edema",
-        "(pulmonary |)(vascular|venous) congestion",
-        "pulmonary congestion",
-        "congestion",
-        "congestive heart failure",
-        "chf",
-        "(fluid|volume) overload",
-        "vascular engorgement",
-        "cephalization",
-        "kerley b line",
-    ),
-    "Consolidation": (
-        "consolidation",
-        "consolidative (opacity|process|change)",
-        "(airspace|air space) (disease|consolidation|process)",
-        "alveolar consolidation",
-        "air bronchogram",
-    ),
-    "Pneumonia": (
-        "pneumonia",
-        "bronchopneumonia",
-        "pneumonitis",
-        "infection",
-        "infectious process",
-        "aspiration",
-        "aspiration pneumonia",
-    ),
-    "Atelectasis": (
-        "atelectasis",
-        "atelectatic",
-        "atelectatic (change|opacity|band)",
-        "(plate like|platelike|discoid|linear|subsegmental) atelectasis",
-        "collapse",
-        "(lobar|lung|lobe) collapse",
-        "volume loss",
-        "loss of volume",
-    ),
-    "Pneumothorax": (
-        "pneumothorax",
-        "ptx",
-        "hydropneumothorax",
-        "tension pneumothorax",
-    ),
-    "Pleural Effusion": (
-        "pleural effusion",
-        "effusion",
-        "pleural fluid",
-        "parapneumonic effusion",
-        "fluid in the pleural space",
-        "hydrothorax",
-        "empyema",
-        "blunting of the (right |left |bilateral |)(costophrenic|cp) (angle|sulcus)",
-        "blunting of (right |left |bilateral |)(costophrenic|cp) (angle|sulcus)",
-        "blunted (right |left |bilateral |)(costophrenic|cp) (angle|sulcus)",
-        "(costophrenic|cp) (angle |sulcus |)blunting",
-        "blunting",
-    ),
-    "Pleural Other": (
-        "(calcified |)pleural plaque",
-        "pleural calcification",
-        "fibrothorax",
-        "(pleural|pleuroparenchymal|pleural parenchymal) scarring",
-        "pleural (abnormality|disease|fibrosis)",
-        "apical capping",
-    ),
-    "Fracture": (
-        "fracture",
-        "fractured",
-        "rib fracture",
-        "compression (fracture|deformity)",
-    ),
-    "Emphysema": (
-        "emphysema",
-        "emphysematous",
-        "emphysematous change",
-        "copd",
-        "chronic obstructive pulmonary disease",
-        "bulla",
-        "bullous (disease|change)",
-    ),
-    "Fibrosis": (
-        "fibrosis",
-        "(pulmonary|interstitial) fibrosis",
-        "fibrotic",
-        "fibrotic change",
-        "scarring",
-        "scar",
-        "honeycombing",
-        "interstitial lung disease",
-        "ild",
-    ),
-    "Hernia": (
-        "hernia",
-        "(hiatal|hiatus|diaphragmatic|paraesophageal|bochdalek|morgagni) hernia",
-    ),
-    "Infiltration": (
-        "infiltrate",
-        "infiltration",
-        "infiltrative (opacity|process)",
-    ),
-    "Mass": (
-        "mass",
-        "(lung|pulmonary|hilar|mediastinal|soft tissue) mass",
-    ),
-    "Nodule": (
-        "nodule",
-        "micronodule",
-        "nodular (opacity|density|opacification|lesion)",
-        "(pulmonary|lung|calcified) nodule",
-        "(calcified |)granuloma",
-        "(calcified |)granulomatous (disease|change)",
-    ),
-    "Pleural Thickening": (
-        "pleural thickening",
-        "thickening of the pleura",
-    ),
-    "COVID-19": (
-        "covid 19",
-        "covid19",
-        "covid",
-        "(covid 19|covid19|covid) pneumonia",
-        "sars cov 2",
-        "coronavirus",
-        "coronavirus disease",
-    ),
-})
+_PREDICATE_WINDOW = 8  # words scanned after a normal-statement subject for its predicate
 
-# Findings outside the label vocabulary (canonical None): they are entities for EntMLM/AttMIM and
-# keep look-alike terms from being read as vocabulary findings (pericardial effusion).
-_OTHER_FINDING_TERMS: tuple[str, ...] = (
-    "pericardial effusion",
-    "subcutaneous emphysema",
-    "pneumomediastinum",
-    "pneumoperitoneum",
-    "free (intraperitoneal |)air",
-    "mass effect",
-    "scoliosis",
-    "kyphosis",
-    "degenerative (change|disease)",
-    "osteophyte",
-    "spondylosis",
-    "osteopenia",
-    "(aortic|vascular|vascular wall|coronary) calcification",
-    "calcification",
-    "atherosclerosis",
-    "atherosclerotic (change|disease|calcification|plaque)",
-    "tortuous aorta",
-    "tortuosity",
-    "(aortic |)(unfolding|ectasia)",
-    "unfolded aorta",
-    "(hilar |mediastinal |)(lymphadenopathy|adenopathy)",
-    "(diaphragmatic |)eventration",
-    "nipple shadow",
-    "(lytic|sclerotic|osseous|bony|blastic) lesion",
-    "bronchiectasis",
-    "tuberculosis",
-    "cystic fibrosis",
-    "(soft tissue|subcutaneous|extremity|chest wall) (edema|oedema)",
-    "(tuberculous|granulomatous) infection",
-    "(bronchial wall|peribronchial) thickening",
-    "peribronchial cuffing",
-    "pulmonary hypertension",
-    "low lung volume",
-    # signs that go with COPD but are not emphysema (IU's indexers file them as hyperdistention)
-    "(pulmonary |)(hyperinflation|hyperexpansion|hyperaeration|overinflation)",
-    "(hyperinflated|hyperexpanded|hyperaerated|overinflated)",
-    "air trapping",
-    "(cardiopulmonary|intrathoracic|pulmonary|lung|osseous) (abnormality|disease|process)",
-    "(cardiopulmonary|pulmonary) finding",
-    "acute (cardiopulmonary |intrathoracic |pulmonary |osseous |)"
-    "(abnormality|disease|process|finding)",
-    "active disease",
-    "abnormality",
-    "disease",
-)
-
-_DEVICE_TERMS: tuple[str, ...] = (
-    "(support|medical|cardiac|electronic) device",
-    "device",
-    "tube",
-    "catheter",
-    "lines and tubes",
-    "tubes and lines",
-    "(endotracheal|et|tracheostomy|nasogastric|ng|orogastric|og|enteric|feeding|dobhoff|chest"
-    "|gastrostomy|nasoenteric|pleural|thoracostomy|drainage|small bore|pigtail) tube",
-    "ett",
-    "tracheostomy",
-    "dobhoff",
-    "central (venous |)(line|catheter)",
-    "picc",
-    "picc line",
-    "(peripherally inserted central|pigtail|dialysis|hemodialysis|tunneled|midline|pleural"
-    "|drainage|swan ganz|pulmonary artery|pa) catheter",
-    "(internal jugular|ij|subclavian|femoral) (venous |central venous |)(line|catheter|sheath)",
-    "swan ganz",
-    "port",
-    "port a cath",
-    "portacath",
-    "mediport",
-    "power port",
-    "(cardiac |dual chamber |single chamber |)(pacemaker|pacer)",
-    "icd",
-    "aicd",
-    "(implantable cardioverter |)defibrillator",
-    "lead",
-    "(pacemaker|pacer|pacing|icd|aicd|defibrillator|transvenous|epicardial) (lead|wire)",
-    "(ecg|ekg|monitoring|telemetry) (lead|wire|electrode)",
-    "electrode",
-    "(median |)sternotomy (wire|suture)",
-    "sternal (wire|suture)",
-    "(median |midline |)sternotomy",
-    "drain",
-    "(surgical|chest) drain",
-    "stent",
-    "(aortic|mitral|tricuspid|prosthetic) valve (replacement|prosthesis|)",
-    "prosthetic valve",
-    "lvad",
-    "left ventricular assist device",
-    "impella",
-    "iabp",
-    "intra aortic balloon pump",
-    "loop recorder",
-    "(neuro|spinal cord |)stimulator",
-    "(septal |)occluder",
-    "hardware",
-    "guidewire",
-)
-
-_SIDED_ANATOMY: tuple[str, ...] = (
-    "lung", "lung base", "lung apex", "base", "apex", "hemithorax", "hemidiaphragm",
-    "upper lobe", "lower lobe", "costophrenic angle", "hilum", "chest", "lung field",
-    "pleural space", "mid lung", "upper lung", "lower lung",
-)
-
-_ANATOMY_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "lung": ("lung", "both lungs", "pulmonary parenchyma", "lung parenchyma", "parenchyma"),
-    "lung field": ("lung field", "lung zone"),
-    "lung base": ("lung base", "base"),
-    "lung apex": ("lung apex", "apex"),
-    "upper lobe": ("upper lobe",),
-    "middle lobe": ("middle lobe", "right middle lobe", "rml"),
-    "lower lobe": ("lower lobe",),
-    "right upper lobe": ("rul",),
-    "right lower lobe": ("rll",),
-    "left upper lobe": ("lul",),
-    "left lower lobe": ("lll",),
-    "lingula": ("lingula", "lingular segment"),
-    "mid lung": ("mid lung", "mid lung zone", "midlung"),
-    "upper lung": ("upper lung", "upper lung zone"),
-    "lower lung": ("lower lung", "lower lung zone"),
-    "hemithorax": ("hemithorax",),
-    "hilum": ("hilum", "hilar (region|contour|structure)"),
-    "costophrenic angle": (
-        "(costophrenic|cp) (angle|sulcus|recess)",
-        "lateral costophrenic angle",
-        "posterior costophrenic angle",
-    ),
-    "cardiophrenic angle": ("cardiophrenic angle",),
-    "heart": ("heart",),
-    "heart size": ("heart size", "(cardiac|heart) size"),
-    "cardiac silhouette": ("(cardiac|heart) silhouette", "cardiac shadow"),
-    "cardiac contour": ("(cardiac|heart) contour",),
-    "cardiomediastinal silhouette": (
-        "cardiomediastinal (silhouette|contour|shadow|structure)",
-        "heart and mediastinum",
-    ),
-    "mediastinum": ("mediastinum", "superior mediastinum"),
-    "mediastinal contour": ("mediastinal (contour|silhouette|structure|width|size)",),
-    "diaphragm": ("diaphragm",),
-    "hemidiaphragm": ("hemidiaphragm",),
-    "pleura": ("pleura",),
-    "pleural space": ("pleural (space|surface)",),
-    "rib": ("rib",),
-    "spine": ("spine", "(thoracic|lumbar|cervical) spine", "vertebra", "vertebral body"),
-    "trachea": ("trachea",),
-    "carina": ("carina",),
-    "bronchus": ("bronchus", "bronchi", "mainstem bronchus"),
-    "aorta": ("aorta", "(thoracic|descending|ascending) aorta", "aortic (arch|knob|contour)"),
-    "pulmonary vasculature": (
-        "pulmonary (vasculature|vascularity|vessel)",
-        "vasculature",
-        "vascularity",
-    ),
-    "pulmonary artery": ("pulmonary artery",),
-    "clavicle": ("clavicle",),
-    "scapula": ("scapula",),
-    "sternum": ("sternum",),
-    "chest wall": ("chest wall",),
-    "soft tissue": ("soft tissue",),
-    "bone": ("bone", "osseous structure", "bony structure", "bony thorax", "skeletal structure"),
-    "thorax": ("thorax",),
-    "chest": ("chest",),
-    "abdomen": ("abdomen", "upper abdomen"),
-    "stomach": ("stomach", "gastric bubble"),
-    "superior vena cava": ("superior vena cava", "svc"),
-    "cavoatrial junction": ("cavoatrial junction",),
-    "right atrium": ("right atrium",),
-    "atrium": ("atrium", "left atrium"),
-    "ventricle": ("ventricle", "(right|left) ventricle"),
-    "fissure": ("fissure", "(minor|major|horizontal|oblique) fissure"),
-    "lung volume": ("lung volume",),
-    "airway": ("airway",),
-    "esophagus": ("esophagus",),
-    "neck": ("neck",),
-    "shoulder": ("shoulder",),
-    "breast": ("breast",),
-})
-
-_MODIFIER_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "left": ("left", "left sided", "lt"),
-    "right": ("right", "right sided", "rt"),
-    "bilateral": ("bilateral", "bilaterally"),
-    "unilateral": ("unilateral",),
-    "bibasilar": ("bibasilar", "bibasal", "bibasally"),
-    "biapical": ("biapical",),
-    "basilar": ("basilar", "basal"),
-    "apical": ("apical",),
-    "perihilar": ("perihilar",),
-    "retrocardiac": ("retrocardiac",),
-    "upper": ("upper",),
-    "lower": ("lower",),
-    "middle": ("middle",),
-    "mid": ("mid",),
-    "anterior": ("anterior",),
-    "posterior": ("posterior",),
-    "lateral": ("lateral",),
-    "medial": ("medial",),
-    "central": ("central",),
-    "peripheral": ("peripheral",),
-    "tiny": ("tiny",),
-    "trace": ("trace",),
-    "small": ("small",),
-    "small to moderate": ("small to moderate",),
-    "moderate": ("moderate", "moderately"),
-    "moderate to large": ("moderate to large",),
-    "mild to moderate": ("mild to moderate",),
-    "moderate to severe": ("moderate to severe",),
-    "large": ("large",),
-    "massive": ("massive",),
-    "minimal": ("minimal", "minimally"),
-    "mild": ("mild", "mildly"),
-    "slight": ("slight", "slightly"),
-    "severe": ("severe", "severely"),
-    "marked": ("marked", "markedly"),
-    "significant": ("significant",),
-    "borderline": ("borderline",),
-    "patchy": ("patchy",),
-    "focal": ("focal",),
-    "diffuse": ("diffuse", "diffusely"),
-    "multifocal": ("multifocal",),
-    "scattered": ("scattered",),
-    "multiple": ("multiple", "numerous"),
-    "streaky": ("streaky",),
-    "linear": ("linear",),
-    "hazy": ("hazy",),
-    "faint": ("faint",),
-    "subtle": ("subtle",),
-    "dense": ("dense",),
-    "extensive": ("extensive",),
-    "new": ("new",),
-    "stable": ("stable",),
-    "unchanged": ("unchanged",),
-    "increased": ("increased", "increasing"),
-    "decreased": ("decreased", "decreasing"),
-    "improved": ("improved", "improving"),
-    "worsened": ("worsened", "worsening"),
-    "enlarging": ("enlarging",),
-    "enlarged": ("enlarged",),
-    "elevated": ("elevated",),
-    "persistent": ("persistent",),
-    "residual": ("residual",),
-    "acute": ("acute",),
-    "subacute": ("subacute",),
-    "chronic": ("chronic",),
-    "old": ("old",),
-    "healed": ("healed", "healing"),
-    "subsegmental": ("subsegmental",),
-    "segmental": ("segmental",),
-    "lobar": ("lobar",),
-    "multilobar": ("multilobar",),
-    "layering": ("layering",),
-    "loculated": ("loculated",),
-    "calcified": ("calcified",),
-    "displaced": ("displaced",),
-    "nondisplaced": ("nondisplaced", "non displaced"),
-    "interstitial": ("interstitial",),
-    "early": ("early",),
-})
-
-# --------------------------------------------------------------------------------------------
-# Triggers.
-# --------------------------------------------------------------------------------------------
-
-_NEG_PRE = "neg_pre"
-_NEG_POST = "neg_post"
-_UNC_PRE = "unc_pre"
-_UNC_POST = "unc_post"
-_UNC_BI = "unc_bi"  # versus: the nearest finding before and the entities after
-_UNC_WEAK = "unc_weak"  # uncertainty, but continues a negation in a negated clause
-_CONTINUE = "continue"  # no effect, but continues a negation in a negated clause
-_PSEUDO = "pseudo"
-_TERM = "term"
-_NEG_BOTH = "neg_both"  # listed as pre and post: acts as post when an entity precedes it
-_UNC_BOTH = "unc_both"  # listed as pre and post: acts as pre when an entity follows it
-_BACKWARD = frozenset({_NEG_POST, _UNC_POST, _UNC_BI, _NEG_BOTH, _UNC_BOTH})
-
-_TRIGGERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    _NEG_PRE: (
-        "no", "not", "without", "neither", "absence of", "absent", "negative for",
-        "free of", "clear of", "no evidence of", "no evidence for", "no signs of",
-        "no sign of", "no findings of", "no suggestion of", "no radiographic evidence of",
-        "without evidence of", "without any", "rather than", "resolved", "resolution of",
-        "interval resolution of", "removal of", "interval removal of", "ruled out",
-        "no longer", "never", "fails to reveal", "fails to demonstrate", "not demonstrate",
-    ),
-    _NEG_POST: (
-        "absent", "resolved", "removed", "not seen", "not identified", "not visualized",
-        "not appreciated", "not present", "not evident", "not demonstrated", "not detected",
-        "not apparent", "no longer seen", "no longer present", "no longer visualized",
-        "no longer identified", "no longer evident", "no longer apparent", "ruled out",
-        "has cleared", "have cleared", "cleared", "within normal limits",
-        "within (the |)limits of normal",
-    ),
-    _UNC_PRE: (
-        "may", "might", "could", "possible", "possibly", "probable", "probably", "likely",
-        "unlikely", "presumed", "presumably", "perhaps", "maybe", "questionable",
-        "questionably", "question of", "suspect", "suspected", "suspicion of",
-        "suspicion for", "cannot exclude", "can not exclude", "cannot rule out",
-        "can not rule out", "differential", "differential diagnosis",
-        "equivocal", "indeterminate", "uncertain", "not certain", "rule out", "r o",
-        "question", "differential considerations include", "differential includes",
-        "to exclude", "evaluate for", "eval for", "evaluation for", "assess for",
-        "there may be", "there might be", "there could be", "is likely", "are likely",
-        "is probably", "are probably",
-    ),
-    _UNC_POST: (
-        "(cannot|can not|could not|can't) be (entirely |completely |definitely |totally |)"
-        "(excluded|ruled out)",
-        "not (entirely |completely |definitely |)(excluded|ruled out)",
-        "not (be|been) (entirely |completely |definitely |)(excluded|ruled out)",
-        "(is|are) in the differential", "(is|are) (a|another) consideration",
-        "is not excluded", "is possible",
-        "are possible", "is suspected", "are suspected", "is questioned",
-        "is likely", "are likely", "is probably", "are probably", "is unlikely", "are unlikely",
-    ),
-    _UNC_BI: ("versus", "vs"),
-    _UNC_WEAK: (
-        "suggest", "suggests", "suggesting", "suggestive of", "to suggest",
-        "concerning for", "concerning", "suspicious for", "suspicious of", "worrisome for",
-    ),
-    _CONTINUE: (
-        "consistent with", "compatible with", "indicative of", "to indicate",
-        "diagnostic of", "characteristic of",
-    ),
-    _PSEUDO: (
-        "no (significant |substantial |definite |suspicious |other |further |)(interval |)"
-        "(change|increase|decrease|enlargement|progression|worsening)",
-        "without (significant |)(interval |)(change|increase|decrease|progression)",
-        "not (significantly |)(changed|change|increased)", "not only", "not necessarily",
-        "not well", "gram negative",
-    ),
-    _TERM: (
-        "but", "however", "although", "though", "except", "apart from", "aside from",
-        "other than", "which", "who", "whereas", "while", "with", "yet", "there is",
-        "there are", "there was", "there were", "there has been", "there have been",
-        "as well as", "otherwise", "in addition",
-    ),
-})
-
-# --------------------------------------------------------------------------------------------
-# Normal statements: anatomy subjects whose predicate states a finding (see module docstring).
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _StateRule:
-    finding: str
-    subjects: frozenset[str]
-    normal: tuple[tuple[str, ...], ...]
-    abnormal: tuple[tuple[str, ...], ...]
-
-
-def _phrases(*texts: str) -> tuple[tuple[str, ...], ...]:
-    return tuple(tuple(text.split()) for text in texts)
-
-
-_STATE_RULES: tuple[_StateRule, ...] = (
-    _StateRule(
-        "Cardiomegaly",
-        frozenset({"heart", "heart size", "cardiac silhouette", "cardiac contour"}),
-        _phrases(
-            "normal", "within normal limits", "within normal limit", "within normal range",
-            "within limits of normal", "unremarkable", "top normal", "upper normal", "high normal",
-            "upper limits of normal", "upper limit of normal",
-        ),
-        _phrases("enlarged", "large", "increased in size"),
-    ),
-    _StateRule(
-        "Enlarged Cardiomediastinum",
-        frozenset({"mediastinum", "mediastinal contour", "cardiomediastinal silhouette"}),
-        _phrases("normal", "within normal limits", "within normal limit", "unremarkable"),
-        _phrases("enlarged", "widened", "wide"),
-    ),
-    _StateRule(
-        "Lung Opacity",
-        frozenset({"lung", "right lung", "left lung", "lung field"}),
-        _phrases("clear", "normal", "unremarkable"),
-        (),
-    ),
-    _StateRule(
-        "Pleural Effusion",
-        frozenset({
-            "costophrenic angle", "right costophrenic angle", "left costophrenic angle",
-            "pleural space", "right pleural space", "left pleural space",
-        }),
-        _phrases("sharp", "clear", "normal", "preserved", "sharply defined"),
-        _phrases("blunted"),
-    ),
-    _StateRule(
-        "Edema",
-        frozenset({"pulmonary vasculature"}),
-        _phrases("normal", "within normal limits", "within normal limit", "unremarkable"),
-        _phrases("engorged", "congested"),
-    ),
-)
-
-_PRE_NORMAL: tuple[tuple[str, ...], ...] = _phrases(
-    "normal", "normal size", "normal sized", "normal appearing", "clear", "sharp", "unremarkable"
-)
-_COPULAS = frozenset({"is", "are", "was", "were", "appear", "appears", "remain", "remains",
-                      "seem", "seems", "look", "looks", "be"})
-_NEGATORS = frozenset({"not", "no", "never"})
-_HEDGES = frozenset({"may", "might", "could", "possible", "possibly", "probably", "likely",
-                     "questionably", "perhaps", "presumably"})
-_PREDICATE_WINDOW = 8
-
-# Scope limits (in plain words) and the words that open a new phrase after "," / "and" / "or".
+# Scope limits (in plain words).
 _FIRST_GAP = 4
 _CHAIN_GAP = 2
 _POST_FIRST_GAP = 3
-_DETERMINERS = frozenset({"the", "this", "these", "those", "it", "there", "a", "an"})
-_CONNECTORS = frozenset({",", "and", "or"})
-_ABBREVIATIONS = frozenset({"dr", "vs", "approx", "cf", "mr", "mrs", "ms", "st", "fig", "e", "g",
-                            "i"})
 
 # --------------------------------------------------------------------------------------------
 # Lexicon construction (pure functions, run once).
@@ -725,12 +167,6 @@ _ABBREVIATIONS = frozenset({"dr", "vs", "approx", "cf", "mr", "mrs", "ms", "st",
 _WORD = re.compile(r"[^\W_]+")
 _TOKEN = re.compile(r"\d+(?:\.\d+)+|[^\W_]+|\n[ \t]*\n\s*|[.;:,!?()]")
 _GROUP = re.compile(r"\(([^()]*)\)")
-_IRREGULAR_PLURALS: Mapping[str, str] = MappingProxyType({
-    "apex": "apices", "hilum": "hila", "pleura": "pleurae", "vertebra": "vertebrae",
-    "pneumothorax": "pneumothoraces", "hemithorax": "hemithoraces", "bulla": "bullae",
-    "metastasis": "metastases", "atelectasis": "atelectases", "fibrosis": "fibroses",
-    "bronchus": "bronchi", "thorax": "thoraces", "sulcus": "sulci", "diagnosis": "diagnoses",
-})
 
 
 @dataclass(frozen=True)
@@ -755,8 +191,8 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def _plural(word: str) -> str:
-    if word in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[word]
+    if word in IRREGULAR_PLURALS:
+        return IRREGULAR_PLURALS[word]
     if word.endswith("sis"):
         return word[:-3] + "ses"
     if word.endswith(("s", "x", "ch", "sh")):
@@ -768,30 +204,31 @@ def _plural(word: str) -> str:
 
 def _entity_entries() -> Iterator[tuple[str, _Term, bool]]:
     """(pattern, term, pluralise) for every lexicon entry."""
-    for canonical, patterns in _FINDING_TERMS.items():
+    for canonical, patterns in FINDING_TERMS.items():
         for pattern in patterns:
             yield pattern, _Term("finding", canonical), True
-    for pattern in _OTHER_FINDING_TERMS:
+    for pattern in OTHER_FINDING_TERMS:
         yield pattern, _Term("finding", None), True
-    for pattern in _DEVICE_TERMS:
+    for pattern in DEVICE_TERMS:
         yield pattern, _Term("device", "Support Devices"), True
-    for canonical, patterns in _ANATOMY_TERMS.items():
+    for canonical, patterns in ANATOMY_TERMS.items():
         for pattern in patterns:
             yield pattern, _Term("anatomy", canonical), True
-    for part in _SIDED_ANATOMY:
+    for part in SIDED_ANATOMY:
         for side in ("right", "left"):
             yield f"{side} {part}", _Term("anatomy", f"{side} {part}"), True
-    for canonical, patterns in _MODIFIER_TERMS.items():
+    for canonical, patterns in MODIFIER_TERMS.items():
         for pattern in patterns:
             yield pattern, _Term("modifier", canonical), False
-    for kind, phrases in _TRIGGERS.items():
+    for kind, phrases in TRIGGERS.items():
         for phrase in phrases:
             yield phrase, _Term("trigger", kind), False
 
 
 def _build_lexicon() -> dict[tuple[str, ...], _Term]:
     """Token sequence -> term. Written forms win over generated plurals; a written form that
-    means two things, or a trigger that is also an entity, is a bug in the tables above."""
+    means two things, or a trigger that is also an entity, is a bug in the tables of
+    :mod:`xlip.text.ner_lexicon`."""
     written: dict[tuple[str, ...], _Term] = {}
     plurals: dict[tuple[str, ...], _Term] = {}
     triggers: dict[tuple[str, ...], set[str]] = {}
@@ -819,9 +256,9 @@ def _pick_kind(kinds: set[str], words: tuple[str, ...]) -> str:
     """The kind of a trigger phrase; a phrase listed as pre and post acts by position."""
     if len(kinds) == 1:
         return next(iter(kinds))
-    if kinds == {_NEG_PRE, _NEG_POST}:
+    if kinds == {NEG_PRE, NEG_POST}:
         return _NEG_BOTH
-    if kinds == {_UNC_PRE, _UNC_POST}:
+    if kinds == {UNC_PRE, UNC_POST}:
         return _UNC_BOTH
     raise AssertionError(f"trigger {' '.join(words)!r} has kinds {sorted(kinds)}")
 
@@ -905,7 +342,7 @@ def _is_sentence_end(tokens: list[_Token], i: int) -> bool:
     token = tokens[i].text
     if token in ("!", "?", "\n\n"):
         return True
-    return token == "." and not (i > 0 and tokens[i - 1].text in _ABBREVIATIONS
+    return token == "." and not (i > 0 and tokens[i - 1].text in ABBREVIATIONS
                                  and tokens[i - 1].end == tokens[i].start)
 
 
@@ -954,13 +391,13 @@ def _units(tokens: list[_Token], span: tuple[int, int], matches_at: Mapping[int,
 
 def _is_stop(unit: _Unit) -> bool:
     return (unit.kind == "punct" and unit.text in ";:") or (
-        unit.kind == "trigger" and unit.text == _TERM)
+        unit.kind == "trigger" and unit.text == TERM)
 
 
 def _opens_phrase(units: list[_Unit], k: int) -> bool:
     """A determiner right after "," / "and" / "or": a new phrase, outside the scope."""
-    return (units[k].kind == "word" and units[k].text in _DETERMINERS and k > 0
-            and units[k - 1].text in _CONNECTORS and units[k - 1].kind != "trigger")
+    return (units[k].kind == "word" and units[k].text in DETERMINERS and k > 0
+            and units[k - 1].text in CONNECTORS and units[k - 1].kind != "trigger")
 
 
 def _entity_near(units: list[_Unit], k: int, step: int, limit: int) -> bool:
@@ -984,7 +421,7 @@ def _acts_forward(units: list[_Unit], k: int) -> bool:
         return not _entity_near(units, k, -1, _POST_FIRST_GAP)
     if kind == _UNC_BOTH:  # "opacity is likely atelectasis" (pre) vs "atelectasis is likely"
         return _entity_near(units, k, 1, _FIRST_GAP)
-    return kind in (_NEG_PRE, _UNC_PRE, _UNC_BI, _UNC_WEAK, _CONTINUE)
+    return kind in (NEG_PRE, UNC_PRE, UNC_BI, UNC_WEAK, CONTINUE)
 
 
 def _forward(units: list[_Unit], entities: list[_Match], out: dict[int, set[str]]) -> None:
@@ -996,9 +433,9 @@ def _forward(units: list[_Unit], entities: list[_Match], out: dict[int, set[str]
             state, negated_clause = None, False
         elif unit.kind == "trigger" and _acts_forward(units, k):
             kind = unit.text
-            if kind in (_NEG_PRE, _NEG_BOTH) or (kind in (_UNC_WEAK, _CONTINUE) and negated_clause):
+            if kind in (NEG_PRE, _NEG_BOTH) or (kind in (UNC_WEAK, CONTINUE) and negated_clause):
                 state, negated_clause = "absent", True
-            elif kind != _CONTINUE:
+            elif kind != CONTINUE:
                 state = "uncertain"
             # "resolved", "absent" before a finding reach that finding only.
             gap, first, single = 0, True, kind == _NEG_BOTH
@@ -1041,8 +478,8 @@ def _backward(units: list[_Unit], entities: list[_Match], out: dict[int, set[str
             continue
         if unit.text in (_NEG_BOTH, _UNC_BOTH) and _acts_forward(units, k):
             continue
-        assertion = "absent" if unit.text in (_NEG_POST, _NEG_BOTH) else "uncertain"
-        _backward_from(units, k, assertion, 1 if unit.text == _UNC_BI else len(units),
+        assertion = "absent" if unit.text in (NEG_POST, _NEG_BOTH) else "uncertain"
+        _backward_from(units, k, assertion, 1 if unit.text == UNC_BI else len(units),
                        entities, out)
 
 
@@ -1058,10 +495,10 @@ def _combine(assertions: Iterable[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _rule_for(term: _Term) -> _StateRule | None:
+def _rule_for(term: _Term) -> StateRule | None:
     if term.type != "anatomy":
         return None
-    for rule in _STATE_RULES:
+    for rule in STATE_RULES:
         if term.canonical in rule.subjects:
             return rule
     return None
@@ -1071,7 +508,7 @@ def _starts_with(words: list[str | None], j: int, phrase: tuple[str, ...]) -> bo
     return tuple(words[j:j + len(phrase)]) == phrase
 
 
-def _predicate_after(rule: _StateRule, subject: _Match, sentence_end: int,
+def _predicate_after(rule: StateRule, subject: _Match, sentence_end: int,
                      words: list[str | None], owner: Mapping[int, _Match]) -> str | None:
     """The assertion that a predicate after the subject, in its clause, states (None if none).
 
@@ -1098,9 +535,9 @@ def _predicate_after(rule: _StateRule, subject: _Match, sentence_end: int,
         for phrase in rule.normal:
             if _starts_with(words, j, phrase):
                 return "present" if negated and rule.abnormal else "absent"
-        seen_copula |= word in _COPULAS
-        negated |= word in _NEGATORS
-        hedged |= word in _HEDGES
+        seen_copula |= word in COPULAS
+        negated |= word in NEGATORS
+        hedged |= word in HEDGES
         scanned += 1
         j += 1
     return None
@@ -1108,7 +545,7 @@ def _predicate_after(rule: _StateRule, subject: _Match, sentence_end: int,
 
 def _predicate_before(subject: _Match, words: list[str | None]) -> str | None:
     """"absent" when a normal adjective directly precedes the subject (``clear lungs``)."""
-    for phrase in _PRE_NORMAL:
+    for phrase in PRE_NORMAL:
         start = subject.start - len(phrase)
         if start >= 0 and tuple(words[start:subject.start]) == phrase:
             return "absent"
@@ -1119,7 +556,7 @@ def _owners(matches: list[_Match]) -> dict[int, _Match]:
     """Token index -> the entity or terminator trigger covering it."""
     owner: dict[int, _Match] = {}
     for match in matches:
-        if match.term.type != "trigger" or match.term.canonical == _TERM:
+        if match.term.type != "trigger" or match.term.canonical == TERM:
             for i in range(match.start, match.end):
                 owner[i] = match
     return owner
