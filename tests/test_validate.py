@@ -186,8 +186,11 @@ def test_report_text_and_json(tmp_path):
     rows = clean_rows(tmp_path) + [row("", "", patient=f"q{i}") for i in range(7)]
     rep = validate([manifest(tmp_path, rows)])
     text = rep.describe(examples=5, full_list=tmp_path / "r.json")
-    assert "problems: 7\n  unusable row: 7\n" in text
+    # seven rows with one fix: the fix is said once, five examples, the rest counted
+    assert ("problems: 7\n  unusable row: 7; fix: fill in the image path or the report, or "
+            "delete the row\n") in text
     assert text.count("neither image nor text") == 5 and "... and 2 more" in text
+    assert text.count("fill in the image path") == 1
     assert f"full list: {tmp_path / 'r.json'}" in text
     assert text.endswith("result: 7 problem(s): fix them before training")
     data = json.loads(rep.write_json(tmp_path / "r.json").read_text())

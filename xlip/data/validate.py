@@ -149,8 +149,13 @@ class Report:
             for i in items:
                 by_check[i.check].append(i)
             for check, found in by_check.items():
-                lines.append(f"  {check}: {len(found)}")
-                lines += [f"    - {i.line()}" for i in found[:examples]]
+                fixes = {i.fix for i in found}
+                if len(found) > 1 and len(fixes) == 1:  # one fix: said once, not per row
+                    lines.append(f"  {check}: {len(found)}; fix: {fixes.pop()}")
+                    lines += [f"    - {i.where}: {i.message}" for i in found[:examples]]
+                else:
+                    lines.append(f"  {check}: {len(found)}")
+                    lines += [f"    - {i.line()}" for i in found[:examples]]
                 if len(found) > examples:
                     lines.append(f"    ... and {len(found) - examples} more")
         if self.problems or self.warnings:
