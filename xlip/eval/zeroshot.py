@@ -107,9 +107,6 @@ class ZeroShotOptions:
 def evaluate_zeroshot(model, tokenizer, cfg: Config, options: ZeroShotOptions) -> dict:
     """Zero-shot AUC per finding on the image rows of ``options.split``; image size,
     normalisation, text length and bootstrap size come from the model's ``cfg``."""
-    model.eval()
-    image_size, max_length = cfg.vision.image_size, cfg.text.max_length
-    batch_size, bootstrap = cfg.eval.batch_size, cfg.eval.bootstrap
     manifest, split = options.manifest, options.split
     records = eval_records(manifest, split)
     findings = list(options.findings) or default_findings(records)
@@ -124,11 +121,21 @@ def evaluate_zeroshot(model, tokenizer, cfg: Config, options: ZeroShotOptions) -
             hints.append(f"{f!r}" + (f" (did you mean {' or '.join(names)}?)" if names else ""))
         raise InputError(f"eval.findings: {', '.join(hints)} never occur in {manifest} split "
                          f"{split!r}; its findings are {', '.join(present)}")
-    img = encode_images(model, [r.image for r in records], image_size, batch_size,
-                        cfg.pixel_stats(), cfg.train.precision)
-    cls, prompts = class_embeddings(model, tokenizer, findings, max_length)
+    result = score_records(model, tokenizer, cfg, records, findings)
+    return {**result, "manifest": str(manifest), "split": split}
+
+
+@torch.no_grad()
+def score_records(model, tokenizer, cfg: Config, records: Sequence[Record],
+                  findings: Sequence[str]) -> dict:
+    """Zero-shot AUC, F1 and ACC per finding on given image rows: a row is positive for a
+    finding when its ``labels`` hold it, else negative (each finding needs both classes)."""
+    model.eval()
+    img = encode_images(model, [r.image for r in records], cfg.vision.image_size,
+                        cfg.eval.batch_size, cfg.pixel_stats(), cfg.train.precision)
+    cls, prompts = class_embeddings(model, tokenizer, findings, cfg.text.max_length)
     prob = positive_probability(img, cls.to(img.device), float(model.scale())).cpu().numpy()
-    per, details = {}, {}
+    per, details, bootstrap = {}, {}, cfg.eval.bootstrap
     ys = np.array([[f in r.labels for f in findings] for r in records], dtype=int)  # (n, F)
     for j, f in enumerate(findings):
         y = ys[:, j]
@@ -140,9 +147,8 @@ def evaluate_zeroshot(model, tokenizer, cfg: Config, options: ZeroShotOptions) -
                       "positives": int(y.sum()), "n": int(len(y))}
     mean_ci = bootstrap_mean_ci(ys, prob, n=bootstrap) if bootstrap else (float("nan"),) * 2
     return {"mean_auc": float(np.mean(list(per.values()))), "mean_auc_ci95": list(mean_ci),
-            "per_finding": per,
-            "details": details, "manifest": str(manifest), "split": split,
-            "n_images": len(records), "prompts": prompts}
+            "per_finding": per, "details": details, "n_images": len(records),
+            "prompts": prompts}
 
 
 def markdown_table(result: dict) -> str:
