@@ -82,6 +82,37 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmarks(args: argparse.Namespace) -> int:
+    from xlip.eval.benchmarks import listing, load_benchmarks
+
+    if args.json:
+        print(json.dumps([b.describe() for b in load_benchmarks().values()], indent=2))
+    else:
+        print(listing())
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from xlip.api import XLIP
+    from xlip.eval.benchmarks import (BenchmarkOptions, evaluable, get_benchmark, markdown,
+                                      run_benchmark)
+
+    if args.fraction is not None and args.protocol != "probe":
+        raise ConfigError("--fraction applies to --protocol probe only (zero-shot uses no "
+                          "training labels)")
+    opt = BenchmarkOptions(args.name, args.data_root, args.protocol, args.fraction or 100,
+                           args.init)  # a bad protocol or fraction is refused here, first
+    evaluable(get_benchmark(args.name))  # and an unsupported benchmark before loading the model
+    out = writable_dir(args.out, "--out")
+    m = XLIP.from_pretrained(args.model)
+    model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
+    result = run_benchmark(model, m.tokenizer, m.cfg, opt, out, str(args.model))
+    print(markdown(result))
+    print(f"written: {out / 'benchmark.json'} {out / 'benchmark.md'} "
+          f"{out / 'benchmark_manifest.csv'}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from xlip.data.synthetic import SynthConfig, montage, synthesize
 
@@ -474,6 +505,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation patients and the random initialisation")
     pb.add_argument("--out", help="folder for probe.json/.md (default: MODEL/probe_INIT_FRAC)")
     pb.set_defaults(func=_probe)
+    bl = ev.add_parser("benchmarks", help="list the shipped benchmark definitions (BenchX "
+                                          "splits): task, classes, list sizes and hashes, "
+                                          "where to download the data")
+    bl.add_argument("--json", action="store_true", help="print JSON")
+    bl.set_defaults(func=_benchmarks)
+    bm = ev.add_parser("benchmark", help="evaluate on exactly the images of a shipped "
+                                         "benchmark's lists; reports coverage (found K of N)")
+    bm.add_argument("name", help="a benchmark of `xlip eval benchmarks`, e.g. nih-cxr14")
+    bm.add_argument("--model", required=True, help="model folder (a run or a checkpoint)")
+    bm.add_argument("--data-root", required=True,
+                    help="the dataset as downloaded (what `xlip data prepare` reads)")
+    bm.add_argument("--protocol", choices=["zeroshot", "probe", "finetune"], default="zeroshot",
+                    help="finetune: not built yet")
+    bm.add_argument("--fraction", type=int, choices=[1, 10, 100],
+                    help="probe: the train_1, train_10 or train list (default: 100)")
+    bm.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
+                    help="probe: random is the same encoder untrained (the baseline)")
+    bm.add_argument("--seed", type=int, default=0, help="seed of --init random")
+    bm.add_argument("--out", required=True,
+                    help="folder for benchmark.json/.md and benchmark_manifest.csv")
+    bm.set_defaults(func=_benchmark)
     ab = sub.add_parser("ablate", help="pre-train and evaluate variants side by side (same "
                                        "data, seeds, and steps or wall-clock time)")
     ab.add_argument("--config", help="YAML config all variants start from")
