@@ -113,6 +113,24 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval(args: argparse.Namespace) -> int:
+    from xlip.api import XLIP
+    from xlip.eval.retrieval import evaluate_retrieval, markdown, write_retrieval
+
+    m = XLIP.from_pretrained(args.model)
+    manifest = args.manifest or m.cfg.data.eval_manifest
+    if not manifest:
+        raise ConfigError("no manifest: pass --manifest or set the model's data.eval_manifest")
+    out = writable_dir(args.out or args.model, "--out")
+    result = evaluate_retrieval(m.model, m.tokenizer, m.cfg, manifest,
+                                args.split or m.cfg.data.eval_split)
+    result["model"] = str(args.model)
+    js, md = write_retrieval(result, out)
+    print(markdown(result))
+    print(f"written: {js} {md}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from xlip.data.synthetic import SynthConfig, montage, synthesize
 
@@ -526,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--out", required=True,
                     help="folder for benchmark.json/.md and benchmark_manifest.csv")
     bm.set_defaults(func=_benchmark)
+    rt = ev.add_parser("retrieval", help="image-report retrieval: Recall@1/5/10 and median "
+                                         "rank, both directions (identical reports: one target)")
+    rt.add_argument("--model", required=True, help="model folder (a run or a checkpoint)")
+    rt.add_argument("--manifest", help="default: data.eval_manifest of the model's config")
+    rt.add_argument("--split", help="default: data.eval_split")
+    rt.add_argument("--out", help="folder for retrieval.json/.md (default: the model folder)")
+    rt.set_defaults(func=_retrieval)
     ab = sub.add_parser("ablate", help="pre-train and evaluate variants side by side (same "
                                        "data, seeds, and steps or wall-clock time)")
     ab.add_argument("--config", help="YAML config all variants start from")
