@@ -86,7 +86,7 @@ def test_a_probe_is_added_to_finished_runs_without_training_them_again(tmp_path,
     assert "linear probe" not in (tmp_path / "abl" / "ablation.md").read_text()
     monkeypatch.setattr("xlip.train.loop.pretrain",
                         lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert main(args + ["--probe"]) == 0
+    assert main(args + ["--probe", "--retrieval"]) == 0
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     for name in ("clip", "xlip"):
         res = json.loads((tmp_path / "abl" / "runs" / name / "seed0" / "result.json")
@@ -101,6 +101,9 @@ def test_a_probe_is_added_to_finished_runs_without_training_them_again(tmp_path,
     # 1 % of 200 training images holds no positive of any finding: recorded, not fatal
     assert "no finding has positive and negative" in res["probe"]["fractions"]["0.01"]["error"]
     assert "0.01" not in probe["fractions"] and "probe 1 %" not in md
+    ret = summary["variants"]["xlip"]["retrieval"]
+    assert 0 <= ret["image_to_text"]["R@1"] <= ret["image_to_text"]["R@5"] <= 1
+    assert "| i→t R@5 | t→i R@5 |" in md and f" {ret['text_to_image']['R@5']:.3f} |" in md
 
 
 def test_a_config_key_added_since_a_run_does_not_make_it_changed(tmp_path):

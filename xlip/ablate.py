@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("xlip_fast_random", "xlip_lite")]
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
-EVALUATIONS = ("zeroshot", "attmim", "probe")
+EVALUATIONS = ("zeroshot", "attmim", "probe", "retrieval")
 PROBE_FRACTIONS = (1.0, 0.1, 0.01)  # label fractions of the probe (features computed once)
 SMALL_FINDINGS = ("Nodule", "Pneumothorax")
 BASELINE = "clip"
@@ -283,6 +283,7 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     from xlip.api import XLIP
     from xlip.eval.attmim import lesion_mask_share
     from xlip.eval.probe import ProbeOptions, linear_probes
+    from xlip.eval.retrieval import evaluate_retrieval
     from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
     model = XLIP.from_pretrained(run)
@@ -311,6 +312,11 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
                 f"{fr:g}": ({"error": r["error"]} if "error" in r else
                             {"mean_auc": r["mean_auc"], "n_train": r["n_train"], "C": r["C"]})
                 for fr, r in res.items()}
+        elif name == "retrieval":
+            res = evaluate_retrieval(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
+                                     cfg.data.eval_split)
+            out["retrieval"] = {k: res[k] for k in ("image_to_text", "text_to_image",
+                                                    "n_images", "n_reports")}
     return out
 
 
@@ -344,6 +350,10 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
                                                    for r in results)
                                   if all("attmim" in r for r in results) else None),
             "probe": _probe_summary(results),
+            "retrieval": ({d: {m: statistics.fmean(r["retrieval"][d][m] for r in results)
+                               for m in results[0]["retrieval"][d]}
+                           for d in ("image_to_text", "text_to_image")}
+                          if all("retrieval" in r for r in results) else None),
             "wall_s": statistics.fmean(r["wall_s"] for r in results),
             "steps": results[0]["steps"],  # per seed in "seeds" (equal-time budgets may differ)
             "overrides": overrides,
@@ -388,6 +398,7 @@ def markdown(summary: dict[str, Any]) -> str:
     small = [f for f in SMALL_FINDINGS if v and f in next(iter(v.values()))["per_finding"]]
     seeds = ", ".join(map(str, summary["seeds"]))
     lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
+    retrieval = any(r.get("retrieval") for r in v.values())
     paired = any("vs_clip" in r for r in v.values())
     first = next((r["probe"] for r in v.values() if r.get("probe")), None)
     fractions = sorted({f for r in v.values() if r.get("probe") for f in
@@ -404,14 +415,17 @@ def markdown(summary: dict[str, Any]) -> str:
              (" Probe: linear-probe mean AUC (one logistic regression per finding on the "
               "frozen image features; training rows of the evaluation manifest, or the share of "
               "their patients given in %; C chosen on held-out validation patients), mean ± sd "
-              "over seeds." if probes else ""), "",
+              "over seeds." if probes else "") +
+             (" i→t / t→i R@5: image-to-report and report-to-image Recall@5 on the evaluation "
+              "split (identical reports one target), mean over seeds." if retrieval else ""), "",
              "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
              "".join(f"probe {float(f) * 100:g} % | " for f in fractions or ["1"][:probes]) +
              "per seed (95 % CI) | " +
              " | ".join(small) + (" | " if small else "") +
-             ("lesion masked | " if lesions else "") + "s/step | wall min |",
-             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired + probes) +
-             "---|---|"]
+             ("lesion masked | " if lesions else "") +
+             ("i→t R@5 | t→i R@5 | " if retrieval else "") + "s/step | wall min |",
+             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired + probes +
+                                             2 * retrieval) + "---|---|"]
     for name, r in v.items():
         per_seed = "; ".join(f"s{s['seed']} {s['mean_auc']:.3f} ({_ci(s['ci95'])})"
                              for s in r["seeds"])
@@ -420,6 +434,10 @@ def markdown(summary: dict[str, Any]) -> str:
         if lesions:
             share = r.get("lesion_mask_share")
             smalls += f" {share:.2f} |" if share is not None else " – |"
+        if retrieval:
+            ret = r.get("retrieval")
+            smalls += (f" {ret['image_to_text']['R@5']:.3f} | {ret['text_to_image']['R@5']:.3f} |"
+                       if ret else " – | – |")
         delta = ""
         if paired:
             d = r.get("vs_clip")

@@ -263,8 +263,9 @@ def _ablate(args: argparse.Namespace) -> int:
     else:
         base = load_config(args.config, overrides).to_dict()
     names = [n for n in args.variants.split(",") if n] if args.variants else DEFAULT_VARIANTS
-    evaluations = (["zeroshot", "attmim"] if args.demo else ["zeroshot"]) + (
-        ["probe"] if args.probe else [])
+    evaluations = ((["zeroshot", "attmim"] if args.demo else ["zeroshot"])
+                   + (["probe"] if args.probe else [])
+                   + (["retrieval"] if args.retrieval else []))
     spec = AblationSpec(base=base, out=out, variants=variant_overrides(names, args.define),
                         seeds=seeds, equal=args.equal,
                         reference=args.reference, budget_s=args.budget_s,
@@ -573,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--probe", action="store_true", help="also a linear probe of each run's "
                     "frozen image features (xlip eval probe; added to finished runs without "
                     "training them again)")
+    ab.add_argument("--retrieval", action="store_true", help="also image-report retrieval "
+                    "(xlip eval retrieval) of each run, added to finished runs alike")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
     ab.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (every variant)")
     ab.set_defaults(func=_ablate)
