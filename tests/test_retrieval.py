@@ -1,5 +1,5 @@
-"""`xlip eval retrieval`: ranks against a brute-force count, ties, identical reports as one
-target, and the command on a short pre-training run."""
+"""`xlip eval retrieval` (ranks against a brute-force count, ties, identical reports as one
+target, the command on a short pre-training run) and `xlip plot` on that run."""
 
 from __future__ import annotations
 
@@ -68,3 +68,15 @@ def test_retrieval_command(run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "retrieval", "--model", str(run), "--split", "nosuch"]) == 2
     assert "split 'nosuch' has 0 rows" in capsys.readouterr().err
+
+
+def test_plot_draws_the_curves_of_a_run(run, tmp_path, capsys):
+    from PIL import Image
+
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    img = Image.open(tmp_path / "c.png")
+    assert img.size[0] > 3 * img.size[1]  # one panel per loss term and the schedule
+    colours = len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0))
+    assert colours > 50  # lines drawn, not a blank canvas
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err

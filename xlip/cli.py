@@ -131,6 +131,15 @@ def _retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from xlip.eval.plot import plot_run
+
+    if args.out:
+        writable_file(args.out, "--out")
+    print(f"written: {plot_run(args.run, args.out)}")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from xlip.data.synthetic import SynthConfig, montage, synthesize
 
@@ -591,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     vz.add_argument("--seed", type=int, default=0, help="seed of the drawn mask")
     vz.add_argument("--out", required=True, help="folder for the PNGs")
     vz.set_defaults(func=_visualize)
+
+    pl = sub.add_parser("plot", help="training curves of a run (every loss term, per source; "
+                                     "lr, grad norm, logit scale) as a PNG")
+    pl.add_argument("run", help="a pre-training run folder (its metrics.jsonl)")
+    pl.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
+    pl.set_defaults(func=_plot)
 
     b = sub.add_parser("bench", help="side-by-side speed ratios of training-step variants")
     b.add_argument("--config", help="model config YAML (default: the built-in defaults)")
