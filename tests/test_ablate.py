@@ -86,6 +86,8 @@ def test_a_probe_is_added_to_finished_runs_without_training_them_again(tmp_path,
     assert "linear probe" not in (tmp_path / "abl" / "ablation.md").read_text()
     monkeypatch.setattr("xlip.train.loop.pretrain",
                         lambda *a, **k: pytest.fail("a finished run was trained again"))
+    # a run trained whose evaluation never finished (no result.json): evaluated, not retrained
+    (tmp_path / "abl" / "runs" / "clip" / "seed0" / "result.json").unlink()
     assert main(args + ["--probe", "--retrieval"]) == 0
     summary = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     for name in ("clip", "xlip"):

@@ -175,3 +175,32 @@ def test_tokenizer_says_when_the_vocabulary_is_smaller_than_asked(tmp_path, caps
                  "--vocab-size", "1000"]) == 0
     err = capsys.readouterr().err
     assert "--vocab-size 1000 asked for more tokens than these reports yield" in err
+
+
+def test_a_row_with_more_fields_than_columns_is_refused(tmp_path):
+    img = images(tmp_path, 2)
+    m = write_lines(tmp_path / "m.csv", ["image,text,split,patient_id",
+                                         f"{img[0]},lungs clear, no effusion,train,p0"])
+    with pytest.raises(ManifestError, match=r"data row 1 \(line 2\): 5 fields for 4 columns"):
+        read_rows(m)
+    ok = write_lines(tmp_path / "ok.csv", ["image,text,split,patient_id",
+                                           f"{img[0]},lungs clear,train,p0,",  # Excel's comma
+                                           f"{img[1]},\"heart normal, no effusion\",train,p1"])
+    assert [r["text"] for r in read_rows(ok)] == ["lungs clear", "heart normal, no effusion"]
+    dup = write_lines(tmp_path / "dup.csv", ["image,text,text", f"{img[0]},a,b"])
+    with pytest.raises(ManifestError, match="names column.s. text twice"):
+        read_rows(dup)
+
+
+def test_text_label_on_a_latin1_csv_is_one_line(tmp_path, capsys):
+    src = tmp_path / "r.csv"
+    src.write_bytes("id,text\n1,Caf\xe9 opacity.\n".encode("latin-1"))
+    assert main(["text", "label", str(src), "--out", str(tmp_path / "o.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src}: not UTF-8 text (byte 0xe9)" in err[0]
+
+
+def test_zero_shot_of_an_untrained_model_is_refused(tmp_path, capsys):
+    assert main(["eval", "benchmark", "nih-cxr14", "--model", str(tmp_path), "--data-root",
+                 str(tmp_path), "--init", "random", "--out", str(tmp_path / "o")]) == 2
+    assert "--init random applies to --protocol probe" in capsys.readouterr().err

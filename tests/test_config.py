@@ -63,6 +63,8 @@ def test_save_roundtrip(tmp_path):
     (["vision.image_size=-64"], r"vision.image_size=-64 must be positive"),
     (["train.threads=-2"], r"train.threads=-2 must be 0 or more"),
     (["data.num_workers=-1"], r"data.num_workers=-1 must be 0 or more"),
+    (["train.lr=.nan"], r"train.lr=nan must be a finite number"),
+    (["train.diverge_factor=.nan"], r"train.diverge_factor=nan must be a finite number"),
 ])
 def test_bad_overrides_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -135,3 +137,13 @@ def test_sources_that_train_every_switch_pass():
     load_config(None, sources("image_only") + ["mlm.prompts=true"])  # prompts train the scorer
     load_config(None, sources("image_only") + ["mim.policy=random", "mlm.policy=none",
                                                "loss.w_mlm=0"])
+
+
+def test_a_saved_run_config_from_before_the_unused_weight_rule_still_loads(tmp_path):
+    data = load_config(None, ["mim.policy=none", "loss.w_mim=0"]).to_dict()
+    data["loss"]["w_mim"] = 1.0  # what runs with mim.policy=none saved before the rule
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="loss.w_mim=1.0 but mim.policy=none"):
+        load_config(tmp_path / "config.yaml")  # a config a user writes: refused
+    cfg = load_config(tmp_path / "config.yaml", saved=True)  # a run's own: read as it ran
+    assert cfg.mim.policy == "none" and cfg.loss.w_mim == 0.0 and cfg.loss.w_mlm == 1.0

@@ -46,6 +46,11 @@ def test_validation_patients_are_held_out_and_fractions_shrink_training(corpus):
     assert 0.1 < len(small) / len(train) < 0.45
     with pytest.raises(InputError, match="--fraction 0.0"):
         ProbeOptions(manifest, fraction=0.0)
+    # C chosen on the rows that are tested on (or trained on) would be a leak: refused
+    with pytest.raises(InputError, match=r"the probe's training and test rows share \d+ images"):
+        split_rows(ProbeOptions(manifest, test_split="train"))
+    with pytest.raises(InputError, match="validation and test rows share"):
+        split_rows(ProbeOptions(manifest, val_split="test"))
 
 
 def test_c_is_chosen_on_validation_never_on_test(corpus, run, monkeypatch):

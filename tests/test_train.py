@@ -173,6 +173,10 @@ def test_the_divergence_guard_compares_with_the_lowest_logged_loss(tmp_path):
                                                  r"train.diverge_factor=10 times .* 2.6"):
         guard.check({"step": 5, "cl_loss": 3.0, "mim_loss": 24.0}, tmp_path)
     DivergenceGuard(0.0).check({"step": 1, "cl_loss": 1e30}, tmp_path)  # 0: off
+    near_zero = DivergenceGuard(10.0, best=1e-4)  # compared with the floor 0.01, not 1e-4
+    near_zero.check({"step": 6, "mlm_loss": 0.05}, tmp_path)
+    with pytest.raises(NonFiniteLossError):
+        near_zero.check({"step": 7, "mlm_loss": 0.2}, tmp_path)
 
 
 def resumable(corpus, tmp_path):
@@ -206,6 +210,12 @@ def test_resume_refuses_changed_settings_and_applies_them_on_request(corpus, tmp
 
 def test_resume_takes_safe_changes(corpus, tmp_path):
     ck = resumable(corpus, tmp_path)
+    # the divergence guard's lowest loss travels with the checkpoint
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lowest = min(sum(v for k, v in r.items() if k.endswith("_loss") and "/" not in k)
+                 for r in rows[:2])
+    state = torch.load(ck / "state.pt", weights_only=True)
+    assert state["guard_best"] == pytest.approx(lowest)
     assert main(["pretrain", "--resume", str(ck), "--quiet", "train.steps=5",
                  "train.log_every=1"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

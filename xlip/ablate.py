@@ -185,6 +185,11 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
     spec.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in spec.variants.items():  # every variant validates before any work
         variant_config(spec.base, name, overrides, spec.seeds[0], spec.out / "check")
+    if "probe" in spec.evaluations:  # its splits, before hours of training
+        from xlip.eval.probe import ProbeOptions, split_rows
+
+        data = spec.base["data"]
+        split_rows(ProbeOptions(data["eval_manifest"], test_split=data.get("eval_split", "test")))
     steps = step_budget(spec, log)
     total = len(spec.variants) * len(spec.seeds)
     k = 0
@@ -210,17 +215,23 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
                 else:
                     log(f"[{k}/{total}] {name} seed {seed}: done already")
                 continue
-            log(f"[{k}/{total}] {name} seed {seed}: {cfg.train.steps} steps → {run}")
-            if run.exists():
-                shutil.rmtree(run)
-            t0 = time.perf_counter()
             result: dict[str, Any] = {}
-            try:
-                pretrain(cfg, progress=progress)
-            except NonFiniteLossError as err:  # one diverged run does not stop the others
-                result["failed"] = str(err)
-                log(f"    failed: {err}")
-            wall = time.perf_counter() - t0
+            if (run / "model.safetensors").is_file() and same_config(run, cfg):
+                # trained, but its evaluation failed or was interrupted: evaluate only
+                log(f"[{k}/{total}] {name} seed {seed}: trained already; evaluating")
+                rows = (run / "metrics.jsonl").read_text().splitlines()
+                wall = json.loads(rows[-1])["elapsed_s"] if rows else float("nan")
+            else:
+                log(f"[{k}/{total}] {name} seed {seed}: {cfg.train.steps} steps → {run}")
+                if run.exists():
+                    shutil.rmtree(run)
+                t0 = time.perf_counter()
+                try:
+                    pretrain(cfg, progress=progress)
+                except NonFiniteLossError as err:  # one diverged run does not stop the others
+                    result["failed"] = str(err)
+                    log(f"    failed: {err}")
+                wall = time.perf_counter() - t0
             if "failed" not in result:
                 result.update(evaluate_run(run, spec.evaluations),
                               s_per_step=seconds_per_step(run))

@@ -43,7 +43,7 @@ class XLIP:
                 raise MissingFileError(f"{path} is not an xlip model folder: {name} missing"
                                        + (f" (looked for it in the run folder {where})"
                                           if where != path else ""))
-        cfg = load_config(path / "config.yaml")
+        cfg = load_config(path / "config.yaml", saved=True)
         tokenizer = load_tokenizer(run / "tokenizer")
         text_config = BertConfig.from_json_file(str(run / "text_config.json"))
         model = XLIPModel(cfg, len(tokenizer), text_config)

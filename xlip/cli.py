@@ -31,9 +31,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         config = resolve_checkpoint(Path("."), args.resume) / "config.yaml"
     if args.resume_override and not args.resume:
         raise ConfigError("--resume-override only applies together with --resume")
-    cfg = load_config(config, args.overrides)
-    out = pretrain(cfg, resume=args.resume, progress=not args.quiet,
-                   resume_override=args.resume_override)
+    cfg = load_config(config, args.overrides, saved=config != args.config)
+    try:
+        out = pretrain(cfg, resume=args.resume, progress=not args.quiet,
+                       resume_override=args.resume_override)
+    except BaseException:
+        shutdown_distributed(meet=False)  # the other ranks stop too (or have stopped)
+        raise
     shutdown_distributed()
     print(f"model written to {out}")
     return 0
@@ -100,6 +104,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.fraction is not None and args.protocol != "probe":
         raise ConfigError("--fraction applies to --protocol probe only (zero-shot uses no "
                           "training labels)")
+    if args.init == "random" and args.protocol == "zeroshot":
+        raise ConfigError("--init random applies to --protocol probe: an untrained model's "
+                          "zero-shot scores are chance by construction")
     opt = BenchmarkOptions(args.name, args.data_root, args.protocol, args.fraction or 100,
                            args.init)  # a bad protocol or fraction is refused here, first
     evaluable(get_benchmark(args.name))  # and an unsupported benchmark before loading the model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -274,6 +275,8 @@ def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         need = "0 or more" if allow_zero else "positive"
         raise ConfigError(f"{key}={value} must be {need}")
@@ -586,8 +589,24 @@ def merge(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply dotted overrides, then validate."""
+def saved_run_compat(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config under today's rules: runs saved before xlip required a switched-off
+    task's loss weight to be 0 kept the default weight (1, never used); it is set to 0."""
+    loss = data.setdefault("loss", {}) if isinstance(data, dict) else {}
+    for term in ("mim", "mlm"):
+        section = data.get(term) or {}
+        if isinstance(section, dict) and section.get("policy") == "none" and \
+                loss.get(f"w_{term}", 1.0) != 0:
+            loss[f"w_{term}"] = 0.0
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                saved: bool = False) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted overrides, then validate.
+
+    ``saved``: the file is a run's or checkpoint's own ``config.yaml``, written by an earlier
+    xlip: :func:`saved_run_compat` first."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -599,6 +618,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        if saved:
+            data = saved_run_compat(data)
         try:
             return from_dict(merge(data, overrides or []))
         except ConfigError as err:

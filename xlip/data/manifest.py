@@ -116,6 +116,10 @@ def _read_csv(path: Path, text: str) -> list[dict[str, str]]:
         header = next(reader, None)
         if header is None:
             raise ManifestError(f"manifest {path} is empty")
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise ManifestError(f"{path}: the header names column(s) {', '.join(twice)} twice; "
+                                "rename or remove the duplicates")
         end = reader.line_num
         for values in reader:
             start, end = end + 1, reader.line_num
@@ -123,6 +127,11 @@ def _read_csv(path: Path, text: str) -> list[dict[str, str]]:
                 continue
             if end > start:
                 _check_swallowed(path, header, values, start, end, len(rows) + 1)
+            if len(values) > len(header) and any(v.strip() for v in values[len(header):]):
+                raise ManifestError(
+                    f"{path} data row {len(rows) + 1} (line {start}): {len(values)} fields for "
+                    f"{len(header)} columns, so its values would land in the wrong columns; a "
+                    "field with a comma (a report) must be quoted: \"lungs clear, no effusion\"")
             row = dict(zip(header, values))
             for k in header[len(values):]:
                 row[k] = ""

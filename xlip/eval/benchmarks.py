@@ -30,7 +30,7 @@ from xlip.data.adapters import PrepareOptions, prepare
 from xlip.data.adapters.common import IMAGE_SUFFIXES, read_csv
 from xlip.data.manifest import COLUMNS, Record, load_manifest
 from xlip.errors import XlipError
-from xlip.eval.probe import ProbeOptions, fit_probe, pooled_features
+from xlip.eval.probe import ProbeOptions, check_disjoint, fit_probe, pooled_features
 from xlip.eval.probe import markdown as probe_markdown
 from xlip.eval.zeroshot import markdown_table, score_records
 
@@ -108,10 +108,17 @@ def get_benchmark(name: str, root: Path = BENCHMARKS_DIR) -> Benchmark:
     return benchmarks[name]
 
 
+def _unzip(path: Path) -> bytes:
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise BenchmarkError(f"{path}: damaged list file ({type(err).__name__}: {err}); restore "
+                             "it (git checkout, or reinstall xlip)") from None
+
+
 def list_hash(path: Path) -> str:
     """sha256 of the uncompressed text of a ``.txt.gz`` list ('' when the file is missing)."""
-    return hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() if path.is_file() \
-        else ""
+    return hashlib.sha256(_unzip(path)).hexdigest() if path.is_file() else ""
 
 
 def read_list(bench: Benchmark, name: str) -> list[str]:
@@ -124,7 +131,7 @@ def read_list(bench: Benchmark, name: str) -> list[str]:
     if not path.is_file():
         raise BenchmarkError(f"{path}: list file missing; reinstall xlip or restore it with "
                              "git checkout")
-    text = gzip.decompress(path.read_bytes())
+    text = _unzip(path)
     digest = hashlib.sha256(text).hexdigest()
     if digest != spec.sha256:
         raise BenchmarkError(f"{path}: sha256 {digest[:12]}… differs from {spec.sha256[:12]}… "
@@ -268,7 +275,7 @@ def run_benchmark(model, tokenizer, cfg: Config, opt: BenchmarkOptions, out_dir:
         "protocol": "zeroshot" if opt.protocol == "zeroshot" else "linear_probe",
         "data_root": str(opt.data_root), "coverage": coverage,
         "partial": any(c["found"] < c["listed"] for c in coverage.values()),
-        "skipped_classes": skipped, "model": model_path,
+        "skipped_classes": skipped, "model": model_path, "init": opt.init,
         "source": "BenchX (github.com/yangzhou12/BenchX, b874fa6)"})
     (out_dir / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "benchmark.md").write_text(markdown(result))
@@ -281,6 +288,7 @@ def _probe(model, cfg: Config, opt: BenchmarkOptions, rows: dict[str, list[Recor
     popt = ProbeOptions(manifest, manifest, train_list, "val", "test", opt.fraction / 100,
                         opt.init, tuple(classes))
     train, val, test = rows[train_list], rows["val"], rows["test"]
+    check_disjoint({"training": train, "validation": val, "test": test})
     feats = [pooled_features(model, [r.image for r in g], cfg) for g in (train, val, test)]
     return fit_probe(popt, train, val, test, *feats, "the published val list",
                      cfg.eval.bootstrap)

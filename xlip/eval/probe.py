@@ -92,7 +92,25 @@ def split_rows(opt: ProbeOptions) -> tuple[list[Record], list[Record], list[Reco
         train = [r for r in train if patient_share(r, opt.seed, "fraction") < opt.fraction]
     test_manifest = opt.test_manifest or opt.manifest
     test_rows = rows if test_manifest == opt.manifest else image_rows(test_manifest)
-    return train, val, of_split(test_rows, opt.test_split, test_manifest), how
+    test = of_split(test_rows, opt.test_split, test_manifest)
+    check_disjoint({"training": train, "validation": val, "test": test})
+    return train, val, test, how
+
+
+def check_disjoint(parts: dict[str, list[Record]]) -> None:
+    """No image and no patient in two of training, validation and test: C chosen on rows that
+    are also tested on (or trained on) would be a leak."""
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            images = {r.image for r in parts[a]} & {r.image for r in parts[b]}
+            patients = ({r.patient_id for r in parts[a] if r.patient_id}
+                        & {r.patient_id for r in parts[b] if r.patient_id})
+            if images or patients:
+                what = (f"{len(images)} images (e.g. {sorted(images)[0]})" if images else
+                        f"{len(patients)} patients (e.g. {sorted(patients)[0]})")
+                raise InputError(f"the probe's {a} and {b} rows share {what}: choose splits "
+                                 "that are patient-disjoint (--split, --val-split, --test-split)")
 
 
 def image_rows(manifest: str | Path) -> list[Record]:
@@ -105,6 +123,12 @@ def of_split(rows: list[Record], split: str, manifest: str | Path) -> list[Recor
         raise ManifestError(f"{manifest}: no rows with image and labels in split {split!r}; "
                             f"its splits are {', '.join(sorted({r.split for r in rows}))}")
     return out
+
+
+def usable_findings(findings: Sequence[str], *parts: list[Record]) -> list[str]:
+    """The findings with positive and negative images in every non-empty part."""
+    return [f for f in findings
+            if all(0 < sum(f in r.labels for r in rows) < len(rows) for rows in parts if rows)]
 
 
 def labels(records: Sequence[Record], findings: Sequence[str]) -> np.ndarray:
@@ -125,6 +149,14 @@ def linear_probes(model, cfg: Config, opt: ProbeOptions, fractions: Sequence[flo
     raises."""
     t0 = time.perf_counter()
     train, val, test, how = split_rows(dataclasses.replace(opt, fraction=1.0))
+    # one finding set for every fraction (those with both classes in the full training,
+    # validation and test rows), so that the fractions' mean AUCs are comparable
+    findings = usable_findings(list(opt.findings) or default_findings(test), train, val, test)
+    if not findings:
+        raise InputError(f"no finding has positive and negative images in each of training "
+                         f"({len(train)} images), validation ({len(val)}) and test "
+                         f"({len(test)}): choose other splits")
+    opt = dataclasses.replace(opt, findings=tuple(findings))
     feats = [pooled_features(model, [r.image for r in rows], cfg) for rows in (train, val, test)]
     out = {}
     for fraction in fractions:
@@ -148,22 +180,31 @@ def linear_probes(model, cfg: Config, opt: ProbeOptions, fractions: Sequence[flo
 def fit_probe(opt: ProbeOptions, train: list[Record], val: list[Record], test: list[Record],
               ftr: np.ndarray, fva: np.ndarray, fte: np.ndarray, how: str, n_boot: int
               ) -> dict[str, Any]:
-    """The logistic regressions on given features: C chosen on validation, tested on test."""
-    findings = list(opt.findings) or default_findings(test)
+    """The logistic regressions on given features: C chosen on validation, tested on test.
+
+    A finding without both classes among these training rows (a small fraction) cannot be
+    learnt: it scores a constant (AUC 0.5) and is listed in ``no_training_class``."""
+    asked = list(opt.findings) or default_findings(test)
+    findings = usable_findings(asked, [], val, test)
+    skipped = [f for f in asked if f not in findings]
+    if not findings:
+        raise InputError(f"no finding has positive and negative images in both validation "
+                         f"({len(val)} images) and test ({len(test)}): choose other splits")
     ytr, yva, yte = (labels(x, findings) for x in (train, val, test))
-    usable = [j for j in range(len(findings))
-              if all(0 < y[:, j].sum() < len(y) for y in (ytr, yva, yte))]
-    skipped = [f for j, f in enumerate(findings) if j not in usable]
-    if not usable:
-        raise InputError(f"no finding has positive and negative images in each of training "
-                         f"({len(train)} images), validation ({len(val)}) and test "
-                         f"({len(test)}): use a larger --fraction or other splits")
-    findings = [findings[j] for j in usable]
-    ytr, yva, yte = ytr[:, usable], yva[:, usable], yte[:, usable]
+    if not any(0 < ytr[:, j].sum() < len(ytr) for j in range(len(findings))):
+        raise InputError(f"no finding has positive and negative images among the {len(train)} "
+                         "training images: use a larger --fraction or other splits")
+    constant = [f for j, f in enumerate(findings) if not 0 < ytr[:, j].sum() < len(ytr)]
     scaler = StandardScaler().fit(ftr)
     xtr, xva, xte = (scaler.transform(f) for f in (ftr, fva, fte))
 
-    def fit(c: float, j: int) -> LogisticRegression:
+    class Constant:  # the model of a finding with one class in training
+        def decision_function(self, x: np.ndarray) -> np.ndarray:
+            return np.zeros(len(x))
+
+    def fit(c: float, j: int):
+        if findings[j] in constant:
+            return Constant()
         return LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr[:, j])
 
     val_auc = {c: float(np.mean([auc(yva[:, j], fit(c, j).decision_function(xva))
@@ -182,7 +223,7 @@ def fit_probe(opt: ProbeOptions, train: list[Record], val: list[Record], test: l
             "mean_auc_ci95": list(mean_ci), "per_finding": per, "fraction": opt.fraction,
             "init": opt.init, "C": best, "val_mean_auc_by_C": {str(c): v for c, v in
                                                               val_auc.items()},
-            "validation": how, "skipped_findings": skipped,
+            "validation": how, "skipped_findings": skipped, "no_training_class": constant,
             "n_train": len(train), "n_val": len(val), "n_test": len(test),
             "features": int(xtr.shape[1]), "manifest": str(opt.manifest),
             "test_manifest": str(opt.test_manifest or opt.manifest), "split": opt.split,
@@ -206,8 +247,11 @@ def markdown(result: dict[str, Any]) -> str:
     lo, hi = result["mean_auc_ci95"]
     lines.append(f"| **mean** | **{result['mean_auc']:.3f}** | {lo:.3f}–{hi:.3f} | | |")
     if result["skipped_findings"]:
-        lines += ["", "Left out (a class missing in training, validation or test): "
+        lines += ["", "Left out (a class missing in validation or test): "
                   + ", ".join(result["skipped_findings"])]
+    if result["no_training_class"]:
+        lines += ["", "Scored as chance (AUC 0.5: one class only among the training images): "
+                  + ", ".join(result["no_training_class"])]
     return "\n".join(lines) + "\n"
 
 

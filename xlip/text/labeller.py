@@ -67,10 +67,14 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
         raise MissingFileError(f"{src}: no such CSV file")
     if src.resolve() == out.resolve():
         raise InputError(f"{out}: the output must not overwrite the input; choose another --out")
-    with src.open(newline="", encoding="utf-8-sig") as fh:  # a BOM is not part of a name
-        reader = csv.DictReader(fh)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+    try:
+        with src.open(newline="", encoding="utf-8-sig") as fh:  # a BOM is not part of a name
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{src}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save it "
+                         "as UTF-8, e.g. iconv -f cp1252 -t utf-8") from None
     if not header:
         raise InputError(f"{src}: empty file (no header row)")
     if text_column not in header:

@@ -51,17 +51,29 @@ def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float], keys: Se
     return {k: (s, c) for k, (s, c) in zip(keys, t.tolist())}
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (every rank must call this alike): a rank that
+    stops alone would leave the others waiting in the next collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group: all ranks meet, then it is destroyed.
+def shutdown_distributed(meet: bool = True) -> None:
+    """Leave the process group: all ranks meet (unless ``meet`` is false: after an error, when
+    the others may never arrive), then it is destroyed.
 
     Without this, a rank that exits while gloo's threads still talk to a slower rank can abort
     at interpreter exit ("terminate called without an active exception").
     """
     if dist.is_initialized():
-        dist.barrier()
+        if meet:
+            dist.barrier()
         dist.destroy_process_group()

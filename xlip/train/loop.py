@@ -31,7 +31,8 @@ from xlip.precision import autocast
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (load_state, resolve_checkpoint, save_checkpoint,
                                    set_rng_state)
-from xlip.train.distributed import DistInfo, barrier, init_distributed, reduce_sums
+from xlip.train.distributed import (DistInfo, any_rank, barrier, init_distributed,
+                                    reduce_sums)
 from xlip.train.resume import apply_optimizer_settings, check_resume
 
 
@@ -169,7 +170,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     if resume:  # every file of the checkpoint checked before the data is loaded
         ck = resolve_checkpoint(out_dir, resume)
         state = load_state(ck)
-        old = load_config(ck / "config.yaml")
+        old = load_config(ck / "config.yaml", saved=True)
         changed = check_resume(old, cfg, resume, resume_override)
         if cfg.data.normalize == "dataset" and not cfg.data.pixel_std:
             cfg.data.pixel_mean, cfg.data.pixel_std = old.data.pixel_mean, old.data.pixel_std
@@ -202,6 +203,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")
         save_text_files(model, tok, out_dir)
+        # a model from an earlier finish would sit beside a config it was not trained under
+        # (a resumed run that then stops early); the checkpoints keep its weights
+        (out_dir / "model.safetensors").unlink(missing_ok=True)
     net = DDP(model) if info.world_size > 1 else model
     criterion = XLIPLoss(cfg)
     loader = build_loader(cfg, dataset, collate, start, info)
@@ -211,7 +215,8 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     metrics_path = out_dir / "metrics.jsonl"
     if info.is_main:
         keep_metrics_until(metrics_path, start)  # rows logged after the checkpoint are redone
-    guard = DivergenceGuard(tr.diverge_factor)
+    guard = DivergenceGuard(tr.diverge_factor,
+                            float(state.get("guard_best", math.inf)) if state else math.inf)
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -232,7 +237,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
                 out = net(batch, generator=gen)
                 losses = criterion(out, batch)
             total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-            check_finite(losses, step, out_dir)
+            check_finite(losses, step, out_dir, info.device)
             (total / tr.grad_accum).backward()
             log.add(losses, out, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -261,7 +266,8 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
             bar.update(1)
         if info.is_main and (done % tr.ckpt_every == 0 or done == tr.steps):
             save_checkpoint(out_dir, done, model, cfg,
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "guard_best": guard.best})
     if bar is not None:
         bar.close()
     if info.is_main:
@@ -281,23 +287,30 @@ def diverged(what: str, out_dir: Path) -> str:
             "train.lr=... or start again")
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int, out_dir: Path) -> None:
+def check_finite(losses: dict[str, torch.Tensor], step: int, out_dir: Path,
+                 device: torch.device) -> None:
+    """Stop on a NaN or infinite loss term, on every rank together (a rank's MIM or MLM term
+    may be non-finite on its own rows only)."""
     bad = {k: float(v.detach()) for k, v in losses.items()
            if k.endswith("_loss") and not torch.isfinite(v)}
-    if bad:
-        raise NonFiniteLossError(diverged(f"non-finite loss at step {step + 1}: {bad}", out_dir))
+    if any_rank(bool(bad), device):
+        what = f"{bad}" if bad else "on another process"
+        raise NonFiniteLossError(diverged(f"non-finite loss at step {step + 1}: {what}", out_dir))
 
 
 class DivergenceGuard:
     """Stops a run whose loss (the sum of its logged terms) grows past ``factor`` times the
-    lowest value logged so far; 0 switches it off."""
+    lowest value logged so far (at least ``floor``: a loss near 0 may move by more than the
+    factor without diverging); 0 switches it off. ``best`` is saved with each checkpoint."""
 
-    def __init__(self, factor: float) -> None:
-        self.factor, self.best = factor, math.inf
+    floor = 0.01
+
+    def __init__(self, factor: float, best: float = math.inf) -> None:
+        self.factor, self.best = factor, best
 
     def check(self, row: dict[str, float], out_dir: Path) -> None:
         total = sum(v for k, v in row.items() if k.endswith("_loss") and "/" not in k)
-        if self.factor and total > self.factor * self.best:
+        if self.factor and total > self.factor * max(self.best, self.floor):
             raise NonFiniteLossError(diverged(
                 f"the loss rose to {total:.4g} at step {row['step']}, over "
                 f"train.diverge_factor={self.factor:g} times its lowest logged value "

@@ -22,7 +22,8 @@ SAFE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.thr
 # the parameters' names and shapes: no override can carry a checkpoint across these
 SHAPE_KEYS = ("vision.", "text.", "model.")
 NOT_SHAPE = ("vision.attn_impl", "vision.pretrained", "text.attn_impl", "text.dropout",
-             "text.pretrained", "model.init_temperature", "model.max_logit_scale")
+             "text.pretrained", "text.tokenizer", "model.init_temperature",
+             "model.max_logit_scale")  # a moved tokenizer: its vocabulary size is checked
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -59,7 +59,16 @@ def find_file(root: Path, names: Sequence[str], what: str, required: bool = True
 
 
 def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """(1-based data row, row) of a CSV, plain, ``.gz`` or a one-CSV ``.zip``."""
+    """(1-based data row, row) of a CSV, plain, ``.gz`` or a one-CSV ``.zip``; a file that is not
+    UTF-8 raises AdapterError naming it."""
+    try:
+        yield from _read_csv(path)
+    except UnicodeDecodeError as err:
+        raise AdapterError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save "
+                           "it as UTF-8, e.g. iconv -f cp1252 -t utf-8") from None
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     if path.suffix == ".zip":
         with zipfile.ZipFile(path) as z:
             members = [n for n in z.namelist() if n.endswith(".csv")]

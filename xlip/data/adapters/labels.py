@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from xlip.errors import InputError
 from xlip.text.labels import CHEXPERT_FINDINGS
 
 #: The 14 label columns of CheXpert and MIMIC-CXR's chexpert/negbio files.
@@ -27,10 +28,10 @@ def chexpert_labels(row: Mapping[str, str], policy: str = "ignore",
     Values: ``1`` present, ``0`` absent, ``-1`` uncertain, blank not mentioned.
 
     Raises:
-        ValueError: a value that is none of those, or an unknown policy.
+        InputError (a ValueError): a value that is none of those, or an unknown policy.
     """
     if policy not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertainty policy {policy!r}: use one of {UNCERTAIN_POLICIES}")
+        raise InputError(f"uncertainty policy {policy!r}: use one of {UNCERTAIN_POLICIES}")
     pos, neg, unc = [], [], []
     for name in CHEXPERT_COLUMNS:
         value = row.get(name, "").strip()
@@ -47,7 +48,7 @@ def chexpert_labels(row: Mapping[str, str], policy: str = "ignore",
         elif v == -1.0:
             {"ignore": unc, "positive": pos, "negative": neg}[policy].append(name)
         else:
-            raise ValueError(f"column {name!r}: value {value!r} is not 1, 0, -1 or blank")
+            raise InputError(f"column {name!r}: value {value!r} is not 1, 0, -1 or blank")
     return pos, neg, unc
 
 

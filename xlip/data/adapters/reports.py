@@ -14,6 +14,7 @@ from xlip.data.adapters.common import (
     parse_views, patient_split, read_csv, require_columns, view_reason,
 )
 from xlip.data.adapters.labels import CHEXPERT_COLUMNS, chexpert_labels
+from xlip.errors import InputError
 from xlip.text.labels import UnknownLabelError, canonical_label
 from xlip.text.sections import select_text
 
@@ -48,7 +49,11 @@ def prepare_mimic(raw: Path, opt, col: Collector) -> None:
     if chex_csv is not None:
         for i, r in read_csv(chex_csv):
             require_columns(chex_csv, r, ("subject_id", "study_id") + CHEXPERT_COLUMNS)
-            labels[r["study_id"]] = chexpert_labels(r, opt.uncertain)
+            try:
+                labels[r["study_id"]] = chexpert_labels(r, opt.uncertain)
+            except InputError as err:
+                raise AdapterError(f"{chex_csv} row {i}: {err}; fix the value or remove the "
+                                   "row") from None
     reports: dict[str, str | None] = {}
     index = ImageIndex(raw)
     for i, r in read_csv(split_csv):
