@@ -151,13 +151,9 @@ def same_config(run: Path, cfg: Config) -> bool:
         if key not in old:
             if new[key] != default.get(key):
                 return False
-        elif _plain_value(old[key]) != _plain_value(new.get(key)):
+        elif old[key] != new.get(key):  # to_dict writes tuples as lists, as YAML reads them
             return False
     return True
-
-
-def _plain_value(x: Any) -> Any:
-    return list(x) if isinstance(x, tuple) else x
 
 
 def seconds_per_step(run: Path, skip_first: int = 1) -> float:

@@ -15,6 +15,7 @@ from transformers import BertConfig
 
 from xlip.config import Config, load_config, save_config
 from xlip.errors import MissingFileError
+from xlip.eval.retrieval import encode_texts
 from xlip.eval.zeroshot import (class_embeddings, encode_images, encode_tensor,
                                 positive_probability)
 from xlip.model.weights import load_weights, save_text_files, save_weights
@@ -78,12 +79,9 @@ class XLIP:
         return encode_images(self.model, [str(p) for p in images], self.cfg.vision.image_size,
                              self.cfg.eval.batch_size, self.cfg.pixel_stats(), precision)
 
-    @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.cfg.text.max_length,
-                             return_tensors="pt").to(self.device)
-        return self.model.encode_text(enc["input_ids"], enc["attention_mask"])
+        """Texts → (B, E) unit-norm embeddings (batches of 256, as retrieval encodes them)."""
+        return encode_texts(self.model, self.tokenizer, texts, self.cfg.text.max_length)
 
     @torch.no_grad()
     def zero_shot(self, images: Tensor | Sequence[str | Path],

@@ -43,17 +43,26 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zeroshot(args: argparse.Namespace) -> int:
+def _model_and_manifest(args: argparse.Namespace):
+    """The model of ``--model`` and the manifest to evaluate on: ``--manifest``, else the
+    model's ``data.eval_manifest``."""
     from xlip.api import XLIP
+
+    m = XLIP.from_pretrained(args.model)
+    manifest = args.manifest or m.cfg.data.eval_manifest
+    if not manifest:
+        raise ConfigError("no manifest to evaluate on: pass --manifest or set the model's "
+                          "data.eval_manifest")
+    return m, manifest
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
     from xlip.eval.zeroshot import (ZeroShotOptions, evaluate_zeroshot, markdown_table,
                                     write_results)
 
-    m = XLIP.from_pretrained(args.model)
+    m, manifest = _model_and_manifest(args)
     out = writable_dir(args.out or args.model, "--out")  # before the encoding, not after
     cfg = m.cfg
-    manifest = args.manifest or cfg.data.eval_manifest
-    if not manifest:
-        raise ConfigError("no evaluation manifest: pass --manifest or set data.eval_manifest")
     options = ZeroShotOptions.from_config(cfg, manifest, args.split, args.findings)
     result = evaluate_zeroshot(m.model, m.tokenizer, cfg, options)
     result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
@@ -64,14 +73,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from xlip.api import XLIP
     from xlip.eval.probe import ProbeOptions, linear_probe, markdown, write_probe
 
-    m = XLIP.from_pretrained(args.model)
-    manifest = args.manifest or m.cfg.data.eval_manifest
-    if not manifest:
-        raise ConfigError("no manifest to probe on: pass --manifest (training rows) and "
-                          "--test-manifest, or set the model's data.eval_manifest")
+    m, manifest = _model_and_manifest(args)
     opt = ProbeOptions(manifest, args.test_manifest, args.split, args.val_split,
                        args.test_split, args.fraction, args.init,
                        tuple(args.findings or ()), args.seed)
@@ -121,13 +125,9 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _retrieval(args: argparse.Namespace) -> int:
-    from xlip.api import XLIP
     from xlip.eval.retrieval import evaluate_retrieval, markdown, write_retrieval
 
-    m = XLIP.from_pretrained(args.model)
-    manifest = args.manifest or m.cfg.data.eval_manifest
-    if not manifest:
-        raise ConfigError("no manifest: pass --manifest or set the model's data.eval_manifest")
+    m, manifest = _model_and_manifest(args)
     out = writable_dir(args.out or args.model, "--out")
     result = evaluate_retrieval(m.model, m.tokenizer, m.cfg, manifest,
                                 args.split or m.cfg.data.eval_split)

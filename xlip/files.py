@@ -62,6 +62,13 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = False) ->
         fh.write(data)
 
 
+def not_utf8(path: str | Path, err: UnicodeDecodeError, line: int | None = None) -> str:
+    """The message for a file that is not UTF-8: where, the first bad byte, the fix."""
+    where = f"{path} line {line}" if line else str(path)
+    return (f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save it as UTF-8 "
+            '(Excel: "CSV UTF-8"), e.g. iconv -f cp1252 -t utf-8')
+
+
 def writable_dir(path: str | Path, what: str) -> Path:
     """Create ``path`` (and its parents) if needed and prove a file can be written in it.
 

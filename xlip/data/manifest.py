@@ -17,6 +17,7 @@ from pathlib import Path
 from xlip.data.images import image_problem
 from xlip.data.storage import image_exists
 from xlip.errors import XlipError
+from xlip.files import not_utf8
 from xlip.text.labels import UnknownLabelError, parse_labels
 
 COLUMNS = ("image", "text", "labels", "split", "patient_id", "study_id", "view", "source")
@@ -103,9 +104,7 @@ def _decode(path: Path) -> str:
         return raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
-        raise ManifestError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
-                            "save the file as UTF-8 (Excel: \"CSV UTF-8\"), e.g. iconv -f "
-                            "cp1252 -t utf-8") from None
+        raise ManifestError(not_utf8(path, err, line)) from None
 
 
 def _read_csv(path: Path, text: str) -> list[dict[str, str]]:

@@ -24,10 +24,10 @@ from sklearn.preprocessing import StandardScaler
 
 from xlip.config import Config
 from xlip.data.images import prepare_image
-from xlip.data.manifest import ManifestError, Record, load_manifest
+from xlip.data.manifest import Record
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci
-from xlip.eval.zeroshot import default_findings
+from xlip.eval.zeroshot import default_findings, image_rows, of_split
 from xlip.hashing import hash_int
 from xlip.precision import autocast
 
@@ -111,18 +111,6 @@ def check_disjoint(parts: dict[str, list[Record]]) -> None:
                         f"{len(patients)} patients (e.g. {sorted(patients)[0]})")
                 raise InputError(f"the probe's {a} and {b} rows share {what}: choose splits "
                                  "that are patient-disjoint (--split, --val-split, --test-split)")
-
-
-def image_rows(manifest: str | Path) -> list[Record]:
-    return [r for r in load_manifest(manifest, verify_images=False) if r.image and r.labels]
-
-
-def of_split(rows: list[Record], split: str, manifest: str | Path) -> list[Record]:
-    out = [r for r in rows if r.split == split]
-    if not out:
-        raise ManifestError(f"{manifest}: no rows with image and labels in split {split!r}; "
-                            f"its splits are {', '.join(sorted({r.split for r in rows}))}")
-    return out
 
 
 def usable_findings(findings: Sequence[str], *parts: list[Record]) -> list[str]:

@@ -72,11 +72,21 @@ def positive_probability(image_emb: torch.Tensor, class_emb: torch.Tensor,
 
 
 def eval_records(manifest: str | Path, split: str) -> list[Record]:
-    rows = [r for r in load_manifest(manifest, verify_images=False)
-            if r.split == split and r.image and r.labels]
-    if not rows:
-        raise ManifestError(f"{manifest}: no rows with image and labels in split {split!r}")
-    return rows
+    """The rows of ``split`` with an image and labels."""
+    return of_split(image_rows(manifest), split, manifest)
+
+
+def image_rows(manifest: str | Path) -> list[Record]:
+    """The rows of a manifest with an image and labels (what zero-shot and probes score)."""
+    return [r for r in load_manifest(manifest, verify_images=False) if r.image and r.labels]
+
+
+def of_split(rows: list[Record], split: str, manifest: str | Path) -> list[Record]:
+    out = [r for r in rows if r.split == split]
+    if not out:
+        raise ManifestError(f"{manifest}: no rows with image and labels in split {split!r}; "
+                            f"its splits are {', '.join(sorted({r.split for r in rows}))}")
+    return out
 
 
 def default_findings(records: Sequence[Record]) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xlip.errors import InputError, MissingFileError
+from xlip.files import not_utf8
 from xlip.text.ner import label_sets
 from xlip.text.sections import TEXT_POLICIES, select_text
 
@@ -73,8 +74,7 @@ def label_csv(src: str | Path, out: str | Path, text_column: str = "text",
             header = list(reader.fieldnames or [])
             rows = list(reader)
     except UnicodeDecodeError as err:
-        raise InputError(f"{src}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save it "
-                         "as UTF-8, e.g. iconv -f cp1252 -t utf-8") from None
+        raise InputError(not_utf8(src, err)) from None
     if not header:
         raise InputError(f"{src}: empty file (no header row)")
     if text_column not in header:

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from xlip.data.images import image_problem
 from xlip.data.manifest import COLUMNS, reason_kind, row_kind, unusable
 from xlip.errors import XlipError
-from xlip.files import atomic_open, write_atomic
+from xlip.files import atomic_open, not_utf8, write_atomic
 from xlip.hashing import hash_int
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
@@ -64,8 +64,7 @@ def read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     try:
         yield from _read_csv(path)
     except UnicodeDecodeError as err:
-        raise AdapterError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save "
-                           "it as UTF-8, e.g. iconv -f cp1252 -t utf-8") from None
+        raise AdapterError(not_utf8(path, err)) from None
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
