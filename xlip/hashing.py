@@ -8,3 +8,8 @@ import hashlib
 def hash_int(text: str) -> int:
     """Stable 63-bit hash (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def hash_unit(text: str) -> float:
+    """A stable number in [0, 1) for ``text``: patient-level splits and subsets draw by it."""
+    return hash_int(text) / 2.0 ** 63

@@ -28,7 +28,7 @@ from xlip.data.manifest import Record
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci
 from xlip.eval.zeroshot import default_findings, image_rows, of_split
-from xlip.hashing import hash_int
+from xlip.hashing import hash_unit
 from xlip.precision import autocast
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # inverse L2 strength
@@ -59,7 +59,7 @@ class ProbeOptions:
 
 def patient_share(r: Record, seed: int, salt: str) -> float:
     """A stable number in [0, 1) per patient (the image when there is no patient id)."""
-    return hash_int(f"{salt}/{seed}/{r.patient_id or r.image}") / 2.0 ** 63
+    return hash_unit(f"{salt}/{seed}/{r.patient_id or r.image}")
 
 
 @torch.no_grad()

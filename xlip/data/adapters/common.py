@@ -26,7 +26,7 @@ from xlip.data.images import image_problem
 from xlip.data.manifest import COLUMNS, reason_kind, row_kind, unusable
 from xlip.errors import XlipError
 from xlip.files import atomic_open, not_utf8, write_atomic
-from xlip.hashing import hash_int
+from xlip.hashing import hash_unit
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError, canonical_label
 
 #: Columns after :data:`xlip.data.manifest.COLUMNS` in every adapter's manifest.
@@ -242,7 +242,7 @@ def parse_fractions(spec: str) -> dict[str, float]:
 
 def patient_split(patient_id: str, fractions: Mapping[str, float], seed: int = 0) -> str:
     """A split drawn from a hash of the patient: all of a patient's rows land in one split."""
-    u = hash_int(f"{seed}/{patient_id}") / 2.0 ** 63
+    u = hash_unit(f"{seed}/{patient_id}")
     acc = 0.0
     for name in sorted(fractions):
         acc += fractions[name]
