@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("xlip.eval",),
     ("xlip.api",),
     ("xlip.train",),  # eval and api are below it: evaluation never needs the trainer
-    ("xlip.bench", "xlip.demo", "xlip.ablate"),
+    ("xlip.bench", "xlip.demo", "xlip.ablate", "xlip.suite"),
     ("xlip.cli", "xlip"),  # the package: ``xlip.XLIP`` is xlip.api's, loaded lazily
 ]
 

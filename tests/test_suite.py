@@ -1,0 +1,77 @@
+"""`xlip eval suite`: the suite file (expansion, errors before any work), reruns, and the page."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xlip.config import ConfigError
+from xlip.suite import SuiteEntry, load_suite
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "eval.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_lists_expand_into_one_entry_per_value_and_options_become_flags(tmp_path):
+    entries = load_suite(write(tmp_path, """
+evaluations:
+  - kind: zeroshot
+    prompts: all
+    val_split: valid
+    findings: [Edema, Nodule]
+  - kind: probe
+    fraction: [0.01, 1.0]
+    init: [pretrained, random]
+  - kind: benchmark
+    name: nih-cxr14
+    data_root: /data/nih
+    protocol: probe
+    fraction: 10
+  - kind: retrieval
+    id: retrieval_test
+    no_plots: true
+    quiet: false
+"""))
+    assert [e.name for e in entries] == [
+        "zeroshot", "probe_f0.01_pretrained", "probe_f0.01_random", "probe_f1_pretrained",
+        "probe_f1_random", "benchmark_nih-cxr14_probe", "retrieval_test"]
+    assert entries[0].argv("RUN", "OUT") == [
+        "eval", "zeroshot", "--model", "RUN", "--prompts", "all", "--val-split", "valid",
+        "--findings", "Edema", "Nodule", "--out", "OUT/zeroshot"]
+    assert entries[2].options == {"fraction": 0.01, "init": "random"}
+    assert entries[5].argv("RUN", "OUT")[:5] == ["eval", "benchmark", "nih-cxr14", "--model",
+                                                  "RUN"]
+    # true is a bare flag, false leaves the flag out
+    assert entries[6].argv("RUN", "OUT") == ["eval", "retrieval", "--model", "RUN",
+                                             "--no-plots", "--out", "OUT/retrieval_test"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("evaluations: []", "give a list under `evaluations:`"),
+    ("evaluations:\n  - kind: zeroshoot", "`kind` must be one of zeroshot"),
+    ("evaluations:\n  - kind: probe\n    out: /tmp/x", "out is set by the suite"),
+    ("evaluations:\n  - kind: probe\n    fraction: {a: 1}", "fraction: give a value or a list"),
+    ("evaluations:\n  - kind: probe\n  - kind: probe", "two evaluations would write to probe"),
+    ("evaluations:\n  - kind: probe\n    id: ../x", "not a plain folder name"),
+    ("evals:\n  - kind: probe", "give a list under `evaluations:`"),
+    ("evaluations:\n  - kind: probe\nextra: 1", "unknown top-level key(s) extra"),
+    ("evaluations: [", "not valid YAML"),
+])
+def test_a_malformed_suite_file_is_refused_naming_the_entry(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_suite(write(tmp_path, text))
+
+
+def test_a_missing_suite_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such suite file"):
+        load_suite(tmp_path / "nope.yaml")
+
+
+def test_entry_argv_keeps_the_suite_folder_layout():
+    e = SuiteEntry("probe_f0.1", "probe", {"fraction": 0.1})
+    assert e.argv("m", "o")[-2:] == ["--out", "o/probe_f0.1"]
+    assert json.dumps(e.argv("m", "o"))  # plain strings only
