@@ -673,6 +673,8 @@ def test_covidx(tmp_path):
                                        "source)",
                    ("train.txt", "8"): "missing image file"}
     assert summary.rows_in == 10 and summary.kept == 7
+    assert any(n.startswith("1 study id(s) (file name up to the first dot") and "train/DX" in n
+               for n in summary.notes)
     assert_idempotent("covidx", raw, out)
     # BenchX's own lists (one id a line) are not COVIDx's label files
     (raw / "train.txt").write_text("train/a.png\ntrain/b.png\n")

@@ -11,6 +11,7 @@ every image is kept and ``view`` is left blank.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -152,6 +153,11 @@ def prepare_covidx(raw: Path, opt, col: Collector) -> None:
             pos, neg = binary_labels("COVID-19", COVIDX_CLASSES[label.lower()])
             col.keep(image, "", pos, negative=neg, raw=[label], split=normalise_split(split),
                      patient_id=pid, study_id=key, origin=f"{path.name} row {i}")
+    shared = [k for k, n in Counter(r["study_id"] for r in col.rows).items() if n > 1]
+    if shared:
+        col.notes.append(f"{len(shared)} study id(s) (file name up to the first dot, as BenchX "
+                         f"names images) shared by several images, e.g. {shared[0]}: "
+                         "`xlip eval benchmark` leaves them out as ambiguous")
     col.notes.append(NO_VIEWS)
 
 
