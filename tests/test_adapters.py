@@ -591,6 +591,153 @@ def test_iu_xray_xml_and_csv(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# The layouts BenchX's lists name: SIIM's PNG release, COVIDx CXR-3/4, TBX11K (Kaggle simplified)
+
+
+def test_siim_png_release(tmp_path):
+    """stage_1_{train,test}_images.csv + png_images/ (and png_masks/ with the same file names)."""
+    raw, out = tmp_path / "pneumothorax" / "siim-acr-pneumothorax", tmp_path / "out"
+    names = {"train": ["0_train_0_.png", "1_train_1_.png", "2_train_0_.png", "3_train_1_.png",
+                       "4_train_0_.png", "5_train_0_.png"],
+             "test": ["0_test_1_.png", "1_test_0_.png", "2_test_0_.png"]}
+    values = {"train": ["0", "1", "1", "1", "x", "0"], "test": ["1", "0", "0"]}
+    raw.mkdir(parents=True)
+    for part in ("train", "test"):
+        with (raw / f"stage_1_{part}_images.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["new_filename", "ImageId", "has_pneumo"])
+            for k, (name, value) in enumerate(zip(names[part], values[part])):
+                w.writerow([name, f"1.2.276.0.7230010.3.1.4.{part}.{k}", value])
+                if (part, k) != ("train", 5):  # 5_train_0_: listed, image not downloaded
+                    image(raw / "png_images" / name, value=k)
+                    image(raw / "png_masks" / name, value=255)
+    summary, manifest = run("siim-pneumothorax-png", raw.parent, out)
+    by_id = {r["study_id"]: r for r in manifest}
+    assert set(by_id) == {"0_train_0_", "1_train_1_", "3_train_1_", "0_test_1_", "1_test_0_",
+                          "2_test_0_"}
+    assert by_id["1_train_1_"]["labels"] == "Pneumothorax"
+    assert by_id["1_train_1_"]["negative_labels"] == ""
+    assert (by_id["0_train_0_"]["labels"], by_id["0_train_0_"]["negative_labels"]) == (
+        "", "Pneumothorax")
+    assert {by_id[i]["split"] for i in ("0_test_1_", "1_test_0_", "2_test_0_")} == {"test"}
+    assert {r["split"] for r in manifest if "_train_" in r["study_id"]} <= {"train", "valid"}
+    assert all(Path(r["image"]).parent.name == "png_images" for r in manifest)
+    assert by_id["0_test_1_"]["patient_id"] == "0_test_1_" and by_id["0_test_1_"]["view"] == ""
+    why = reasons(out)
+    assert why == {"2_train_0_": "has_pneumo 1 disagrees with the file name's _0_",
+                   "4_train_0_": "bad has_pneumo value 'x' (expected 0 or 1)",
+                   "5_train_0_": "missing image file"}
+    assert {r["row"] for r in rows(out / "rejects.csv")} == {"3", "5", "6"}
+    assert summary.rows_in == 9 and summary.kept == 6
+    assert_idempotent("siim-pneumothorax-png", raw.parent, out)
+    # the DICOM adapter, pointed at the PNG release, names the right one
+    with pytest.raises(AdapterError, match="siim-pneumothorax-png adapter"):
+        prepare("siim-pneumothorax", raw, tmp_path / "o2")
+    with pytest.raises(AdapterError, match=r"stage_1_train_images\.csv .*siim-acr-pneumothorax"):
+        prepare("siim-pneumothorax-png", raw / "png_images", tmp_path / "o3")
+
+
+def test_covidx(tmp_path):
+    """train.txt / val.txt / test.txt (no header: patient id, file name, class, source) beside
+    train/ val/ test/."""
+    raw, out = tmp_path / "covidx", tmp_path / "out"
+    lines = {
+        "train": ["p1 a.png positive rsna", "p1 b.jpg negative rsna",
+                  "p2 DX.1.2.840.5.png negative bimcv", "p3 DX.1.2.840.6.png positive bimcv",
+                  "p4 c.png COVID-19 cohen", "p5 d.png negative", "", "p6 e.png negative sirm"],
+        "val": ["p7 f.png negative ricord"],
+        "test": ["p8 g.png positive ricord", "p9 h.jpeg negative rsna"],
+    }
+    for split, text in lines.items():
+        raw.mkdir(exist_ok=True)
+        (raw / f"{split}.txt").write_text("\n".join(text) + "\n")
+        for ln in text:
+            name = ln.split()[1] if ln else ""
+            if name and name != "e.png":  # e.png listed, not downloaded
+                image(raw / split / name, value=len(name))
+    summary, manifest = run("covidx", raw, out)
+    by_image = {Path(r["image"]).name: r for r in manifest}
+    assert set(by_image) == {"a.png", "b.jpg", "DX.1.2.840.5.png", "DX.1.2.840.6.png", "f.png",
+                             "g.png", "h.jpeg"}
+    a, b = by_image["a.png"], by_image["b.jpg"]
+    assert (a["labels"], a["negative_labels"], a["labels_raw"]) == ("COVID-19", "", "positive")
+    assert (b["labels"], b["negative_labels"]) == ("", "COVID-19")
+    assert (a["patient_id"], a["study_id"], a["split"]) == ("p1", "train/a", "train")
+    assert by_image["f.png"]["split"] == "valid" and by_image["h.jpeg"]["study_id"] == "test/h"
+    # BenchX's id form: the file name up to its first dot (two images share train/DX)
+    assert by_image["DX.1.2.840.5.png"]["study_id"] == by_image["DX.1.2.840.6.png"]["study_id"] \
+        == "train/DX"
+    why = {(r["file"], r["row"]): r["reason"] for r in rows(out / "rejects.csv")}
+    assert why == {("train.txt", "5"): "unknown class 'COVID-19' (expected positive or negative)",
+                   ("train.txt", "6"): "3 fields, expected 4 (patient id, file name, class, "
+                                       "source)",
+                   ("train.txt", "8"): "missing image file"}
+    assert summary.rows_in == 10 and summary.kept == 7
+    assert any(n.startswith("1 study id(s) (file name up to the first dot") and "train/DX" in n
+               for n in summary.notes)
+    assert_idempotent("covidx", raw, out)
+    # BenchX's own lists (one id a line) are not COVIDx's label files
+    (raw / "train.txt").write_text("train/a.png\ntrain/b.png\n")
+    with pytest.raises(AdapterError, match=r"train\.txt line 1: 1 field\(s\), .* 4 "
+                                           r"space-separated fields"):
+        prepare("covidx", raw, tmp_path / "o2")
+    with pytest.raises(AdapterError, match="none of train.txt, val.txt, test.txt"):
+        prepare("covidx", raw / "val", tmp_path / "o3")
+
+
+TBX_HEADER = ["fname", "image_height", "image_width", "source", "bbox", "target", "tb_type",
+              "image_type"]
+BOX = "{'xmin': 10.0, 'ymin': 12.0, 'width': 20.0, 'height': 18.0}"
+
+
+def tbx_csv(path: Path, data: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(TBX_HEADER)
+        w.writerows(data)
+
+
+def test_tbx11k(tmp_path):
+    """data.csv: one row per TB box (an image without boxes: one row), images/<fname>."""
+    raw, out = tmp_path / "tbx11k-simplified", tmp_path / "out"
+    tbx_csv(raw / "data.csv", [
+        ["tb0001.png", 512, 512, "train", BOX, "tb", "active_tb", "tb"],
+        ["tb0001.png", 512, 512, "train", BOX, "tb", "latent_tb", "tb"],  # second box
+        ["h0001.png", 512, 512, "val", "none", "no_tb", "none", "healthy"],
+        ["s0001.png", 512, 512, "train", "none", "no_tb", "none", "sick_but_no_tb"],
+        ["tb0002.png", 512, 512, "train", BOX, "tb", "active_tb", "tb"],
+        ["tb0002.png", 512, 512, "train", "none", "no_tb", "none", "tb"],  # disagrees
+        ["s0002.png", 512, 512, "train", "none", "maybe", "none", "sick_but_no_tb"],
+        ["h0002.png", 512, 512, "val", "none", "no_tb", "none", "healthy"],
+    ])
+    for name in ("tb0001", "h0001", "s0001", "tb0002", "s0002"):  # h0002: not downloaded
+        image(raw / "images" / f"{name}.png")
+    summary, manifest = run("tbx11k", raw, out)
+    by_id = {r["study_id"]: r for r in manifest}
+    assert set(by_id) == {"tb0001", "h0001", "s0001"}
+    assert (by_id["tb0001"]["labels"], by_id["tb0001"]["negative_labels"]) == (
+        "Tuberculosis", "")
+    assert (by_id["h0001"]["labels"], by_id["h0001"]["negative_labels"]) == (
+        "No Finding", "Tuberculosis")
+    assert (by_id["s0001"]["labels"], by_id["s0001"]["negative_labels"]) == (
+        "", "Tuberculosis")
+    assert [by_id[i]["split"] for i in ("tb0001", "h0001")] == ["train", "valid"]
+    assert by_id["s0001"]["labels_raw"] == "sick_but_no_tb"
+    assert reasons(out) == {"tb0002": "data.csv rows disagree on target (no_tb, tb)",
+                            "s0002": "unknown target value 'maybe' (expected tb or no_tb)",
+                            "h0002": "missing image file"}
+    assert {r["row"] for r in rows(out / "rejects.csv")} == {"5", "7", "8"}  # first rows
+    assert summary.rows_in == 6 and summary.kept == 3
+    assert "box rows merged into 6 images" in summary.notes
+    assert_idempotent("tbx11k", raw, out)
+    (raw / "data.csv").write_text("image,label\nx.png,tb\n")
+    with pytest.raises(AdapterError, match=r"data\.csv: missing column\(s\) \['fname', "
+                                           r"'target'\]"):
+        prepare("tbx11k", raw, tmp_path / "o2")
+
+
+# ---------------------------------------------------------------------------------------------
 # Generic folder + CSV, and the CLI
 
 

@@ -1,6 +1,7 @@
 """Shipped benchmark splits (BenchX): hashes, refusal of a changed list, coverage and the partial
 flag on stand-in images named by real ids (each in its dataset's raw layout), the NIH starter
-images through the nih-cxr14 definition, RSNA zero-shot and probe, and the listing."""
+images through the nih-cxr14 definition, RSNA zero-shot and probe, SIIM (PNG release), COVIDx
+and TBX11K prepared, selected and scored zero-shot, COVIDx's ambiguous ids, and the listing."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from PIL import Image
 from tests.conftest import ROOT, SHARED_DATA, build_corpus, needs_shared_data, tiny_config, \
     write_dicom
 from xlip.cli import main
+from xlip.data.manifest import load_manifest
 from xlip.eval.benchmarks import (
-    BENCHMARKS_DIR, BenchmarkError, BenchmarkOptions, get_benchmark, list_hash, load_benchmarks,
-    read_list, select_rows,
+    BENCHMARKS_DIR, BenchmarkError, BenchmarkOptions, get_benchmark, id_key, list_hash,
+    load_benchmarks, read_list, select_rows,
 )
 from xlip.train.loop import pretrain
 
@@ -88,6 +90,71 @@ def rsna_root(tmp: Path) -> Path:
                             rng.integers(0, 255, (40, 40)).astype(np.uint8),
                             PatientID=pid, ViewPosition="PA")
     return root
+
+
+def siim_root(tmp: Path) -> Path:
+    """SIIM PNG release: siim-acr-pneumothorax/stage_1_test_images.csv + png_images/; three
+    positive and three negative test ids, and one negative listed whose image is missing."""
+    test = read_list(get_benchmark("siim-pneumothorax"), "test")
+    chosen = [i for i in test if "_1_" in i[-3:]][:3] + [i for i in test if "_0_" in i[-3:]][:4]
+    root = tmp / "siim" / "siim-acr-pneumothorax"
+    root.mkdir(parents=True)
+    with (root / "stage_1_test_images.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["new_filename", "ImageId", "has_pneumo"])
+        for k, stem in enumerate(chosen):
+            w.writerow([f"{stem}.png", f"1.2.276.0.{k}", stem[-2]])
+            if k != 6:
+                png(root / "png_images" / f"{stem}.png", k)
+    return root.parent
+
+
+def covidx_root(tmp: Path) -> Path:
+    """COVIDx: test.txt / val.txt (patient id, file name, class, source) + test/ val/. Six test
+    ids (one stored under a longer, dotted name, one as .jpg), alternately positive; in val one
+    id and two files that both reduce to BenchX's val/CR.png."""
+    test = ids("covidx", "test", 6)
+    root = tmp / "covidx"
+    stems = [Path(i).stem for i in test]
+    names = [f"{stems[0]}.dcm.png", f"{stems[1]}.jpg", *[f"{s}.png" for s in stems[2:]]]
+    val_names = [Path(ids("covidx", "val", 2)[1]).name, "CR.1.2.840.1.png", "CR.1.2.840.2.png"]
+    for split, files in (("test", names), ("val", val_names)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}.txt").write_text("".join(
+            f"{100 + k} {n} {('negative', 'positive')[k % 2]} ricord\n"
+            for k, n in enumerate(files)))
+        for k, n in enumerate(files):
+            png(root / split / n, k)
+    return root
+
+
+def tbx_root(tmp: Path) -> Path:
+    """TBX11K simplified: data.csv (one row per box) + images/; three TB test ids (one with two
+    boxes), a healthy and two sick-but-not-TB ones."""
+    test = read_list(get_benchmark("tbx11k"), "test")
+    tb = [i for i in test if i.startswith("tb")][:3]
+    other = [i for i in test if i.startswith("h")][:1] + [i for i in test if
+                                                           i.startswith("s")][:2]
+    root = tmp / "tbx11k"
+    (root / "images").mkdir(parents=True)
+    with (root / "data.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["fname", "image_height", "image_width", "source", "bbox", "target",
+                    "tb_type", "image_type"])
+        box = "{'xmin': 1.0, 'ymin': 2.0, 'width': 3.0, 'height': 4.0}"
+        for k, stem in enumerate(tb + tb[:1] + other):
+            positive = stem.startswith("tb")
+            w.writerow([f"{stem}.png", 512, 512, "val", box if positive else "none",
+                        "tb" if positive else "no_tb", "active_tb" if positive else "none",
+                        "tb" if positive else ("healthy" if stem[0] == "h" else
+                                               "sick_but_no_tb")])
+            png(root / "images" / f"{stem}.png", k)
+    return root
+
+
+BINARY = {"siim-pneumothorax": (siim_root, "siim-pneumothorax-png", "Pneumothorax"),
+          "covidx": (covidx_root, "covidx", "COVID-19"),
+          "tbx11k": (tbx_root, "tbx11k", "Tuberculosis")}
 
 
 def test_shipped_lists_match_their_hashes_and_are_package_data():
@@ -204,6 +271,53 @@ def test_vindr_coverage_counts_the_adapters_reasons(tmp_path):
         "no finding reached the --rad-vote agreement within the vocabulary": 1}
 
 
+@pytest.mark.parametrize("name", list(BINARY))
+def test_png_benchmarks_prepare_select_and_zeroshot(tmp_path, run, capsys, name):
+    """SIIM (PNG release), COVIDx and TBX11K on stand-ins named by real test ids: `xlip data
+    prepare`, coverage (found 6 of N, the partial flag) and a zero-shot run through the CLI."""
+    make_root, adapter, finding = BINARY[name]
+    root = make_root(tmp_path)
+    assert main(["data", "prepare", adapter, str(root), "--out", str(tmp_path / "prep")]) == 0
+    assert f"{adapter}: " in capsys.readouterr().out
+    bench = get_benchmark(name)
+    test = read_list(bench, "test")
+    keys = {id_key(i) for i in test}
+    manifest = load_manifest(tmp_path / "prep" / "manifest.csv")
+    assert sum(finding in r.labels for r in manifest if r.study_id in keys) == 3
+
+    rows, coverage = select_rows(bench, root, ["test"])
+    found = {r.study_id for r in rows["test"]}
+    assert [r.study_id for r in rows["test"]] == [id_key(i) for i in test if id_key(i) in found]
+    assert (coverage["test"]["found"], coverage["test"]["listed"]) == (6, len(test))
+    missing = dict(coverage["test"]["missing_reasons"])
+    if name == "siim-pneumothorax":
+        assert missing.pop("missing image file") == 1
+    assert missing == {"not in the label file": len(test) - 6 - (name == "siim-pneumothorax")}
+
+    out = tmp_path / "zs"
+    assert main(["eval", "benchmark", name, "--model", str(run), "--data-root", str(root),
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "benchmark.json").read_text())
+    assert res["task"] == "binary" and list(res["per_finding"]) == [finding]
+    assert res["details"][finding]["positives"] == 3 and res["n_images"] == 6
+    assert res["partial"] is True and res["coverage"]["test"]["found"] == 6
+    assert f"(partial: 6 of {len(test):,} test images)" in (out / "benchmark.md").read_text()
+
+
+def test_covidx_ids_cut_at_the_first_dot_and_shared_ids(tmp_path):
+    """BenchX named a COVIDx image by its file name up to the first dot: a dotted name is found
+    by that id, and an id two images share (val/CR.png) is counted ambiguous, not guessed."""
+    root = covidx_root(tmp_path)
+    rows, coverage = select_rows(get_benchmark("covidx"), root, ["test", "val"])
+    test = ids("covidx", "test", 6)
+    assert [Path(r.image).name for r in rows["test"][:2]] == [
+        f"{Path(test[0]).stem}.dcm.png", f"{Path(test[1]).stem}.jpg"]
+    assert [r.study_id for r in rows["test"]] == [id_key(i) for i in test]
+    assert [r.split for r in rows["val"]] == ["valid"]
+    assert coverage["val"]["missing_reasons"]["ambiguous id (2 images share it)"] == 1
+    assert coverage["val"]["listed"] == 8438  # distinct ids of 8,472 lines
+
+
 def test_refusals_are_one_line_errors(tmp_path, capsys):
     def error(*argv: str) -> str:
         assert main(["eval", "benchmark", *argv, "--model", str(tmp_path / "no-model"),
@@ -212,7 +326,7 @@ def test_refusals_are_one_line_errors(tmp_path, capsys):
 
     msg = error("nih-cxr14", "--protocol", "finetune")
     assert "finetune is not built yet" in msg and "\n" not in msg
-    assert "no adapter reads the PNG release" in error("siim-pneumothorax")
+    assert "a detection task" in error("object-cxr")
     assert "unknown benchmark 'nih'" in error("nih")
     assert "--fraction applies to --protocol probe only" in error("nih-cxr14", "--fraction",
                                                                  "10")
@@ -227,9 +341,17 @@ def test_listing(capsys):
     assert nih["task"] == "multi-label" and len(nih["classes"]) == 14 and nih["evaluable"]
     assert nih["lists"]["test"]["ids"] == 22433 and nih["lists"]["test"]["hash_ok"]
     assert listed["rsna-pneumonia"]["classes"] == ["Pneumonia"]
-    assert not listed["tbx11k"]["evaluable"] and listed["tbx11k"]["unsupported"]
+    assert [n for n, b in listed.items() if not b["evaluable"]] == ["object-cxr"]
+    assert listed["object-cxr"]["unsupported"]
+    tbx = listed["tbx11k"]
+    assert (tbx["task"], tbx["classes"], tbx["adapter"]) == ("binary", ["Tuberculosis"],
+                                                             "tbx11k")
+    assert "segmentation" in tbx["note"] and "segmentation" in listed["siim-pneumothorax"][
+        "note"]
     assert all(s["hash_ok"] for b in listed.values() for s in b["lists"].values())
     assert main(["eval", "benchmarks"]) == 0
     text = capsys.readouterr().out
     assert "nih-cxr14: NIH ChestX-ray14, multi-label, 14 classes" in text
     assert "download: https://nihcc.app.box.com" in text and "MIT licence" in text
+    assert "tbx11k: TBX11K, binary, 1 classes (adapter tbx11k)" in text
+    assert "note:     BenchX named each image by its file name up to the first dot" in text

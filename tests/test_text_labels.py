@@ -13,12 +13,12 @@ from xlip.text.labels import (
 )
 
 
-def test_vocabulary_is_chexpert_then_nih_extras_then_covid():
+def test_vocabulary_is_chexpert_then_nih_extras_then_covid_and_tb():
     assert len(CHEXPERT_FINDINGS) == 14
     assert CANONICAL_FINDINGS[:14] == CHEXPERT_FINDINGS
     assert CANONICAL_FINDINGS[14:] == (
         "Emphysema", "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule",
-        "Pleural Thickening", "COVID-19",
+        "Pleural Thickening", "COVID-19", "Tuberculosis",
     )
     assert len(set(CANONICAL_FINDINGS)) == len(CANONICAL_FINDINGS)
 

@@ -71,6 +71,7 @@ class Benchmark:
     unsupported: str  # why not, when adapter is None
     lists: dict[str, ListSpec]
     root: Path  # the folder holding benchx.json
+    note: str = ""  # how BenchX uses the lists, where xlip evaluates them differently
 
     def describe(self) -> dict[str, Any]:
         """What ``xlip eval benchmarks --json`` prints for this benchmark."""
@@ -78,6 +79,7 @@ class Benchmark:
                 "classes": list(self.classes), "ids": self.ids, "labels": self.labels,
                 "download": self.download, "adapter": self.adapter,
                 "evaluable": self.adapter is not None, "unsupported": self.unsupported,
+                "note": self.note,
                 "lists": {n: {"file": s.file, "ids": s.ids, "sha256": s.sha256,
                               "hash_ok": list_hash(self.root / s.file) == s.sha256}
                           for n, s in self.lists.items()}}
@@ -96,7 +98,7 @@ def load_benchmarks(root: Path = BENCHMARKS_DIR) -> dict[str, Benchmark]:
                  for n, s in d["lists"].items()}
         out[name] = Benchmark(name, d["dataset"], d["task"], tuple(d["classes"]), d["ids"],
                               d["labels"], d["download"], d.get("adapter"),
-                              d.get("unsupported", ""), lists, root)
+                              d.get("unsupported", ""), lists, root, d.get("note", ""))
     return out
 
 
@@ -189,7 +191,8 @@ def select_rows(bench: Benchmark, data_root: str | Path, lists: Sequence[str]
     """The adapter's rows of each list (in list order) and each list's coverage.
 
     Coverage per list: ``listed`` ids, ``found`` rows, and for the ids not found how many of
-    each reason (the adapter's reject reason, or 'not in the label file').
+    each reason (the adapter's reject reason, 'not in the label file', or an id that several of
+    the adapter's rows share: which image the list means is unknown).
     """
     ids = {name: read_list(bench, name) for name in lists}  # hashes first, before the data
     with tempfile.TemporaryDirectory(prefix="xlip-benchmark-") as tmp:
@@ -198,9 +201,9 @@ def select_rows(bench: Benchmark, data_root: str | Path, lists: Sequence[str]
         records = load_manifest(Path(tmp) / "manifest.csv", verify_images=False) \
             if summary.kept else []
         why = {id_key(r["id"]): r["reason"] for _, r in read_csv(Path(tmp) / "rejects.csv")}
-    by_key: dict[str, Record] = {}
-    for r in records:
-        by_key.setdefault(r.study_id, r)
+    shared = Counter(r.study_id for r in records)
+    by_key = {r.study_id: r for r in records if shared[r.study_id] == 1}
+    why.update({k: f"ambiguous id ({n} images share it)" for k, n in shared.items() if n > 1})
     rows, coverage = {}, {}
     for name, listed in ids.items():
         keys = [id_key(i) for i in listed]
@@ -339,6 +342,7 @@ def listing(root: Path = BENCHMARKS_DIR) -> str:
                 "  sha256:   " + ", ".join(f"{n} {s['sha256'][:12]}" for n, s in
                                             d["lists"].items()),
                 f"  ids:      {b.ids}", f"  labels:   {b.labels}", f"  download: {b.download}"]
+        out += [f"  note:     {b.note}"] if b.note else []
     src = json.loads((root / MANIFEST).read_text())["source"]
     out.append(f"lists of {src['name']} ({src['repo']}, commit {src['commit']}, "
                f"{src['licence']} licence: {root / src['licence_file']})")

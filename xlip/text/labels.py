@@ -49,7 +49,8 @@ CHEXPERT_FINDINGS: tuple[str, ...] = (
 )
 
 #: Every finding ``xlip`` knows: the CheXpert 14, then the NIH ChestX-ray14 findings that CheXpert
-#: lacks, then COVID-19. The order is the canonical order of label vectors and label sets.
+#: lacks, then COVID-19 (COVIDx) and Tuberculosis (TBX11K). The order is the canonical order of
+#: label vectors and label sets.
 CANONICAL_FINDINGS: tuple[str, ...] = CHEXPERT_FINDINGS + (
     "Emphysema",
     "Fibrosis",
@@ -59,6 +60,7 @@ CANONICAL_FINDINGS: tuple[str, ...] = CHEXPERT_FINDINGS + (
     "Nodule",
     "Pleural Thickening",
     "COVID-19",
+    "Tuberculosis",
 )
 
 # Dataset spellings that differ from a canonical name (the canonical names map to themselves).
@@ -129,6 +131,10 @@ _ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "COVID-19": (
         "covid", "covid19", "covid 19", "covid-19 pneumonia", "sars-cov-2", "sars cov 2",
         "coronavirus", "covid pneumonia",
+    ),
+    "Tuberculosis": (
+        "tb", "pulmonary tuberculosis", "active tuberculosis", "latent tuberculosis",
+        "active tb", "latent tb",
     ),
 })
 

@@ -242,6 +242,10 @@ FINDING_TERMS: Mapping[str, tuple[str, ...]] = MappingProxyType({
         "coronavirus",
         "coronavirus disease",
     ),
+    "Tuberculosis": (
+        "(pulmonary |active |latent |miliary |reactivation |post primary |)tuberculosis",
+        "tuberculous (infection|disease)",
+    ),
 })
 
 # Findings outside the label vocabulary (canonical None): they are entities for EntMLM/AttMIM and
@@ -272,10 +276,9 @@ OTHER_FINDING_TERMS: tuple[str, ...] = (
     "nipple shadow",
     "(lytic|sclerotic|osseous|bony|blastic) lesion",
     "bronchiectasis",
-    "tuberculosis",
     "cystic fibrosis",
     "(soft tissue|subcutaneous|extremity|chest wall) (edema|oedema)",
-    "(tuberculous|granulomatous) infection",
+    "granulomatous infection",
     "(bronchial wall|peribronchial) thickening",
     "peribronchial cuffing",
     "pulmonary hypertension",

@@ -52,6 +52,7 @@ FINDING_PHRASES: Mapping[str, str] = MappingProxyType({
     "Nodule": "a nodule",
     "Pleural Thickening": "pleural thickening",
     "COVID-19": "COVID-19 pneumonia",
+    "Tuberculosis": "tuberculosis",
 })
 
 #: Sentences for a present finding; ``{finding}`` is the phrase, ``{Finding}`` it capitalised,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from xlip.data.adapters.binary import prepare_covidx, prepare_siim_png, prepare_tbx11k
 from xlip.data.adapters.common import (
     AdapterError, Collector, Summary, parse_fractions, write_outputs,
 )
@@ -32,9 +33,12 @@ ADAPTERS: dict[str, Callable[[Path, "PrepareOptions", Collector], None]] = {
     "nih-cxr14": prepare_nih,
     "rsna-pneumonia": prepare_rsna,
     "siim-pneumothorax": prepare_siim,
+    "siim-pneumothorax-png": prepare_siim_png,
     "covid-collection": prepare_covid,
     "iu-xray": prepare_iu,
     "vindr-cxr": prepare_vindr,
+    "covidx": prepare_covidx,
+    "tbx11k": prepare_tbx11k,
     "generic": prepare_generic,
 }
 

@@ -251,6 +251,13 @@ def patient_split(patient_id: str, fractions: Mapping[str, float], seed: int = 0
     return "train"
 
 
+def train_or_valid(patient_id: str, fractions: Mapping[str, float], seed: int = 0) -> str:
+    """'valid' or 'train' for a patient of a dataset's official training part: the ``valid``
+    share of ``--split-fractions`` is drawn from it by patient (its official test stays test)."""
+    valid = fractions.get("valid", 0.0)
+    return patient_split(patient_id, {"valid": valid, "train": 1.0 - valid}, seed)
+
+
 def normalise_split(split: str) -> str:
     s = split.strip().lower()
     return {"validate": "valid", "validation": "valid", "val": "valid", "dev": "valid"}.get(s, s)

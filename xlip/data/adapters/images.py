@@ -1,5 +1,6 @@
-"""Labelled image datasets: CheXpert, NIH ChestX-ray14, RSNA Pneumonia, SIIM-ACR Pneumothorax,
-VinDr-CXR, the COVID-19 image data collection, and a generic folder + CSV."""
+"""Labelled image datasets: CheXpert, NIH ChestX-ray14, RSNA Pneumonia, SIIM-ACR Pneumothorax
+(DICOMs + train-rle.csv; the PNG release is in :mod:`.binary`), VinDr-CXR, the COVID-19 image
+data collection, and a generic folder + CSV."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from xlip.data.adapters.common import (
     AdapterError, Collector, ImageIndex, find_file, label_error_reason, map_labels,
     normalise_split, normalise_view, parse_views, patient_split, read_csv, require_columns,
-    view_reason,
+    train_or_valid, view_reason,
 )
 from xlip.data.adapters.labels import (
     CHEXPERT_COLUMNS, COVID_FINDINGS, RSNA_POSITIVE, VINDR_FINDINGS, chexpert_labels,
@@ -111,8 +112,6 @@ def prepare_nih(raw: Path, opt, col: Collector) -> None:
     if not official:
         col.notes.append("no train_val_list.txt / test_list.txt: patient-level split from "
                          "--split-fractions")
-    valid = opt.fractions().get("valid", 0.0)  # of the official train_val patients
-    carve = {"valid": valid, "train": 1.0 - valid}
     allowed = parse_views(opt.views)
     index = ImageIndex(raw)
     fractions = opt.fractions()
@@ -138,7 +137,7 @@ def prepare_nih(raw: Path, opt, col: Collector) -> None:
         pid = r["Patient ID"]
         split = official.get(name) or patient_split(pid, fractions, opt.seed)
         if official.get(name) == "train":  # validation patients drawn from train_val
-            split = patient_split(pid, carve, opt.seed)
+            split = train_or_valid(pid, fractions, opt.seed)
         col.keep(image, "", pos, raw=r["Finding Labels"].split("|"), split=split,
                  patient_id=pid, study_id=Path(name).stem, view=view,
                  sex=r.get("Patient Gender", ""), age=r.get("Patient Age", ""),
@@ -188,8 +187,16 @@ def prepare_rsna(raw: Path, opt, col: Collector) -> None:
 def prepare_siim(raw: Path, opt, col: Collector) -> None:
     """SIIM-ACR ``train-rle.csv`` (``ImageId``, ``EncodedPixels``; -1 = no pneumothorax, one row
     per mask) + the DICOMs (``dicom-images-train/**/<ImageId>.dcm``) or PNG conversions."""
-    rle = find_file(raw, ["train-rle.csv", "train-rle.csv.gz", "stage_2_train.csv",
-                          "siim-pneumothorax-train-rle.csv.gz"], "SIIM train-rle CSV")
+    names = ["train-rle.csv", "train-rle.csv.gz", "stage_2_train.csv",
+             "siim-pneumothorax-train-rle.csv.gz"]
+    rle = find_file(raw, names, "SIIM train-rle CSV", required=False)
+    if rle is None:
+        png = find_file(raw, ["stage_1_train_images.csv", "stage_1_test_images.csv"], "",
+                        required=False)
+        raise AdapterError(f"SIIM train-rle CSV: none of {', '.join(names)} found under {raw}. "
+                           + (f"{png.name} is the Kaggle PNG release: use the "
+                              "siim-pneumothorax-png adapter" if png else
+                              "Pass the folder the dataset was downloaded or extracted to."))
     images: dict[str, tuple[int, bool]] = {}
     for i, r in read_csv(rle):
         if i == 1:

@@ -66,7 +66,7 @@ COVID_FINDINGS: Mapping[str, tuple[str, ...]] = {
         "Aspiration", "Klebsiella pneumoniae")},
     "ARDS": ("Lung Opacity",),
     "No Finding": ("No Finding",),
-    "Tuberculosis": (),
+    "Tuberculosis": ("Tuberculosis",),
     "Unknown": (),
     "todo": (),
 }
@@ -101,7 +101,7 @@ VINDR_FINDINGS: Mapping[str, tuple[str, ...]] = {
     "ILD": (),
     "Mediastinal shift": (),
     "Other lesion": (),
-    "Tuberculosis": (),
+    "Tuberculosis": ("Tuberculosis",),
     "Other disease": (),
     "Other diseases": (),
 }
