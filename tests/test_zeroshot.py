@@ -173,8 +173,9 @@ def test_cli_prompts_all_writes_the_sensitivity_table_and_roc(run, corpus, tmp_p
     table = json.loads((out / "zeroshot_prompts.json").read_text())
     sets = list(PROMPT_SETS)
     assert table["prompt_sets"] == sets and set(table["results"]) == set(sets)
+    assert table["model"] == str(run) and table["mode"] == "multilabel"
     for f in FINDINGS:
-        row = table["per_finding"][f]
+        row = table["sensitivity"][f]
         aucs = [table["results"][s]["per_finding"][f] for s in sets]
         assert list(row["auc"]) == sets and list(row["auc"].values()) == aucs
         assert row["mean"] == pytest.approx(statistics.fmean(aucs))
@@ -182,7 +183,7 @@ def test_cli_prompts_all_writes_the_sensitivity_table_and_roc(run, corpus, tmp_p
         assert row["range"] == pytest.approx(max(aucs) - min(aucs))
     for s in sets:
         res = table["results"][s]
-        assert res["prompt_set"] == s and table["mean_auc"][s] == res["mean_auc"]
+        assert res["prompt_set"] == s and table["mean_auc_by_set"][s] == res["mean_auc"]
         assert res["prompts"][FINDINGS[0]]["positive"] == zeroshot_prompts(FINDINGS[0], s)[0]
     md = (out / "zeroshot_prompts.md").read_text()
     assert "| finding | xlip | chexzero | report | mean | sd | max − min |" in md

@@ -376,8 +376,9 @@ def multilabel_scores(ys: np.ndarray, prob: np.ndarray, findings: Sequence[str],
 
 
 def prompt_sensitivity(results: Sequence[dict]) -> dict:
-    """How much each AUC moves between prompt sets: per finding the AUC under each set, their
-    mean, sd (n − 1) and max − min; the mean AUC per set. ``results``: one per set, same rows."""
+    """How much each AUC moves between prompt sets: ``sensitivity`` holds per finding the AUC
+    under each set, their mean, sd (n − 1) and max − min; ``mean_auc_by_set`` the mean AUC of
+    each set; ``results`` every set's full result. ``results``: one per set, same rows."""
     sets = [r["prompt_set"] for r in results]
     table = {}
     for f in results[0]["per_finding"]:
@@ -387,10 +388,11 @@ def prompt_sensitivity(results: Sequence[dict]) -> dict:
                     "range": max(aucs) - min(aucs)}
     first = results[0]
     return {"protocol": "zeroshot", "mode": first["mode"], "prompt_sets": sets,
+            **{k: first[k] for k in ("model", "text_policy") if k in first},
             "manifest": first["manifest"], "split": first["split"],
             "n_images": first["n_images"], "threshold_source": first["threshold"]["source"],
-            "mean_auc": {r["prompt_set"]: r["mean_auc"] for r in results},
-            "per_finding": table, "results": {r["prompt_set"]: r for r in results}}
+            "mean_auc_by_set": {r["prompt_set"]: r["mean_auc"] for r in results},
+            "sensitivity": table, "results": {r["prompt_set"]: r for r in results}}
 
 
 def markdown_table(result: dict) -> str:
@@ -469,10 +471,10 @@ def sensitivity_markdown(table: dict) -> str:
              f"across the {len(sets)} sets. F1/ACC thresholds: {table['threshold_source']}.", "",
              "| finding | " + " | ".join(sets) + " | mean | sd | max − min |",
              "|---|" + "---|" * (len(sets) + 3)]
-    for f, row in table["per_finding"].items():
+    for f, row in table["sensitivity"].items():
         lines.append(f"| {f} | " + " | ".join(f"{row['auc'][s]:.3f}" for s in sets)
                      + f" | {row['mean']:.3f} | {row['sd']:.3f} | {row['range']:.3f} |")
-    means = [table["mean_auc"][s] for s in sets]
+    means = [table["mean_auc_by_set"][s] for s in sets]
     lines.append("| **mean AUC** | " + " | ".join(f"**{m:.3f}**" for m in means)
                  + f" | {statistics.fmean(means):.3f} | "
                  f"{statistics.stdev(means) if len(means) > 1 else 0.0:.3f} | "
@@ -493,7 +495,8 @@ def write_zeroshot(scored: Sequence[Scored], out_dir: Path, plots: bool = True) 
     a panel per set). Returns the paths written."""
     first = scored[0].result
     title = f"{first['manifest']} split {first['split']}, {first['n_images']} images"
-    panels = [Panel(f"{s.result['prompt_set']} ({s.result['mode']})", s.curves) for s in scored]
+    how = "one class against the rest" if first["mode"] == "multiclass" else "per finding"
+    panels = [Panel(f"{s.result['prompt_set']}: {how}", s.curves) for s in scored]
     if len(scored) == 1:
         paths = list(write_results(first, out_dir))
         png = out_dir / "zeroshot_roc.png"
