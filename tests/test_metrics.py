@@ -1,7 +1,9 @@
 import numpy as np
-from sklearn.metrics import roc_auc_score
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from xlip.eval.metrics import bootstrap_ci, bootstrap_mean_ci
+from xlip.eval.metrics import (best_f1_threshold, bootstrap_ci, bootstrap_mean_ci, f1_acc,
+                               multiclass_metrics)
 
 
 def naive_bootstrap(y, s, n, seed, alpha=0.05):
@@ -32,3 +34,47 @@ def test_bootstrap_cis_match_a_naive_loop_and_hold_the_estimate():
     assert bootstrap_ci(y[:, 1], s[:, 1], n=100, seed=2) == naive_bootstrap(y[:, 1:2], s[:, 1:2],
                                                                            100, 2)
     assert np.isnan(bootstrap_ci(np.zeros(10), np.arange(10.0), n=5)).all()  # one class only
+
+
+def brute_force_threshold(y, prob):
+    """Every distinct score as a threshold, F1 of ``prob >= t`` counted one by one; the best
+    F1, ties to the highest threshold."""
+    best = None
+    for t in sorted(set(prob.tolist())):
+        pred = prob >= t
+        tp = int(np.sum(pred & (y == 1)))
+        f1 = 2 * tp / (2 * tp + int(np.sum(pred & (y == 0))) + int(np.sum(~pred & (y == 1))))
+        if best is None or f1 >= best[0]:
+            best = (f1, t)
+    return best[1]
+
+
+def test_best_f1_threshold_is_the_brute_force_maximiser():
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        n = int(rng.integers(5, 60))
+        y = (rng.random(n) < rng.uniform(0.1, 0.6)).astype(int)
+        y[0] = 1
+        prob = (y * rng.uniform(0, 0.5) + rng.random(n)).round(1 if trial % 2 else 6)  # ties
+        t = best_f1_threshold(y, prob)
+        assert t == brute_force_threshold(y, prob)
+        assert f1_acc(y, prob, t)[0] == max(f1_score(y, prob >= s) for s in set(prob.tolist()))
+    assert best_f1_threshold(np.array([0, 1, 1]), np.array([0.9, 0.2, 0.1])) == 0.1  # all in
+    with pytest.raises(ValueError, match="no positive"):
+        best_f1_threshold(np.zeros(4), np.arange(4.0))
+
+
+def test_multiclass_metrics_equal_sklearn():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 80)
+    logits = rng.normal(size=(80, 4)) + 1.5 * np.eye(4)[y]
+    prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    m = multiclass_metrics(y, prob, n_boot=50)
+    assert m["accuracy"] == accuracy_score(y, prob.argmax(1))
+    assert m["macro_auc"] == pytest.approx(roc_auc_score(y, prob, multi_class="ovr",
+                                                         average="macro"), abs=1e-12)
+    assert m["auc"] == [roc_auc_score(y == c, prob[:, c]) for c in range(4)]
+    assert m["confusion"] == confusion_matrix(y, prob.argmax(1)).tolist()
+    assert m["auc_ci95"][2] == list(bootstrap_ci(y == 2, prob[:, 2], n=50, seed=2))
+    lo, hi = m["macro_auc_ci95"]
+    assert lo < m["macro_auc"] < hi

@@ -1,9 +1,11 @@
 """Disease-kind prompts: deterministic in evaluation, varied in training, readable by the NER."""
 
 import random
+from itertools import combinations
 
 import pytest
 
+from xlip.errors import InputError
 from xlip.text.labels import CANONICAL_FINDINGS, UnknownLabelError
 from xlip.text.ner import extract_entities, report_labels
 from xlip.text.prompts import (
@@ -11,6 +13,7 @@ from xlip.text.prompts import (
     NEGATIVE_TEMPLATES,
     NO_FINDING_PROMPTS,
     POSITIVE_TEMPLATES,
+    PROMPT_SETS,
     finding_phrase,
     label_prompt,
     zeroshot_prompts,
@@ -35,23 +38,47 @@ def test_phrase_is_recognised_as_its_finding(finding):
     assert canonicals == [finding]
 
 
+@pytest.mark.parametrize("prompt_set", list(PROMPT_SETS))
 @pytest.mark.parametrize("finding", FINDINGS)
-def test_zeroshot_prompts_read_as_present_and_absent(finding):
-    positives, negatives = zeroshot_prompts(finding)
-    assert len(positives) >= 3 and len(negatives) >= 3
+def test_zeroshot_prompts_read_as_present_and_absent(finding, prompt_set):
+    positives, negatives = zeroshot_prompts(finding, prompt_set)
+    assert positives and negatives
     for prompt in positives:
         assert report_labels(prompt)[finding] == "present", prompt
     for prompt in negatives:
         assert report_labels(prompt)[finding] == "absent", prompt
 
 
-def test_no_finding_bank_reads_as_no_finding():
-    positives, negatives = zeroshot_prompts("normal")
-    assert positives == list(NO_FINDING_PROMPTS) and negatives
-    for prompt in NO_FINDING_PROMPTS:
+@pytest.mark.parametrize("prompt_set", list(PROMPT_SETS))
+def test_no_finding_bank_reads_as_no_finding(prompt_set):
+    positives, negatives = zeroshot_prompts("normal", prompt_set)
+    assert positives and negatives and not set(positives) & set(negatives)
+    for prompt in positives:
         labels = report_labels(prompt)
         assert labels["No Finding"] == "present", prompt
         assert [f for f, a in labels.items() if a != "absent"] == ["No Finding"], prompt
+
+
+def test_prompt_sets_are_distinct_and_cover_every_finding():
+    assert list(PROMPT_SETS) == ["xlip", "chexzero", "report"]
+    assert zeroshot_prompts("normal") == (list(NO_FINDING_PROMPTS),
+                                          list(PROMPT_SETS["xlip"].abnormal))
+    assert len(zeroshot_prompts("Edema")[0]) == len(POSITIVE_TEMPLATES)  # the default: xlip
+    assert zeroshot_prompts("Edema", "chexzero") == (["pulmonary edema"], ["no pulmonary edema"])
+    assert zeroshot_prompts("Lung Lesion", "report")[1][0] == "No lung lesion is seen."
+    assert zeroshot_prompts("Support Devices", "report")[1][0] == "No support devices are seen."
+    for finding in CANONICAL_FINDINGS:
+        lists = {name: zeroshot_prompts(finding, name) for name in PROMPT_SETS}
+        for name, (pos, neg) in lists.items():
+            assert pos and neg and not set(pos) & set(neg), (finding, name)
+            assert len(set(pos)) == len(pos) and len(set(neg)) == len(neg), (finding, name)
+        for (a, pa), (b, pb) in combinations(lists.items(), 2):
+            assert pa[0] != pb[0] and pa[1] != pb[1], (finding, a, b)
+    for s in PROMPT_SETS.values():
+        assert s.description and s.name in PROMPT_SETS
+    with pytest.raises(InputError, match="prompt set 'clip': unknown; choose one of xlip, "
+                                         "chexzero, report"):
+        zeroshot_prompts("Edema", "clip")
 
 
 def test_eval_prompt_is_deterministic_first_templates_in_canonical_order():

@@ -57,18 +57,20 @@ def _model_and_manifest(args: argparse.Namespace):
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    from xlip.eval.zeroshot import (ZeroShotOptions, evaluate_zeroshot, markdown_table,
-                                    write_results)
+    from xlip.eval.zeroshot import ZeroShotOptions, run_zeroshot, write_zeroshot
 
     m, manifest = _model_and_manifest(args)
-    out = writable_dir(args.out or args.model, "--out")  # before the encoding, not after
     cfg = m.cfg
-    options = ZeroShotOptions.from_config(cfg, manifest, args.split, args.findings)
-    result = evaluate_zeroshot(m.model, m.tokenizer, cfg, options)
-    result["model"], result["text_policy"] = str(args.model), cfg.data.text_policy
-    js, md = write_results(result, out)
-    print(markdown_table(result))
-    print(f"written: {js} {md}")
+    options = ZeroShotOptions.from_config(cfg, manifest, args.split, args.findings,
+                                          prompt_set=args.prompts, mode=args.mode,
+                                          val_split=args.val_split)  # refused before any work
+    out = writable_dir(args.out or args.model, "--out")  # before the encoding, not after
+    scored = run_zeroshot(m.model, m.tokenizer, cfg, options, progress=True)
+    for s in scored:
+        s.result["model"], s.result["text_policy"] = str(args.model), cfg.data.text_policy
+    js, md, *png = write_zeroshot(scored, out, plots=not args.no_plots)
+    print(md.read_text())
+    print("written: " + " ".join(map(str, [js, md, *png])))
     return 0
 
 
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_synth)
 
     from xlip.data.adapters import ADAPTERS
+    from xlip.text.prompts import DEFAULT_PROMPT_SET, PROMPT_SETS
 
     pr = data.add_parser("prepare", help="a dataset as downloaded → manifest.csv + rejects.csv")
     pr.add_argument("dataset", choices=list(ADAPTERS))
@@ -517,8 +520,19 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--model", required=True, help="model folder (a pre-training run)")
     z.add_argument("--manifest", help="default: data.eval_manifest of the model's config")
     z.add_argument("--split", help="default: data.eval_split")
-    z.add_argument("--findings", nargs="*", help="default: every label in the split")
-    z.add_argument("--out", help="folder for zeroshot.json/.md (default: the model folder)")
+    z.add_argument("--findings", nargs="*", help="default: every label in the split; "
+                   "--mode multiclass: the classes (at least two, 'No Finding' allowed)")
+    z.add_argument("--prompts", default=DEFAULT_PROMPT_SET, help=f"prompt set: "
+                   f"{' | '.join(PROMPT_SETS)} | all (every set, and the sensitivity table "
+                   "zeroshot_prompts.json/.md)")
+    z.add_argument("--mode", choices=["multilabel", "multiclass"], default="multilabel",
+                   help="multiclass: softmax over the --findings classes, on the rows whose "
+                        "labels hold exactly one of them")
+    z.add_argument("--val-split", help="choose each finding's F1 threshold on this split's rows "
+                   "(default: the fixed 0.5); never the tested --split")
+    z.add_argument("--no-plots", action="store_true", help="no ROC curves PNG")
+    z.add_argument("--out", help="folder for zeroshot.json/.md and zeroshot_roc.png (default: "
+                                 "the model folder)")
     z.set_defaults(func=_zeroshot)
     pb = ev.add_parser("probe", help="linear probe: frozen image features, one logistic "
                                      "regression per finding, weight decay chosen on validation")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -40,3 +40,39 @@ def f1_acc(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> tuple[flo
     fn = float(np.sum(~pred & (y == 1)))
     f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
     return f1, float(np.mean(pred == (y == 1)))
+
+
+def best_f1_threshold(y: np.ndarray, prob: np.ndarray) -> float:
+    """The threshold ``t`` whose calls ``prob >= t`` have the highest F1, ``t`` ranging over the
+    distinct values of ``prob`` (ties: the highest such ``t``, the fewest positive calls).
+    ``y`` (n,) in {0, 1} must hold a positive (else every F1 is 0)."""
+    y, prob = np.asarray(y).astype(bool), np.asarray(prob, dtype=np.float64)
+    if not y.any():
+        raise ValueError("best_f1_threshold: no positive row, F1 is 0 at every threshold")
+    order = np.argsort(-prob, kind="stable")
+    p, t = prob[order], y[order]  # scores descending
+    last = np.r_[p[1:] != p[:-1], True]  # the last row of each run of equal scores
+    tp, fp = np.cumsum(t)[last], np.cumsum(~t)[last]  # calls at t = p[last], descending
+    f1 = 2 * tp / (2 * tp + fp + (y.sum() - tp))  # > 0 denominators: y has a positive
+    return float(p[last][np.argmax(f1)])  # argmax: the first, i.e. highest, of tied maxima
+
+
+def multiclass_metrics(y: np.ndarray, prob: np.ndarray, n_boot: int = 200) -> dict:
+    """Multi-class scores of ``y`` (n,) class indices against ``prob`` (n, C) (rows summing to
+    1): ``accuracy`` of the argmax; one-vs-rest ``auc`` per class with bootstrap 95% CIs
+    (``auc_ci95``, seed = class index); ``macro_auc`` (their mean, as sklearn's
+    ``roc_auc_score(multi_class="ovr", average="macro")``) with a joint bootstrap CI;
+    ``confusion`` (C, C) counts, rows the true class, columns the predicted one. Every class
+    needs a row (and so each has positives and negatives)."""
+    y, prob = np.asarray(y), np.asarray(prob)
+    n_classes = prob.shape[1]
+    onehot = np.eye(n_classes, dtype=int)[y]  # (n, C)
+    per = [auc(onehot[:, c], prob[:, c]) for c in range(n_classes)]
+    cis = [bootstrap_ci(onehot[:, c], prob[:, c], n=n_boot, seed=c) if n_boot else (a, a)
+           for c, a in enumerate(per)]
+    pred = prob.argmax(axis=1)
+    return {"accuracy": float(np.mean(pred == y)), "auc": per, "auc_ci95": [list(c) for c in cis],
+            "macro_auc": float(np.mean(per)),
+            "macro_auc_ci95": list(bootstrap_mean_ci(onehot, prob, n=n_boot) if n_boot
+                                   else (float("nan"),) * 2),
+            "confusion": confusion_matrix(y, pred, labels=list(range(n_classes))).tolist()}

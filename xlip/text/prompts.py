@@ -6,22 +6,32 @@ training the templates are drawn at random and the sentence order is shuffled; i
 (``rng=None``) the first template of each bank is used, so the same labels always give the same
 text. Every finding phrase is recognised by :mod:`xlip.text.ner` as its finding, present in the
 positive templates and absent in the negative ones (the tests check this for every finding).
+
+Zero-shot classification compares an image with a positive and a negative prompt list per finding;
+the lists come from a named :class:`PromptSet` of :data:`PROMPT_SETS` (``xlip``, the default, is
+the training templates above; ``chexzero`` and ``report`` measure how much the wording matters).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+from xlip.errors import InputError
 from xlip.text.labels import CANONICAL_FINDINGS, canonical_label
 
 __all__ = [
+    "DEFAULT_PROMPT_SET",
     "FINDING_PHRASES",
     "NEGATIVE_TEMPLATES",
     "NO_FINDING_PROMPTS",
     "POSITIVE_TEMPLATES",
+    "PROMPT_SETS",
+    "PromptSet",
     "finding_phrase",
+    "get_prompt_set",
     "label_prompt",
     "zeroshot_prompts",
 ]
@@ -174,15 +184,68 @@ def label_prompt(labels: Sequence[str], rng: random.Random | None = None,
     return " ".join(sentences + negative_sentences)
 
 
-def zeroshot_prompts(finding: str) -> tuple[list[str], list[str]]:
-    """Positive and negative prompt sets for zero-shot classification of one finding.
+@dataclass(frozen=True)
+class PromptSet:
+    """Zero-shot prompt templates: ``positive`` for a present finding (its phrase with the
+    article, ``{finding}``, ``{Finding}``, ``{be}`` as in :data:`POSITIVE_TEMPLATES`),
+    ``negative`` for an absent one (the phrase without its article); ``normal`` and ``abnormal``
+    are the positive and negative texts of ``No Finding``."""
 
-    ``No Finding`` gets the no-finding bank as positives and statements of an abnormality as
-    negatives; every other finding the positive and negative templates filled with its phrase.
+    name: str
+    description: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    normal: tuple[str, ...]
+    abnormal: tuple[str, ...]
+
+
+_SETS = (
+    PromptSet(
+        "xlip", "the training templates: every label-prompt sentence pattern, positive and "
+        "negated (what the model saw for image-only rows)",
+        POSITIVE_TEMPLATES, NEGATIVE_TEMPLATES, NO_FINDING_PROMPTS, _ABNORMAL_PROMPTS),
+    PromptSet(
+        "chexzero", "CheXzero's pair (Tiu et al. 2022): the bare finding name against "
+        "'no' + the name; No Finding is 'normal' against 'abnormal'",
+        ("{finding}",), ("no {finding}",), ("normal",), ("abnormal",)),
+    PromptSet(
+        "report", "report sentences in the words radiologists write (noted, identified, "
+        "compatible with; no ... is seen)",
+        ("There {be} {finding}.", "{Finding} {be} noted.", "{Finding} {be} identified.",
+         "Findings are compatible with {finding}."),
+        ("No {finding} {be} seen.", "No {finding} {be} identified.",
+         "There is no evidence of {finding}."),
+        ("The lungs are clear. No pleural effusion or pneumothorax.",
+         "No acute cardiopulmonary abnormality is seen.", "Normal heart size. Clear lungs."),
+        ("Acute cardiopulmonary abnormality is seen.",
+         "There is an acute cardiopulmonary process.", "Abnormal chest radiograph."),
+    ),
+)
+
+#: The zero-shot prompt sets by name (``xlip eval zeroshot --prompts NAME``).
+PROMPT_SETS: Mapping[str, PromptSet] = MappingProxyType({s.name: s for s in _SETS})
+DEFAULT_PROMPT_SET = "xlip"
+
+
+def get_prompt_set(name: str) -> PromptSet:
+    """The prompt set called ``name``; an unknown name raises :class:`InputError`."""
+    if name not in PROMPT_SETS:
+        raise InputError(f"prompt set {name!r}: unknown; choose one of "
+                         f"{', '.join(PROMPT_SETS)}")
+    return PROMPT_SETS[name]
+
+
+def zeroshot_prompts(finding: str, prompt_set: str = DEFAULT_PROMPT_SET
+                     ) -> tuple[list[str], list[str]]:
+    """Positive and negative prompt lists for zero-shot classification of one finding.
+
+    ``No Finding`` gets the set's ``normal`` texts as positives and its ``abnormal`` texts as
+    negatives; every other finding the set's templates filled with its phrase.
     """
     canonical = canonical_label(finding, where="zeroshot_prompts")
+    ps = get_prompt_set(prompt_set)
     if canonical == NO_FINDING:
-        return list(NO_FINDING_PROMPTS), list(_ABNORMAL_PROMPTS)
-    positives = [_fill(t, canonical, article=True) for t in POSITIVE_TEMPLATES]
-    negatives = [_fill(t, canonical, article=False) for t in NEGATIVE_TEMPLATES]
+        return list(ps.normal), list(ps.abnormal)
+    positives = [_fill(t, canonical, article=True) for t in ps.positive]
+    negatives = [_fill(t, canonical, article=False) for t in ps.negative]
     return positives, negatives
