@@ -49,7 +49,7 @@ import numpy as np
 
 from xlip.data.manifest import COLUMNS, Record, load_manifest, read_rows
 from xlip.errors import InputError
-from xlip.files import write_atomic
+from xlip.files import writable_dir, write_atomic
 from xlip.hashing import file_sha256, hash_unit
 
 ALGORITHM = "stratified-patient-order-v1"  # the module docstring; a new rule gets a new name
@@ -228,7 +228,7 @@ def write_splits(manifest: str | Path, out_dir: str | Path, opt: SplitOptions) -
     """Write the split files, ``splits.json`` and ``splits.md`` into ``out_dir``; returns what
     ``splits.json`` holds. Files already there with other content are refused unless
     ``opt.force``; identical ones are left as they are."""
-    manifest, out = Path(manifest).resolve(), Path(out_dir).resolve()
+    manifest, out = Path(manifest).resolve(), writable_dir(out_dir, "--out").resolve()
     raw = read_rows(manifest)
     records = load_manifest(manifest, verify_images=False)  # raises on any rejected row
     pool = [r for r in records if r.split == opt.split and r.image and r.labels]
