@@ -236,9 +236,12 @@ def markdown(result: dict[str, Any]) -> str:
              f"regression per finding, C = {result['C']:g} chosen on validation "
              f"({result['validation']}); {result['n_train']} training, {result['n_val']} "
              f"validation and {result['n_test']} test images ({result['test_manifest']} split "
-             f"`{result['test_split']}`).", "",
-             "| finding | AUC | 95% CI | test positives / n | training positives |",
-             "|---|---|---|---|---|"]
+             f"`{result['test_split']}`).", ""]
+    if "split_sha256" in result:  # linear_probes' results (fit_probe alone has no manifests)
+        lines += [f"Manifest sha256 `{result['split_sha256'][:12]}…`, test manifest "
+                  f"`{result['test_split_sha256'][:12]}…` (full hashes in probe.json).", ""]
+    lines += ["| finding | AUC | 95% CI | test positives / n | training positives |",
+              "|---|---|---|---|---|"]
     for f, d in result["per_finding"].items():
         lo, hi = d["auc_ci95"]
         lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['positives']} / "
