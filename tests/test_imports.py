@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("xlip.data.images",),  # decoding, transforms, image_problem
     ("xlip.data.manifest",),
     ("xlip.data.shards", "xlip.data.validate", "xlip.data.dataset", "xlip.data.collate",
-     "xlip.data.sampler", "xlip.data.synthetic"),
+     "xlip.data.sampler", "xlip.data.synthetic", "xlip.data.splits"),
     ("xlip.data.adapters",),
     ("xlip.data",),  # the package itself (empty __init__)
     ("xlip.model",),  # includes model.weights: weight IO, below evaluation and training

@@ -217,6 +217,24 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from xlip.data.splits import SplitOptions, markdown, write_splits
+
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--fractions {args.fractions!r}: give shares separated by commas, "
+                          "e.g. 0.01,0.1,1") from None
+    opt = SplitOptions(fractions, args.seed, args.split, args.val_split, args.force,
+                       progress=not args.quiet)
+    out = writable_dir(args.out, "--out")
+    meta = write_splits(args.manifest, out, opt)
+    print(markdown(meta), end="")
+    print("written: " + " ".join(str(out / e["file"]) for e in meta["fractions"])
+          + f" {out / 'splits.json'} {out / 'splits.md'}")
+    return 0
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from xlip.data.manifest import load_manifest
     from xlip.text.sections import select_text
@@ -477,6 +495,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delete this command's files in --out first instead of resuming")
     sh.add_argument("--quiet", action="store_true", help="no progress bar")
     sh.set_defaults(func=_shard)
+
+    sp = data.add_parser("split", help="label-fraction subsets of the training patients "
+                         "(patient-disjoint, stratified per finding, nested), written once "
+                         "with their sha256")
+    sp.add_argument("manifest", help="CSV/JSONL manifest; image paths relative to it")
+    sp.add_argument("--fractions", default="0.01,0.1,1",
+                    help="shares of the training patients, comma-separated; one file each")
+    sp.add_argument("--seed", type=int, default=0,
+                    help="seed of the selection and of the held-out validation patients")
+    sp.add_argument("--split", default="train", help="the split the fractions are drawn from")
+    sp.add_argument("--val-split", default="valid", help="validation split; without such rows, "
+                    "10%% of the training patients are held out and written as this split")
+    sp.add_argument("--out", required=True, help="folder for SPLIT_<percent>pct.csv, "
+                                                 "splits.json, splits.md")
+    sp.add_argument("--force", action="store_true",
+                    help="replace the files of an earlier, different split in --out")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=_split)
 
     tk = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd",
                                                                         required=True)

@@ -34,7 +34,6 @@ Reading: an image path ``.../shard-000000.tar#000001.png`` names a shard member;
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import multiprocessing
@@ -56,6 +55,7 @@ from xlip.data.manifest import (COLUMNS, Record, load_manifest, read_rows, reaso
                                  write_rejects)
 from xlip.errors import InputError, XlipError
 from xlip.files import atomic_open, atomic_path, write_atomic
+from xlip.hashing import file_sha256
 
 FORMAT = 2  # version of the shard layout, part of the plan
 PLAN = "shards.json"
@@ -166,7 +166,7 @@ def write_shards(manifest: str | Path, out_dir: str | Path, size: int = 256,
         raise ShardPlanError(f"--out {out} would replace the source manifest {manifest}; "
                              "write the shards to another folder")
     records, rejects = _load(manifest)
-    digest, nbytes = _sha256(manifest)
+    digest, nbytes = file_sha256(manifest), manifest.stat().st_size
     rows = max([r.row for r in records] + [b["row"] for b in rejects], default=0)
     plan = {"format": FORMAT, "manifest": str(manifest), "manifest_sha256": digest,
             "manifest_bytes": nbytes, "size": size, "shard_rows": shard_rows, "rows": rows,
@@ -180,15 +180,6 @@ def write_shards(manifest: str | Path, out_dir: str | Path, size: int = 256,
     summary.written = _run(pending, workers, progress)
     _finish(out, jobs, summary)
     return summary
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
 
 
 def _load(manifest: Path) -> tuple[list[Record], list[dict]]:

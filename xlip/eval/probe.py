@@ -25,14 +25,14 @@ from sklearn.preprocessing import StandardScaler
 from xlip.config import Config
 from xlip.data.images import prepare_image
 from xlip.data.manifest import Record
+from xlip.data.splits import (HELD_OUT_VAL, check_fraction, check_split_file, check_subset,
+                              hold_out, nested_fractions, patient_key)
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci
 from xlip.eval.zeroshot import default_findings, image_rows, of_split
-from xlip.hashing import hash_unit
 from xlip.precision import autocast
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # inverse L2 strength
-HELD_OUT_VAL = 0.1  # share of training patients held out when the manifest has no val split
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,15 @@ class ProbeOptions:
     split: str = "train"
     val_split: str = "valid"
     test_split: str = "test"
-    fraction: float = 1.0  # share of the training patients used (label-efficiency rows)
+    fraction: float = 1.0  # share of the training patients used (xlip.data.splits' selection)
     init: str = "pretrained"  # pretrained | random (the same architecture, untrained)
     findings: tuple[str, ...] = ()  # empty: every finding with both classes in the test split
     seed: int = 0  # of the training fraction and the held-out validation patients
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise InputError(f"--fraction {self.fraction}: give a share in (0, 1], e.g. 0.01, "
-                             "0.1 or 1")
+        check_fraction(self.fraction)
         if self.init not in ("pretrained", "random"):
             raise InputError(f"--init {self.init!r}: choose pretrained or random")
-
-
-def patient_share(r: Record, seed: int, salt: str) -> float:
-    """A stable number in [0, 1) per patient (the image when there is no patient id)."""
-    return hash_unit(f"{salt}/{seed}/{r.patient_id or r.image}")
 
 
 @torch.no_grad()
@@ -78,23 +71,37 @@ def pooled_features(model, paths: Sequence[str], cfg: Config, batch_size: int = 
 
 
 def split_rows(opt: ProbeOptions) -> tuple[list[Record], list[Record], list[Record], str]:
-    """Training, validation and test rows (images with labels), and how validation was made."""
+    """Training, validation and test rows (images with labels), and how validation was made.
+
+    ``opt.fraction`` < 1 keeps that share of the training patients, selected as ``xlip data
+    split`` selects them (:func:`xlip.data.splits.nested_fractions`). A manifest written by
+    ``xlip data split`` whose content has changed since is refused."""
     rows = image_rows(opt.manifest)
+    test_manifest = opt.test_manifest or opt.manifest
+    test_rows = rows if test_manifest == opt.manifest else image_rows(test_manifest)
+    split_hashes(opt)  # refuses a changed split file
     train = of_split(rows, opt.split, opt.manifest)
     val = [r for r in rows if r.split == opt.val_split]
     how = f"split {opt.val_split!r} of {opt.manifest}"
     if not val:  # no validation rows: hold out training patients
-        val = [r for r in train if patient_share(r, opt.seed, "val") < HELD_OUT_VAL]
-        train = [r for r in train if patient_share(r, opt.seed, "val") >= HELD_OUT_VAL]
+        train, val = hold_out(train, opt.seed)
         how = (f"{HELD_OUT_VAL:.0%} of the training patients (seed {opt.seed}), as {opt.manifest} "
                f"has no {opt.val_split!r} rows")
     if opt.fraction < 1.0:
-        train = [r for r in train if patient_share(r, opt.seed, "fraction") < opt.fraction]
-    test_manifest = opt.test_manifest or opt.manifest
-    test_rows = rows if test_manifest == opt.manifest else image_rows(test_manifest)
+        patients = len({patient_key(r) for r in train})
+        keep = nested_fractions(train, [opt.fraction], opt.seed)[opt.fraction]
+        train = [train[i] for i in keep]
+        check_subset(opt.fraction, train, patients)
     test = of_split(test_rows, opt.test_split, test_manifest)
     check_disjoint({"training": train, "validation": val, "test": test})
     return train, val, test, how
+
+
+def split_hashes(opt: ProbeOptions) -> dict[str, str]:
+    """``split_sha256`` and ``test_split_sha256``: the manifests' content hashes (the recorded
+    ones for split files, which are refused when changed)."""
+    return {"split_sha256": check_split_file(opt.manifest),
+            "test_split_sha256": check_split_file(opt.test_manifest or opt.manifest)}
 
 
 def check_disjoint(parts: dict[str, list[Record]]) -> None:
@@ -145,16 +152,20 @@ def linear_probes(model, cfg: Config, opt: ProbeOptions, fractions: Sequence[flo
                          f"({len(train)} images), validation ({len(val)}) and test "
                          f"({len(test)}): choose other splits")
     opt = dataclasses.replace(opt, findings=tuple(findings))
+    hashes = split_hashes(opt)
+    chosen = nested_fractions(train, fractions, opt.seed)
+    patients = len({patient_key(r) for r in train})
     feats = [pooled_features(model, [r.image for r in rows], cfg) for rows in (train, val, test)]
     out = {}
     for fraction in fractions:
-        keep = [i for i, r in enumerate(train)
-                if fraction >= 1.0 or patient_share(r, opt.seed, "fraction") < fraction]
+        keep = chosen[fraction]
         sub = dataclasses.replace(opt, fraction=fraction)
         try:
+            check_subset(fraction, [train[i] for i in keep], patients)
             out[fraction] = fit_probe(sub, [train[i] for i in keep], val, test,
                                       feats[0][keep], feats[1], feats[2], how,
                                       cfg.eval.bootstrap if bootstrap is None else bootstrap)
+            out[fraction].update(hashes)
         except InputError as err:
             if len(fractions) == 1:
                 raise
@@ -225,9 +236,12 @@ def markdown(result: dict[str, Any]) -> str:
              f"regression per finding, C = {result['C']:g} chosen on validation "
              f"({result['validation']}); {result['n_train']} training, {result['n_val']} "
              f"validation and {result['n_test']} test images ({result['test_manifest']} split "
-             f"`{result['test_split']}`).", "",
-             "| finding | AUC | 95% CI | test positives / n | training positives |",
-             "|---|---|---|---|---|"]
+             f"`{result['test_split']}`).", ""]
+    if "split_sha256" in result:  # linear_probes' results (fit_probe alone has no manifests)
+        lines += [f"Manifest sha256 `{result['split_sha256'][:12]}…`, test manifest "
+                  f"`{result['test_split_sha256'][:12]}…` (full hashes in probe.json).", ""]
+    lines += ["| finding | AUC | 95% CI | test positives / n | training positives |",
+              "|---|---|---|---|---|"]
     for f, d in result["per_finding"].items():
         lo, hi = d["auc_ci95"]
         lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['positives']} / "
