@@ -19,7 +19,7 @@ from xlip.eval import finetune as ft
 from xlip.eval.finetune import FinetuneOptions, finetune, schedule_config
 from xlip.eval.probe import ProbeOptions, split_rows
 from xlip.errors import InputError
-from xlip.optim import NonFiniteLossError, lr_lambda
+from xlip.optim import NonFiniteLossError, adamw, lr_lambda, param_groups
 from xlip.train.loop import pretrain
 
 
@@ -142,12 +142,12 @@ def test_the_test_split_is_read_once_after_training(corpus, run, monkeypatch):
     assert not trained_on & (set(test_paths) | set(val_paths))
 
 
-@pytest.mark.slow
 def test_a_pretrained_encoder_beats_random_init_at_equal_steps(corpus, run, tmp_path):
-    """At a test-sized budget a tiny XLIP pre-training does not reliably help (a 200-step run
-    here: 0.536 / 0.503 / 0.545 vs 0.522 / 0.500 / 0.532 over three seeds), so the encoder
-    "pre-trained" here is one that already knows the findings: fine-tuned for 150 steps first.
-    From it, 20 steps beat 20 steps from the same architecture untrained (--init random)."""
+    """At a test-sized budget a tiny XLIP pre-training does not reliably help (200 steps of
+    the tiny model on 600 images, three seeds: test AUC 0.003-0.014 above random init, within
+    the noise), so the encoder "pre-trained" here is one that already knows the findings:
+    fine-tuned for 150 steps first. From it, 20 steps beat 20 steps from the same architecture
+    untrained (--init random); measured margin 0.07-0.18 over three corpora x two seeds."""
     manifest, _ = corpus
     m = XLIP.from_pretrained(run)
     first = FinetuneOptions(manifest, steps=150, lr=3e-3, eval_every=50, patience=3)
@@ -169,8 +169,27 @@ def test_a_non_finite_loss_stops_fine_tuning_with_the_fix(corpus, run, monkeypat
                                                         float("nan")))
     m = XLIP.from_pretrained(run)
     with pytest.raises(NonFiniteLossError, match=r"fine-tuning diverged: non-finite loss at "
-                                                 r"step 1: .*Lower --lr \(it was 0.0001\)"):
+                                                 r"step 1: .*Lower --lr \(it was 0.0003\)"):
         finetune(m.model, m.cfg, FinetuneOptions(manifest, steps=3), bootstrap=0)
+
+
+def test_the_new_head_learns_at_a_multiple_of_the_lr_and_pretraining_is_unchanged(run):
+    m = XLIP.from_pretrained(run)
+    cfg = schedule_config(m.cfg, FinetuneOptions("unused.csv", steps=10, lr=1e-3))
+    net = ft.Classifier(m.model.vision, 3)
+    opt, sched = adamw(net, cfg, {"head": 10.0})
+    head = {id(p) for p in net.head.parameters()}
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [
+        (1e-3 * sched.lr_lambdas[0](0), 0.05, len(param_groups(net.vision, 0.05)[0]["params"])),
+        (1e-3 * sched.lr_lambdas[0](0), 0.0, len(param_groups(net.vision, 0.05)[1]["params"])),
+        (1e-2 * sched.lr_lambdas[0](0), 0.05, 1), (1e-2 * sched.lr_lambdas[0](0), 0.0, 1)]
+    assert {id(p) for g in opt.param_groups[2:] for p in g["params"]} == head
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())  # each once
+    # without lr_scale (pre-training): exactly param_groups' two groups, at train.lr
+    plain, _ = adamw(m.model, m.cfg)
+    assert [[id(p) for p in g["params"]] for g in plain.param_groups] == [
+        [id(p) for p in g["params"]] for g in param_groups(m.model, m.cfg.train.weight_decay)]
 
 
 def test_options_refuse_bad_values(corpus):
@@ -181,6 +200,7 @@ def test_options_refuse_bad_values(corpus):
                     (dict(batch_size=0), "--batch-size 0: give at least 1"),
                     (dict(lr=0.0), "--lr 0.0: give a positive learning rate"),
                     (dict(lr=float("nan")), "--lr nan"),
+                    (dict(head_lr_scale=0.0), "--head-lr-scale 0.0: give a positive"),
                     (dict(fraction=1.5), "--fraction 1.5")):
         with pytest.raises(InputError, match=msg):
             FinetuneOptions(manifest, **kw)

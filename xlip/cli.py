@@ -97,7 +97,8 @@ def _finetune(args: argparse.Namespace) -> int:
     opt = FinetuneOptions(manifest, args.test_manifest, args.split, args.val_split,
                           args.test_split, args.fraction, args.init, tuple(args.findings or ()),
                           args.seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                          eval_every=args.eval_every, patience=args.patience)
+                          eval_every=args.eval_every, patience=args.patience,
+                          head_lr_scale=args.head_lr_scale)
     out = writable_dir(args.out, "--out")
     model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
     result = finetune(model, m.cfg, opt, out / "finetune.safetensors", progress=not args.quiet)
@@ -566,8 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
         if a.dest not in ("help", "out"):
             ft._add_action(a)
     ft.add_argument("--steps", type=int, default=300, help="most optimisation steps")
-    ft.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW; "
+    ft.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW; "
                     "10%% of the steps warm-up, then cosine decay)")
+    ft.add_argument("--head-lr-scale", type=float, default=10.0,
+                    help="the new linear head's learning rate as a multiple of --lr")
     ft.add_argument("--batch-size", type=int, default=32, help="training images per step")
     ft.add_argument("--eval-every", type=int, default=25,
                     help="steps between validation measurements")

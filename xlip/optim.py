@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -63,13 +63,21 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def adamw(model: nn.Module, cfg: Config) -> tuple[torch.optim.AdamW,
-                                                  torch.optim.lr_scheduler.LambdaLR]:
+def adamw(model: nn.Module, cfg: Config, lr_scale: Mapping[str, float] | None = None
+          ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over :func:`param_groups` and its warm-up + cosine schedule (``cfg.train``: lr,
-    betas, eps, weight decay, steps, warm-up, lowest lr)."""
+    betas, eps, weight decay, steps, warm-up, lowest lr). ``lr_scale``: {submodule name:
+    multiplier of ``train.lr``}, in groups of their own (fine-tuning's new head: {"head": 10})."""
     tr = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
-                            betas=tuple(tr.betas), eps=tr.adam_eps, fused=False)
+    groups = param_groups(model, tr.weight_decay)
+    for name, scale in (lr_scale or {}).items():
+        sub = model.get_submodule(name)
+        moved = {id(p) for p in sub.parameters()}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in moved]
+        groups += [dict(g, lr=tr.lr * scale) for g in param_groups(sub, tr.weight_decay)]
+    opt = torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.adam_eps,
+                            fused=False)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 

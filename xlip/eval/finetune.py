@@ -54,7 +54,8 @@ class FinetuneOptions(ProbeOptions):
     """The probe's rows (manifest, splits, fraction, init, findings, seed) and the training."""
 
     steps: int = 300
-    lr: float = 1e-4
+    lr: float = 3e-4
+    head_lr_scale: float = 10.0  # the new head learns at this multiple of lr
     batch_size: int = 32
     eval_every: int = 25  # steps between validation measurements
     patience: int = 4  # measurements without improvement before stopping
@@ -70,7 +71,10 @@ class FinetuneOptions(ProbeOptions):
             if value < 1:
                 raise InputError(f"{flag} {value}: give at least 1 {what}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"--lr {self.lr}: give a positive learning rate, e.g. 1e-4")
+            raise InputError(f"--lr {self.lr}: give a positive learning rate, e.g. 3e-4")
+        if not (math.isfinite(self.head_lr_scale) and self.head_lr_scale > 0):
+            raise InputError(f"--head-lr-scale {self.head_lr_scale}: give a positive "
+                             "multiple of --lr for the new head, e.g. 10")
 
     def warmup_steps(self) -> int:
         return int(self.steps * WARMUP_SHARE)
@@ -228,6 +232,7 @@ def fit_finetune(model, cfg: Config, opt: FinetuneOptions, train: list[Record],
         "protocol": "finetune", "mean_auc": float(np.mean([p["auc"] for p in per.values()])),
         "mean_auc_ci95": mean_ci, "per_finding": per, "fraction": opt.fraction,
         "init": opt.init, **run, "steps": opt.steps, "lr": opt.lr,
+        "head_lr_scale": opt.head_lr_scale,
         "batch_size": min(opt.batch_size, len(train)), "eval_every": opt.eval_every,
         "patience": opt.patience, "warmup_steps": tr.warmup_steps,
         "min_lr_ratio": tr.min_lr_ratio, "weight_decay": tr.weight_decay,
@@ -255,7 +260,7 @@ def train_classifier(model, cfg: Config, opt: FinetuneOptions, train: Sequence[s
     torch.manual_seed(opt.seed)  # the head's initialisation
     net = Classifier(copy.deepcopy(model.vision), ytr.shape[1]).to(device)
     fcfg = schedule_config(cfg, opt)
-    optimizer, sched = adamw(net, fcfg)
+    optimizer, sched = adamw(net, fcfg, {"head": opt.head_lr_scale})
     stopper, curve, loss_sum = EarlyStopping(opt.patience), [], [0.0, 0]
     bar = None
     if progress:
@@ -314,7 +319,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Fine-tuning ({r['init']} encoder, {r['fraction']:g} of the training labels)",
              "",
              f"The whole image encoder and a linear head (one sigmoid output per finding, "
-             f"binary cross-entropy), AdamW (lr {r['lr']:g}, {r['warmup_steps']} warm-up steps "
+             f"binary cross-entropy), AdamW (lr {r['lr']:g}, the head's "
+             f"{r['head_lr_scale']:g} times that, {r['warmup_steps']} warm-up steps "
              f"then cosine decay, batch {r['batch_size']}, weight decay {r['weight_decay']:g}, "
              f"augmentation {'on' if r['augment'] else 'off'}, {r['precision']}): {stop}. "
              f"Validation mean AUC every {r['eval_every']} steps on {r['validation']}; the best "
