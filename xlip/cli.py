@@ -564,8 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "head trained on the labels, early stopping on the "
                                         "validation mean AUC, tested once")
     for a in pb._actions:  # the probe's rows: the same flags and defaults
-        if a.dest not in ("help", "out"):
+        if a.dest not in ("help", "out", "seed"):
             ft._add_action(a)
+    ft.add_argument("--seed", type=int, default=0, help="seed of the fraction, the held-out "
+                    "validation patients, the random initialisation, the head, the batch "
+                    "order and the augmentation")
     ft.add_argument("--steps", type=int, default=300, help="most optimisation steps")
     ft.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW; "
                     "10%% of the steps warm-up, then cosine decay)")
