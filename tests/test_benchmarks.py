@@ -249,6 +249,24 @@ def test_rsna_zeroshot_and_probe_on_stand_in_dicoms(tmp_path, run):
     assert "(partial: 6 of 4,003 test images)" in (pb / "benchmark.md").read_text()
 
 
+def test_rsna_finetune_on_stand_in_dicoms(tmp_path, run):
+    """--protocol finetune trains on the train_1 list, stops on val, tests on test."""
+    root, out = rsna_root(tmp_path), tmp_path / "ft"
+    assert main(["eval", "benchmark", "rsna-pneumonia", "--model", str(run), "--data-root",
+                 str(root), "--protocol", "finetune", "--fraction", "1", "--init", "random",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "benchmark.json").read_text())
+    assert res["protocol"] == "finetune" and res["fraction"] == 0.01
+    assert res["init"] == "random" and res["validation"] == "the published val list"
+    assert (res["n_train"], res["n_val"], res["n_test"]) == (6, 6, 6)
+    assert res["split"] == "train_1" and list(res["per_finding"]) == ["Pneumonia"]
+    assert res["validation_curve"] and 1 <= res["best_step"] <= res["steps_done"] <= 300
+    assert (out / "finetune.safetensors").is_file()
+    md = (out / "benchmark.md").read_text()
+    assert md.startswith("# Benchmark rsna-pneumonia, finetune (partial: 6 of 4,003 test")
+    assert "## Fine-tuning (random encoder, 0.01 of the training labels)" in md
+
+
 def test_vindr_coverage_counts_the_adapters_reasons(tmp_path):
     """VinDr layout: annotations/image_labels_test.csv (the consensus row) + test/<id>.dicom.
     An image whose only finding is outside xlip's vocabulary is not found, and says why."""
@@ -324,12 +342,10 @@ def test_refusals_are_one_line_errors(tmp_path, capsys):
                      "--data-root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
         return capsys.readouterr().err.strip()
 
-    msg = error("nih-cxr14", "--protocol", "finetune")
-    assert "finetune is not built yet" in msg and "\n" not in msg
     assert "a detection task" in error("object-cxr")
     assert "unknown benchmark 'nih'" in error("nih")
-    assert "--fraction applies to --protocol probe only" in error("nih-cxr14", "--fraction",
-                                                                 "10")
+    msg = error("nih-cxr14", "--fraction", "10")
+    assert "--fraction applies to --protocol probe and finetune only" in msg and "\n" not in msg
     with pytest.raises(BenchmarkError, match="--fraction 5"):
         BenchmarkOptions("nih-cxr14", tmp_path, "probe", 5)
 

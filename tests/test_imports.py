@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("xlip.data",),  # the package itself (empty __init__)
     ("xlip.model",),  # includes model.weights: weight IO, below evaluation and training
     ("xlip.losses",),
+    ("xlip.optim",),  # the optimisation steps: pre-training and fine-tuning (an evaluation)
     ("xlip.eval",),
     ("xlip.api",),
     ("xlip.train",),  # eval and api are below it: evaluation never needs the trainer

@@ -92,6 +92,25 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from xlip.eval.finetune import FinetuneOptions, finetune, markdown, write_finetune
+
+    m, manifest = _model_and_manifest(args)
+    opt = FinetuneOptions(manifest, args.test_manifest, args.split, args.val_split,
+                          args.test_split, args.fraction, args.init, tuple(args.findings or ()),
+                          args.seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          eval_every=args.eval_every, patience=args.patience,
+                          head_lr_scale=args.head_lr_scale)
+    out = writable_dir(args.out, "--out")
+    model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
+    result = finetune(model, m.cfg, opt, out / "finetune.safetensors", progress=not args.quiet)
+    result["model"] = str(args.model)
+    js, md = write_finetune(result, out)
+    print(markdown(result))
+    print(f"written: {js} {md} {out / 'finetune.safetensors'}")
+    return 0
+
+
 def _benchmarks(args: argparse.Namespace) -> int:
     from xlip.eval.benchmarks import listing, load_benchmarks
 
@@ -107,12 +126,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     from xlip.eval.benchmarks import (BenchmarkOptions, evaluable, get_benchmark, markdown,
                                       run_benchmark)
 
-    if args.fraction is not None and args.protocol != "probe":
-        raise ConfigError("--fraction applies to --protocol probe only (zero-shot uses no "
-                          "training labels)")
+    if args.fraction is not None and args.protocol == "zeroshot":
+        raise ConfigError("--fraction applies to --protocol probe and finetune only (zero-shot "
+                          "uses no training labels)")
     if args.init == "random" and args.protocol == "zeroshot":
-        raise ConfigError("--init random applies to --protocol probe: an untrained model's "
-                          "zero-shot scores are chance by construction")
+        raise ConfigError("--init random applies to --protocol probe and finetune: an "
+                          "untrained model's zero-shot scores are chance by construction")
     opt = BenchmarkOptions(args.name, args.data_root, args.protocol, args.fraction or 100,
                            args.init)  # a bad protocol or fraction is refused here, first
     evaluable(get_benchmark(args.name))  # and an unsupported benchmark before loading the model
@@ -122,7 +141,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     result = run_benchmark(model, m.tokenizer, m.cfg, opt, out, str(args.model))
     print(markdown(result))
     print(f"written: {out / 'benchmark.json'} {out / 'benchmark.md'} "
-          f"{out / 'benchmark_manifest.csv'}")
+          f"{out / 'benchmark_manifest.csv'}"
+          + (f" {out / 'finetune.safetensors'}" if args.protocol == "finetune" else ""))
     return 0
 
 
@@ -590,6 +610,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation patients and the random initialisation")
     pb.add_argument("--out", help="folder for probe.json/.md (default: MODEL/probe_INIT_FRAC)")
     pb.set_defaults(func=_probe)
+    ft = ev.add_parser("finetune", help="fine-tuning: the whole image encoder and a linear "
+                                        "head trained on the labels, early stopping on the "
+                                        "validation mean AUC, tested once")
+    for a in pb._actions:  # the probe's rows: the same flags and defaults
+        if a.dest not in ("help", "out", "seed"):
+            ft._add_action(a)
+    ft.add_argument("--seed", type=int, default=0, help="seed of the fraction, the held-out "
+                    "validation patients, the random initialisation, the head, the batch "
+                    "order and the augmentation")
+    ft.add_argument("--steps", type=int, default=300, help="most optimisation steps")
+    ft.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW; "
+                    "10%% of the steps warm-up, then cosine decay)")
+    ft.add_argument("--head-lr-scale", type=float, default=10.0,
+                    help="the new linear head's learning rate as a multiple of --lr")
+    ft.add_argument("--batch-size", type=int, default=32, help="training images per step")
+    ft.add_argument("--eval-every", type=int, default=25,
+                    help="steps between validation measurements")
+    ft.add_argument("--patience", type=int, default=4, help="stop after this many validation "
+                    "measurements without improvement (the best weights are tested)")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.add_argument("--out", required=True, help="folder for finetune.json/.md and "
+                    "finetune.safetensors (the best image encoder + head)")
+    ft.set_defaults(func=_finetune)
     bl = ev.add_parser("benchmarks", help="list the shipped benchmark definitions (BenchX "
                                           "splits): task, classes, list sizes and hashes, "
                                           "where to download the data")
@@ -602,11 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--data-root", required=True,
                     help="the dataset as downloaded (what `xlip data prepare` reads)")
     bm.add_argument("--protocol", choices=["zeroshot", "probe", "finetune"], default="zeroshot",
-                    help="finetune: not built yet")
+                    help="finetune: as `xlip eval finetune` with its defaults, on the lists")
     bm.add_argument("--fraction", type=int, choices=[1, 10, 100],
-                    help="probe: the train_1, train_10 or train list (default: 100)")
+                    help="probe, finetune: the train_1, train_10 or train list (default: 100)")
     bm.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
-                    help="probe: random is the same encoder untrained (the baseline)")
+                    help="probe, finetune: random is the same encoder untrained (the "
+                         "baseline)")
     bm.add_argument("--seed", type=int, default=0, help="seed of --init random")
     bm.add_argument("--out", required=True,
                     help="folder for benchmark.json/.md and benchmark_manifest.csv")

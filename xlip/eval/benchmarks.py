@@ -9,8 +9,9 @@ the sha256 of its uncompressed text. A list whose hash differs is refused.
 is in a list and counts **coverage**: K of the N listed images found. A result on fewer images than
 listed is ``partial``. The zero-shot protocol scores the ``test`` rows (:func:`score_records`);
 the linear probe trains on ``train`` / ``train_10`` / ``train_1`` (``fraction`` 100 / 10 / 1),
-chooses its regularisation on ``val`` and tests on ``test`` (:func:`fit_probe`). Labels: a row is
-positive for a class when its ``labels`` hold it, else negative.
+chooses its regularisation on ``val`` and tests on ``test`` (:func:`fit_probe`); fine-tuning
+trains on the same list, stops early on ``val`` and tests on ``test`` (:func:`fit_finetune`).
+Labels: a row is positive for a class when its ``labels`` hold it, else negative.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from xlip.data.adapters import PrepareOptions, prepare
 from xlip.data.adapters.common import IMAGE_SUFFIXES, read_csv
 from xlip.data.manifest import COLUMNS, Record, load_manifest
 from xlip.errors import XlipError
+from xlip.eval.finetune import FinetuneOptions, fit_finetune
+from xlip.eval.finetune import markdown as finetune_markdown
 from xlip.eval.probe import ProbeOptions, check_disjoint, fit_probe, pooled_features
 from xlip.eval.probe import markdown as probe_markdown
 from xlip.eval.zeroshot import markdown_table, score_records
@@ -154,16 +157,14 @@ class BenchmarkOptions:
 
     name: str
     data_root: str | Path  # the dataset as downloaded (what ``xlip data prepare`` reads)
-    protocol: str = "zeroshot"  # zeroshot | probe (finetune: not built yet)
-    fraction: int = 100  # probe: train list 100 → train, 10 → train_10, 1 → train_1
-    init: str = "pretrained"  # probe: pretrained | random
+    protocol: str = "zeroshot"  # zeroshot | probe | finetune
+    fraction: int = 100  # probe, finetune: train list 100 → train, 10 → train_10, 1 → train_1
+    init: str = "pretrained"  # probe, finetune: pretrained | random
 
     def __post_init__(self) -> None:
-        if self.protocol == "finetune":
-            raise BenchmarkError("--protocol finetune is not built yet (issue 11, item 4): use "
-                                 "--protocol zeroshot or probe")
         if self.protocol not in PROTOCOLS:
-            raise BenchmarkError(f"--protocol {self.protocol!r}: use zeroshot or probe")
+            raise BenchmarkError(f"--protocol {self.protocol!r}: use zeroshot, probe or "
+                                 "finetune")
         if self.fraction not in TRAIN_LISTS:
             raise BenchmarkError(f"--fraction {self.fraction}: use 100, 10 or 1 (the "
                                  "published train, train_10 and train_1 lists)")
@@ -272,10 +273,10 @@ def run_benchmark(model, tokenizer, cfg: Config, opt: BenchmarkOptions, out_dir:
     if opt.protocol == "zeroshot":
         result = score_records(model, tokenizer, cfg, rows["test"], classes)
     else:
-        result = _probe(model, cfg, opt, rows, classes, out_dir / "benchmark_manifest.csv")
+        result = _trained(model, cfg, opt, rows, classes, out_dir)
     result.update({
         "benchmark": bench.name, "dataset": bench.dataset, "task": bench.task,
-        "protocol": "zeroshot" if opt.protocol == "zeroshot" else "linear_probe",
+        "protocol": {"probe": "linear_probe"}.get(opt.protocol, opt.protocol),
         "data_root": str(opt.data_root), "coverage": coverage,
         "partial": any(c["found"] < c["listed"] for c in coverage.values()),
         "skipped_classes": skipped, "model": model_path, "init": opt.init,
@@ -285,13 +286,18 @@ def run_benchmark(model, tokenizer, cfg: Config, opt: BenchmarkOptions, out_dir:
     return result
 
 
-def _probe(model, cfg: Config, opt: BenchmarkOptions, rows: dict[str, list[Record]],
-           classes: list[str], manifest: Path) -> dict[str, Any]:
-    train_list = TRAIN_LISTS[opt.fraction]
-    popt = ProbeOptions(manifest, manifest, train_list, "val", "test", opt.fraction / 100,
-                        opt.init, tuple(classes))
+def _trained(model, cfg: Config, opt: BenchmarkOptions, rows: dict[str, list[Record]],
+             classes: list[str], out_dir: Path) -> dict[str, Any]:
+    """The linear probe or fine-tuning on the published train / val / test lists."""
+    train_list, manifest = TRAIN_LISTS[opt.fraction], out_dir / "benchmark_manifest.csv"
+    kind = FinetuneOptions if opt.protocol == "finetune" else ProbeOptions
+    popt = kind(manifest, manifest, train_list, "val", "test", opt.fraction / 100, opt.init,
+                tuple(classes))
     train, val, test = rows[train_list], rows["val"], rows["test"]
     check_disjoint({"training": train, "validation": val, "test": test})
+    if isinstance(popt, FinetuneOptions):
+        return fit_finetune(model, cfg, popt, train, val, test, "the published val list",
+                            cfg.eval.bootstrap, out_dir / "finetune.safetensors", progress=True)
     feats = [pooled_features(model, [r.image for r in g], cfg) for g in (train, val, test)]
     return fit_probe(popt, train, val, test, *feats, "the published val list",
                      cfg.eval.bootstrap)
@@ -320,6 +326,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     if result["protocol"] == "zeroshot":
         lines.append(markdown_table(result))
+    elif result["protocol"] == "finetune":
+        lines.append(finetune_markdown(result).replace("# ", "## ", 1))
     else:
         lines.append(probe_markdown(result).replace("# ", "## ", 1))
     if result["skipped_classes"]:

@@ -33,6 +33,22 @@ def bootstrap_mean_ci(y: np.ndarray, score: np.ndarray, n: int = 200, seed: int 
     return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
 
 
+def auc_table(findings: list[str], y: np.ndarray, score: np.ndarray, y_train: np.ndarray,
+              n_boot: int) -> tuple[dict[str, dict], list[float]]:
+    """The test table of a trained classifier (linear probe, fine-tuning): per finding its AUC
+    with a bootstrap 95 % CI (seed: the finding's column), test positives / n and training
+    positives; and the 95 % CI of the mean AUC. y, score (n_test, F); y_train (n_train, F).
+    ``n_boot`` 0: no bootstrap (each CI is the AUC itself, the mean's NaN)."""
+    per = {}
+    for j, f in enumerate(findings):
+        a = auc(y[:, j], score[:, j])
+        ci = bootstrap_ci(y[:, j], score[:, j], n=n_boot, seed=j) if n_boot else (a, a)
+        per[f] = {"auc": a, "auc_ci95": list(ci), "positives": int(y[:, j].sum()),
+                  "n": len(y), "train_positives": int(y_train[:, j].sum())}
+    mean_ci = bootstrap_mean_ci(y, score, n=n_boot) if n_boot else (float("nan"),) * 2
+    return per, list(mean_ci)
+
+
 def f1_acc(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
     pred = prob >= threshold
     tp = float(np.sum(pred & (y == 1)))

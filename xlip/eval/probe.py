@@ -28,7 +28,7 @@ from xlip.data.manifest import Record
 from xlip.data.splits import (HELD_OUT_VAL, check_fraction, check_split_file, check_subset,
                               hold_out, nested_fractions, patient_key)
 from xlip.errors import InputError
-from xlip.eval.metrics import auc, bootstrap_ci, bootstrap_mean_ci
+from xlip.eval.metrics import auc, auc_table
 from xlip.eval.zeroshot import default_findings, image_rows, of_split
 from xlip.precision import autocast
 
@@ -210,16 +210,10 @@ def fit_probe(opt: ProbeOptions, train: list[Record], val: list[Record], test: l
                                  for j in range(len(findings))])) for c in C_GRID}
     best = max(C_GRID, key=lambda c: (val_auc[c], -c))  # ties: the stronger regularisation
     score = np.stack([fit(best, j).decision_function(xte) for j in range(len(findings))], 1)
-    per = {}
-    for j, f in enumerate(findings):
-        a = auc(yte[:, j], score[:, j])
-        ci = bootstrap_ci(yte[:, j], score[:, j], n=n_boot, seed=j) if n_boot else (a, a)
-        per[f] = {"auc": a, "auc_ci95": list(ci), "positives": int(yte[:, j].sum()),
-                  "n": len(yte), "train_positives": int(ytr[:, j].sum())}
-    mean_ci = bootstrap_mean_ci(yte, score, n=n_boot) if n_boot else (float("nan"),) * 2
+    per, mean_ci = auc_table(findings, yte, score, ytr, n_boot)
     return {"protocol": "linear_probe", "mean_auc": float(np.mean([p["auc"] for p in
                                                                     per.values()])),
-            "mean_auc_ci95": list(mean_ci), "per_finding": per, "fraction": opt.fraction,
+            "mean_auc_ci95": mean_ci, "per_finding": per, "fraction": opt.fraction,
             "init": opt.init, "C": best, "val_mean_auc_by_C": {str(c): v for c, v in
                                                               val_auc.items()},
             "validation": how, "skipped_findings": skipped, "no_training_class": constant,

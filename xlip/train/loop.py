@@ -1,5 +1,7 @@
-"""The training loop: AdamW, warmup + cosine, bf16 autocast, accumulation, clipping,
-non-finite abort, atomic checkpoints with resume, JSONL metrics and a progress bar."""
+"""Pre-training: data, model, AdamW with warmup + cosine, DDP, atomic checkpoints with resume,
+JSONL metrics, a divergence guard and a progress bar around the steps of
+:class:`xlip.optim.TrainSteps` (bf16 autocast, accumulation, clipping, non-finite abort), which
+fine-tuning runs too."""
 
 from __future__ import annotations
 
@@ -10,10 +12,9 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -22,12 +23,13 @@ from xlip.data.collate import Collator
 from xlip.data.dataset import MixedDataset
 from xlip.data.images import dataset_stats
 from xlip.data.sampler import MixedBatchSampler
-from xlip.errors import XlipError
 from xlip.files import writable_dir
 from xlip.losses import XLIPLoss
 from xlip.model.weights import load_weights, save_text_files, save_weights
 from xlip.model.xlip import XLIPModel
-from xlip.precision import autocast
+# NonFiniteLossError, lr_lambda and param_groups are also imported from here (ablate, tests)
+from xlip.optim import (NonFiniteLossError, TrainSteps, adamw, lr_lambda,  # noqa: F401
+                        param_groups)
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (load_state, resolve_checkpoint, save_checkpoint,
                                    set_rng_state)
@@ -36,49 +38,12 @@ from xlip.train.distributed import (DistInfo, any_rank, barrier, init_distribute
 from xlip.train.resume import apply_optimizer_settings, check_resume
 
 
-class NonFiniteLossError(XlipError, RuntimeError):
-    """Training diverged: a loss or the gradient norm is NaN or infinite, or the loss grew past
-    ``train.diverge_factor`` times its lowest logged value. No final model is written."""
-
-
-NO_DECAY = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "logit_scale")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay for norms, biases, position/class embeddings and other 1-D params."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in NO_DECAY)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(cfg: Config):
-    tr = cfg.train
-
-    def f(step: int) -> float:
-        if step < tr.warmup_steps:
-            return (step + 1) / tr.warmup_steps
-        t = (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)
-        return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return f
-
-
 def tokenizer_dir(cfg: Config) -> str:
     path = cfg.text.tokenizer or cfg.text.pretrained
     if not path:
         raise ConfigError("no tokenizer: set text.tokenizer (train one with `xlip tokenizer "
                           "train`) or text.pretrained (a local HF model dir)")
     return path
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
 
 
 class MetricLog:
@@ -190,9 +155,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         # BatchNorm (vision.stem=hybrid) over the global batch; SyncBatchNorm runs on GPUs only,
         # so CPU processes keep per-process batch statistics
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt = torch.optim.AdamW(param_groups(model, tr.weight_decay), lr=tr.lr,
-                            betas=tuple(tr.betas), eps=tr.adam_eps, fused=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt, sched = adamw(model, cfg)
     start = 0
     if ck is not None and state is not None:
         load_weights(model, ck / "model.safetensors")
@@ -228,28 +191,14 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     if state is not None:
         set_rng_state(state["rng"])
     t_start = time.perf_counter()
-    for step in range(start, tr.steps):
-        for micro in range(tr.grad_accum):
-            batch = to_device(next(batches), info.device)
-            gen = torch.Generator(device=info.device).manual_seed(
-                tr.seed * 1_000_003 + (step * tr.grad_accum + micro) * 7 + info.rank)
-            with autocast(tr.precision, info.device):
-                out = net(batch, generator=gen)
-                losses = criterion(out, batch)
-            total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-            check_finite(losses, step, out_dir, info.device)
-            (total / tr.grad_accum).backward()
-            log.add(losses, out, batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   tr.clip_grad if tr.clip_grad > 0 else 1e12)
-        if not torch.isfinite(grad_norm):  # before the step: the weights stay as they were
-            raise NonFiniteLossError(diverged(f"the gradient norm is {float(grad_norm)} at "
-                                              f"step {step + 1}", out_dir))
-        opt.step()
-        model.clamp_logit_scale()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
+
+    def forward(batch: dict[str, torch.Tensor], step: int, micro: int):
+        gen = torch.Generator(device=info.device).manual_seed(
+            tr.seed * 1_000_003 + (step * tr.grad_accum + micro) * 7 + info.rank)
+        out = net(batch, generator=gen)
+        return criterion(out, batch), out
+
+    def after_step(done: int, grad_norm: torch.Tensor) -> None:
         if done % tr.log_every == 0 or done == tr.steps:
             row = log.flush(info.device)
             row.update(step=done, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
@@ -262,12 +211,16 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
                 if bar is not None:
                     bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in row.items()
                                      if k.endswith("_loss")} | {"sps": f"{row['samples_per_s']:.0f}"})
-        if bar is not None:
-            bar.update(1)
         if info.is_main and (done % tr.ckpt_every == 0 or done == tr.steps):
             save_checkpoint(out_dir, done, model, cfg,
                             {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                              "guard_best": guard.best})
+
+    TrainSteps(model, opt, sched, forward, info.device, tr.precision, tr.grad_accum,
+               tr.clip_grad, on_micro=log.add, after_update=model.clamp_logit_scale,
+               on_step=after_step, diverged=lambda what: diverged(what, out_dir),
+               any_rank=lambda flag: any_rank(flag, info.device)).run(batches, start, tr.steps,
+                                                                       bar)
     if bar is not None:
         bar.close()
     if info.is_main:
@@ -285,17 +238,6 @@ def diverged(what: str, out_dir: Path) -> str:
             "train.lr, raise train.warmup_steps, keep train.clip_grad > 0, or try "
             "train.precision=fp32; then resume with --resume latest --resume-override "
             "train.lr=... or start again")
-
-
-def check_finite(losses: dict[str, torch.Tensor], step: int, out_dir: Path,
-                 device: torch.device) -> None:
-    """Stop on a NaN or infinite loss term, on every rank together (a rank's MIM or MLM term
-    may be non-finite on its own rows only)."""
-    bad = {k: float(v.detach()) for k, v in losses.items()
-           if k.endswith("_loss") and not torch.isfinite(v)}
-    if any_rank(bool(bad), device):
-        what = f"{bad}" if bad else "on another process"
-        raise NonFiniteLossError(diverged(f"non-finite loss at step {step + 1}: {what}", out_dir))
 
 
 class DivergenceGuard:

@@ -1,0 +1,164 @@
+"""The optimisation shared by pre-training and fine-tuning: one loop of steps, no second copy.
+
+- :func:`param_groups`: AdamW without weight decay for norms, biases, position and class
+  embeddings and other 1-D parameters; :func:`lr_lambda`: linear warm-up, then cosine decay to
+  ``train.min_lr_ratio``; :func:`adamw`: both, as ``cfg.train`` says.
+- :class:`TrainSteps`: the steps themselves (gradient accumulation, bf16 autocast, a stop on a
+  non-finite loss or gradient norm before the update, gradient clipping, optimizer and scheduler
+  steps, the progress bar), with hooks for what each caller adds: :func:`xlip.train.loop.pretrain`
+  logs metrics, guards against divergence and writes checkpoints after each step;
+  :func:`xlip.eval.finetune.finetune` validates every K steps and stops early.
+
+This module sits below both ``xlip.eval`` and ``xlip.train``: fine-tuning is an evaluation
+protocol, and evaluation never imports the trainer (its data loading, checkpoints and DDP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from xlip.config import Config
+from xlip.errors import XlipError
+from xlip.precision import autocast
+
+Batch = dict[str, Any]  # tensors (moved to the device) and other values
+Outputs = dict[str, Any]
+
+
+class NonFiniteLossError(XlipError, RuntimeError):
+    """Training diverged: a loss or the gradient norm is NaN or infinite, or (pre-training) the
+    loss grew past ``train.diverge_factor`` times its lowest logged value. No final model is
+    written."""
+
+
+NO_DECAY = ("pos_embed", "cls_token", "mask_token", "position_embeddings", "logit_scale")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay for norms, biases, position/class embeddings and other 1-D params."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in NO_DECAY)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: Config):
+    tr = cfg.train
+
+    def f(step: int) -> float:
+        if step < tr.warmup_steps:
+            return (step + 1) / tr.warmup_steps
+        t = (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)
+        return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def adamw(model: nn.Module, cfg: Config, lr_scale: Mapping[str, float] | None = None
+          ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`param_groups` and its warm-up + cosine schedule (``cfg.train``: lr,
+    betas, eps, weight decay, steps, warm-up, lowest lr). ``lr_scale``: {submodule name:
+    multiplier of ``train.lr``}, in groups of their own (fine-tuning's new head: {"head": 10})."""
+    tr = cfg.train
+    groups = param_groups(model, tr.weight_decay)
+    for name, scale in (lr_scale or {}).items():
+        sub = model.get_submodule(name)
+        moved = {id(p) for p in sub.parameters()}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in moved]
+        groups += [dict(g, lr=tr.lr * scale) for g in param_groups(sub, tr.weight_decay)]
+    opt = torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), eps=tr.adam_eps,
+                            fused=False)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def _alone(flag: bool) -> bool:
+    return flag
+
+
+def _no_fix(what: str) -> str:
+    return f"training diverged: {what}"
+
+
+@dataclass
+class TrainSteps:
+    """Optimisation steps over a stream of batches; the callers' extras are hooks.
+
+    A step: ``grad_accum`` times [next batch → device → ``forward(batch, step, micro)`` under
+    autocast → the sum of the ``*_loss`` terms, each checked finite on every process → backward
+    of the sum / ``grad_accum`` → ``on_micro``]; the gradient norm clipped to ``clip_grad`` (0:
+    measured, not clipped) and checked finite; optimizer step; ``after_update``; scheduler step;
+    gradients cleared; ``on_step(steps done, grad norm)``, which stops the loop by returning
+    True; the progress bar moves on. A non-finite loss or gradient norm raises
+    :class:`NonFiniteLossError` before the optimizer step, with the message ``diverged(what)``.
+    """
+
+    model: nn.Module  # the parameters clipped (the module itself, not its DDP wrapper)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    # (batch, step, micro-batch) → (losses: every "*_loss" term is summed, outputs)
+    forward: Callable[[Batch, int, int], tuple[dict[str, Tensor], Outputs]]
+    device: torch.device
+    precision: str = "auto"  # train.precision: auto | bf16 | fp32
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    on_micro: Optional[Callable[[dict[str, Tensor], Outputs, Batch], None]] = None
+    after_update: Optional[Callable[[], None]] = None  # between optimizer and scheduler step
+    on_step: Optional[Callable[[int, Tensor], Optional[bool]]] = None
+    diverged: Callable[[str], str] = _no_fix  # the message: what happened, what is kept, fix
+    any_rank: Callable[[bool], bool] = _alone  # a flag set on any process (DDP: all stop)
+
+    def run(self, batches: Iterator[Batch], start: int, steps: int, bar=None) -> int:
+        """Steps ``start`` … ``steps - 1``; returns the number of steps done by then (fewer
+        when ``on_step`` stops the loop)."""
+        done = start
+        for step in range(start, steps):
+            for micro in range(self.grad_accum):
+                batch = to_device(next(batches), self.device)
+                with autocast(self.precision, self.device):
+                    losses, out = self.forward(batch, step, micro)
+                total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+                self.check_finite(losses, step)
+                (total / self.grad_accum).backward()
+                if self.on_micro is not None:
+                    self.on_micro(losses, out, batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.clip_grad if self.clip_grad > 0 else 1e12)
+            if not torch.isfinite(grad_norm):  # before the step: the weights stay as they were
+                raise NonFiniteLossError(self.diverged(f"the gradient norm is {float(grad_norm)} "
+                                                       f"at step {step + 1}"))
+            self.opt.step()
+            if self.after_update is not None:
+                self.after_update()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            done = step + 1
+            stop = self.on_step(done, grad_norm) if self.on_step is not None else False
+            if bar is not None:
+                bar.update(1)
+            if stop:
+                break
+        return done
+
+    def check_finite(self, losses: dict[str, Tensor], step: int) -> None:
+        """Stop on a NaN or infinite loss term, on every process together (a process's MIM or
+        MLM term may be non-finite on its own rows only)."""
+        bad = {k: float(v.detach()) for k, v in losses.items()
+               if k.endswith("_loss") and not torch.isfinite(v)}
+        if self.any_rank(bool(bad)):
+            what = f"{bad}" if bad else "on another process"
+            raise NonFiniteLossError(self.diverged(f"non-finite loss at step {step + 1}: {what}"))
