@@ -39,7 +39,8 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import Record
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, auc_table
-from xlip.eval.probe import ProbeOptions, labels, pooled_features, split_rows, usable_findings
+from xlip.eval.probe import (ProbeOptions, finding_table, labels, pooled_features, split_rows,
+                             usable_findings)
 from xlip.eval.zeroshot import default_findings
 from xlip.files import write_atomic
 from xlip.model.weights import save_weights
@@ -326,21 +327,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Validation mean AUC every {r['eval_every']} steps on {r['validation']}; the best "
              f"(step {r['best_step']}, {r['best_val_mean_auc']:.3f}) was restored and tested "
              f"once. {r['n_train']} training, {r['n_val']} validation and {r['n_test']} test "
-             f"images ({r['test_manifest']} split `{r['test_split']}`).", "",
-             "| finding | AUC | 95% CI | test positives / n | training positives |",
-             "|---|---|---|---|---|"]
-    for f, d in r["per_finding"].items():
-        lo, hi = d["auc_ci95"]
-        lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['positives']} / "
-                     f"{d['n']} | {d['train_positives']} |")
-    lo, hi = r["mean_auc_ci95"]
-    lines.append(f"| **mean** | **{r['mean_auc']:.3f}** | {lo:.3f}–{hi:.3f} | | |")
-    if r["skipped_findings"]:
-        lines += ["", "Left out (a class missing in training, validation or test): "
-                  + ", ".join(r["skipped_findings"])]
-    if r["no_training_class"]:
-        lines += ["", "Scored as chance (AUC 0.5: one class only among the training images): "
-                  + ", ".join(r["no_training_class"])]
+             f"images ({r['test_manifest']} split `{r['test_split']}`).", ""]
+    lines += finding_table(r, "training, validation or test")
     lines += ["", "| step | validation mean AUC | training loss | lr |", "|---|---|---|---|"]
     lines += [f"| {c['step']} | {c['val_mean_auc']:.3f} | {c['train_loss']:.4f} | "
               f"{c['lr']:.2e} |" for c in r["validation_curve"]]

@@ -234,8 +234,15 @@ def markdown(result: dict[str, Any]) -> str:
     if "split_sha256" in result:  # linear_probes' results (fit_probe alone has no manifests)
         lines += [f"Manifest sha256 `{result['split_sha256'][:12]}…`, test manifest "
                   f"`{result['test_split_sha256'][:12]}…` (full hashes in probe.json).", ""]
-    lines += ["| finding | AUC | 95% CI | test positives / n | training positives |",
-              "|---|---|---|---|---|"]
+    lines += finding_table(result, "validation or test")
+    return "\n".join(lines) + "\n"
+
+
+def finding_table(result: dict[str, Any], missing_in: str) -> list[str]:
+    """The per-finding test AUC table of a probe or fine-tuning result, and the findings left
+    out (a class missing in ``missing_in``) or scored as chance."""
+    lines = ["| finding | AUC | 95% CI | test positives / n | training positives |",
+             "|---|---|---|---|---|"]
     for f, d in result["per_finding"].items():
         lo, hi = d["auc_ci95"]
         lines.append(f"| {f} | {d['auc']:.3f} | {lo:.3f}–{hi:.3f} | {d['positives']} / "
@@ -243,12 +250,12 @@ def markdown(result: dict[str, Any]) -> str:
     lo, hi = result["mean_auc_ci95"]
     lines.append(f"| **mean** | **{result['mean_auc']:.3f}** | {lo:.3f}–{hi:.3f} | | |")
     if result["skipped_findings"]:
-        lines += ["", "Left out (a class missing in validation or test): "
+        lines += ["", f"Left out (a class missing in {missing_in}): "
                   + ", ".join(result["skipped_findings"])]
     if result["no_training_class"]:
         lines += ["", "Scored as chance (AUC 0.5: one class only among the training images): "
                   + ", ".join(result["no_training_class"])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_probe(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
