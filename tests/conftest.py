@@ -86,6 +86,29 @@ def build_corpus(root, n_train: int, n_test: int, seed: int, size: int, vocab_si
     return manifest, root / "tok"
 
 
+@pytest.fixture(scope="session")
+def eval_corpus(tmp_path_factory):
+    """A 240 + 80 study synthetic corpus (32 px) and its tokenizer, for the evaluation tests."""
+    return build_corpus(tmp_path_factory.mktemp("eval_corpus"), 240, 80, seed=3, size=32,
+                        vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def eval_run(eval_corpus, tmp_path_factory):
+    """Two pre-training steps of the tiny model on ``eval_corpus`` (bootstrap 20): a model
+    folder for the evaluation commands. Tests must not write into it."""
+    from xlip.train.loop import pretrain
+
+    manifest, tok = eval_corpus
+    cfg = tiny_config(
+        data={"sources": [{"manifest": str(manifest), "kind": "paired"}], "batch_size": 8,
+              "num_workers": 0, "eval_manifest": str(manifest)},
+        text={"tokenizer": str(tok), "max_length": 64}, eval={"bootstrap": 20},
+        train={"out_dir": str(tmp_path_factory.mktemp("eval_run")), "steps": 2,
+               "warmup_steps": 1, "ckpt_every": 2})
+    return pretrain(cfg, progress=False)
+
+
 def write_dicom(path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
                 bits_stored: int | None = None, **tags):
     """A minimal single-frame (or multi-frame for 3-D grayscale) uncompressed DICOM."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import build_corpus, tiny_config
+from tests.conftest import tiny_config
 from xlip.api import XLIP
 from xlip.cli import main
 from xlip.eval import finetune as ft
@@ -20,30 +20,11 @@ from xlip.eval.finetune import FinetuneOptions, finetune, schedule_config
 from xlip.eval.probe import ProbeOptions, split_rows
 from xlip.errors import InputError
 from xlip.optim import NonFiniteLossError, adamw, lr_lambda, param_groups
-from xlip.train.loop import pretrain
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus"), 240, 80, seed=3, size=32,
-                        vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory):
-    manifest, tok = corpus
-    cfg = tiny_config(
-        data={"sources": [{"manifest": str(manifest), "kind": "paired"}], "batch_size": 8,
-              "num_workers": 0, "eval_manifest": str(manifest)},
-        text={"tokenizer": str(tok), "max_length": 64}, eval={"bootstrap": 20},
-        train={"out_dir": str(tmp_path_factory.mktemp("run")), "steps": 2, "warmup_steps": 1,
-               "ckpt_every": 2})
-    return pretrain(cfg, progress=False)
-
-
-def test_finetune_command_writes_its_protocol_and_is_deterministic(corpus, run, tmp_path):
-    manifest, _ = corpus
-    args = ["eval", "finetune", "--model", str(run), "--steps", "6", "--eval-every", "3",
+def test_finetune_command_writes_its_protocol_and_is_deterministic(eval_corpus, eval_run, tmp_path):
+    manifest, _ = eval_corpus
+    args = ["eval", "finetune", "--model", str(eval_run), "--steps", "6", "--eval-every", "3",
             "--batch-size", "16", "--lr", "1e-3", "--quiet"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     res = json.loads((tmp_path / "a" / "finetune.json").read_text())
@@ -64,7 +45,7 @@ def test_finetune_command_writes_its_protocol_and_is_deterministic(corpus, run, 
     assert [c["step"] for c in curve] == [3, 6] and res["steps_done"] == 6
     assert res["best_step"] in (3, 6)
     assert res["best_val_mean_auc"] == max(c["val_mean_auc"] for c in curve)
-    m = XLIP.from_pretrained(run)
+    m = XLIP.from_pretrained(eval_run)
     sched = lr_lambda(schedule_config(m.cfg, FinetuneOptions(manifest, steps=6, lr=1e-3)))
     assert [c["lr"] for c in curve] == pytest.approx([1e-3 * sched(3), 1e-3 * sched(6)])
     assert (tmp_path / "a" / "finetune.md").read_text().startswith(
@@ -82,12 +63,12 @@ def test_finetune_command_writes_its_protocol_and_is_deterministic(corpus, run, 
             == (tmp_path / "b" / "finetune.safetensors").read_bytes())
 
 
-def test_early_stopping_restores_the_best_validation_weights(corpus, run, tmp_path,
+def test_early_stopping_restores_the_best_validation_weights(eval_corpus, eval_run, tmp_path,
                                                              monkeypatch):
     """A contrived validation curve: best at the 2nd measurement, then 3 without improvement
     (patience 3): training stops at the 5th, and the weights tested and saved are those of the
     2nd."""
-    manifest, _ = corpus
+    manifest, _ = eval_corpus
     curve, seen = [0.6, 0.8, 0.7, 0.75, 0.65, 0.9, 0.9], []
 
     def contrived(net, paths, y, cfg):
@@ -102,7 +83,7 @@ def test_early_stopping_restores_the_best_validation_weights(corpus, run, tmp_pa
 
     monkeypatch.setattr(ft, "validation_auc", contrived)
     monkeypatch.setattr(ft, "scores", scores)
-    m = XLIP.from_pretrained(run)
+    m = XLIP.from_pretrained(eval_run)
     opt = FinetuneOptions(manifest, steps=40, eval_every=2, patience=3, batch_size=8, lr=1e-3)
     res = finetune(m.model, m.cfg, opt, tmp_path / "w.safetensors", bootstrap=0)
     assert [c["step"] for c in res["validation_curve"]] == [2, 4, 6, 8, 10]
@@ -115,8 +96,8 @@ def test_early_stopping_restores_the_best_validation_weights(corpus, run, tmp_pa
     assert any(not torch.equal(seen[1][k], seen[4][k]) for k in seen[1])  # it did move on
 
 
-def test_the_test_split_is_read_once_after_training(corpus, run, monkeypatch):
-    manifest, _ = corpus
+def test_the_test_split_is_read_once_after_training(eval_corpus, eval_run, monkeypatch):
+    manifest, _ = eval_corpus
     _, val, test, _ = split_rows(ProbeOptions(manifest))
     val_paths, test_paths = [r.image for r in val], [r.image for r in test]
     events, trained_on = [], set()
@@ -133,7 +114,7 @@ def test_the_test_split_is_read_once_after_training(corpus, run, monkeypatch):
 
     monkeypatch.setattr(ft, "pooled_features", pooled)
     monkeypatch.setattr(ft, "prepare_image", prepare_image)
-    m = XLIP.from_pretrained(run)
+    m = XLIP.from_pretrained(eval_run)
     finetune(m.model, m.cfg, FinetuneOptions(manifest, steps=4, eval_every=2, batch_size=8),
              bootstrap=0)
     reads = [e for e in events if e != "train"]
@@ -142,14 +123,14 @@ def test_the_test_split_is_read_once_after_training(corpus, run, monkeypatch):
     assert not trained_on & (set(test_paths) | set(val_paths))
 
 
-def test_a_pretrained_encoder_beats_random_init_at_equal_steps(corpus, run, tmp_path):
+def test_a_pretrained_encoder_beats_random_init_at_equal_steps(eval_corpus, eval_run, tmp_path):
     """At a test-sized budget a tiny XLIP pre-training does not reliably help (200 steps of
     the tiny model on 600 images, three seeds: test AUC 0.003-0.014 above random init, within
     the noise), so the encoder "pre-trained" here is one that already knows the findings:
     fine-tuned for 150 steps first. From it, 20 steps beat 20 steps from the same architecture
     untrained (--init random); measured margin 0.07-0.18 over three corpora x two seeds."""
-    manifest, _ = corpus
-    m = XLIP.from_pretrained(run)
+    manifest, _ = eval_corpus
+    m = XLIP.from_pretrained(eval_run)
     first = FinetuneOptions(manifest, steps=150, lr=3e-3, eval_every=50, patience=3)
     finetune(m.model, m.cfg, first, tmp_path / "first.safetensors", bootstrap=0)
     w = load_file(str(tmp_path / "first.safetensors"))
@@ -162,19 +143,19 @@ def test_a_pretrained_encoder_beats_random_init_at_equal_steps(corpus, run, tmp_
     assert pre["mean_auc"] >= rnd["mean_auc"] + 0.05, (pre["mean_auc"], rnd["mean_auc"])
 
 
-def test_a_non_finite_loss_stops_fine_tuning_with_the_fix(corpus, run, monkeypatch):
-    manifest, _ = corpus
+def test_a_non_finite_loss_stops_fine_tuning_with_the_fix(eval_corpus, eval_run, monkeypatch):
+    manifest, _ = eval_corpus
     monkeypatch.setattr(ft.Classifier, "forward",
                         lambda self, images: torch.full((len(images), len(self.head.bias)),
                                                         float("nan")))
-    m = XLIP.from_pretrained(run)
+    m = XLIP.from_pretrained(eval_run)
     with pytest.raises(NonFiniteLossError, match=r"fine-tuning diverged: non-finite loss at "
                                                  r"step 1: .*Lower --lr \(it was 0.0003\)"):
         finetune(m.model, m.cfg, FinetuneOptions(manifest, steps=3), bootstrap=0)
 
 
-def test_the_new_head_learns_at_a_multiple_of_the_lr_and_pretraining_is_unchanged(run):
-    m = XLIP.from_pretrained(run)
+def test_the_new_head_learns_at_a_multiple_of_the_lr_and_pretraining_is_unchanged(eval_run):
+    m = XLIP.from_pretrained(eval_run)
     cfg = schedule_config(m.cfg, FinetuneOptions("unused.csv", steps=10, lr=1e-3))
     net = ft.Classifier(m.model.vision, 3)
     opt, sched = adamw(net, cfg, {"head": 10.0})
@@ -192,8 +173,8 @@ def test_the_new_head_learns_at_a_multiple_of_the_lr_and_pretraining_is_unchange
         [id(p) for p in g["params"]] for g in param_groups(m.model, m.cfg.train.weight_decay)]
 
 
-def test_options_refuse_bad_values(corpus):
-    manifest, _ = corpus
+def test_options_refuse_bad_values(eval_corpus):
+    manifest, _ = eval_corpus
     for kw, msg in ((dict(steps=0), "--steps 0: give at least 1 optimisation step"),
                     (dict(patience=0), "--patience 0: give at least 1 validation measurement"),
                     (dict(eval_every=0), "--eval-every 0: give at least 1"),
@@ -206,8 +187,8 @@ def test_options_refuse_bad_values(corpus):
             FinetuneOptions(manifest, **kw)
 
 
-def test_user_faults_are_one_line_errors(run, tmp_path, capsys):
-    def error(*argv: str, model=run) -> str:
+def test_user_faults_are_one_line_errors(eval_run, tmp_path, capsys):
+    def error(*argv: str, model=eval_run) -> str:
         assert main(["eval", "finetune", "--model", str(model), *argv, "--quiet", "--out",
                      str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip()
@@ -223,7 +204,7 @@ def test_user_faults_are_one_line_errors(run, tmp_path, capsys):
     assert "--findings 'Hernia': none of the" in msg and "training" in msg
     assert "Cardiomegaly" in msg  # what can be asked for instead
     broken = tmp_path / "broken"
-    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(eval_run, broken, ignore=shutil.ignore_patterns("checkpoints"))
     (broken / "model.safetensors").write_bytes(b"not weights")
     assert "not a readable safetensors file" in error(model=broken)
     (broken / "model.safetensors").unlink()

@@ -8,34 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import build_corpus, tiny_config
+from tests.conftest import tiny_config
 from xlip.cli import main
 from xlip.errors import InputError
 from xlip.eval import probe
 from xlip.eval.probe import ProbeOptions, linear_probe, split_rows
-from xlip.train.loop import pretrain
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_corpus(tmp_path_factory.mktemp("corpus"), 240, 80, seed=3, size=32,
-                        vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory):
-    manifest, tok = corpus
-    cfg = tiny_config(
-        data={"sources": [{"manifest": str(manifest), "kind": "paired"}], "batch_size": 8,
-              "num_workers": 0, "eval_manifest": str(manifest)},
-        text={"tokenizer": str(tok), "max_length": 64},
-        train={"out_dir": str(tmp_path_factory.mktemp("run")), "steps": 2, "warmup_steps": 1,
-               "ckpt_every": 2})
-    return pretrain(cfg, progress=False)
-
-
-def test_validation_patients_are_held_out_and_fractions_shrink_training(corpus):
-    manifest, _ = corpus
+def test_validation_patients_are_held_out_and_fractions_shrink_training(eval_corpus):
+    manifest, _ = eval_corpus
     train, val, test, how = split_rows(ProbeOptions(manifest))
     assert "10% of the training patients" in how and val and test
     assert not {r.patient_id for r in train} & {r.patient_id for r in val}
@@ -53,10 +34,10 @@ def test_validation_patients_are_held_out_and_fractions_shrink_training(corpus):
         split_rows(ProbeOptions(manifest, val_split="test"))
 
 
-def test_c_is_chosen_on_validation_never_on_test(corpus, run, monkeypatch):
+def test_c_is_chosen_on_validation_never_on_test(eval_corpus, eval_run, monkeypatch):
     """Features that carry the labels on training and validation images and noise on the
     test images: the choice of C follows validation, and the test AUC is at chance."""
-    manifest, _ = corpus
+    manifest, _ = eval_corpus
     train, val, test, _ = split_rows(ProbeOptions(manifest))
     test_images = {r.image for r in test}
     findings = ("Cardiomegaly", "Pleural Effusion")
@@ -73,7 +54,7 @@ def test_c_is_chosen_on_validation_never_on_test(corpus, run, monkeypatch):
     monkeypatch.setattr(probe, "pooled_features", features)
     from xlip.api import XLIP
 
-    m = XLIP.from_pretrained(run)
+    m = XLIP.from_pretrained(eval_run)
     res = linear_probe(m.model, m.cfg, ProbeOptions(manifest, findings=findings), bootstrap=20)
     by_c = res["val_mean_auc_by_C"]
     assert res["C"] == max(probe.C_GRID, key=lambda c: (by_c[str(c)], -c))
@@ -82,8 +63,8 @@ def test_c_is_chosen_on_validation_never_on_test(corpus, run, monkeypatch):
     assert set(res["per_finding"]) == set(findings)
 
 
-def test_probe_command_writes_the_protocol_and_its_numbers(run, tmp_path, capsys):
-    assert main(["eval", "probe", "--model", str(run), "--out", str(tmp_path / "p")]) == 0
+def test_probe_command_writes_the_protocol_and_its_numbers(eval_run, tmp_path, capsys):
+    assert main(["eval", "probe", "--model", str(eval_run), "--out", str(tmp_path / "p")]) == 0
     res = json.loads((tmp_path / "p" / "probe.json").read_text())
     assert res["protocol"] == "linear_probe" and res["init"] == "pretrained"
     assert res["fraction"] == 1.0 and 0.5 < res["mean_auc"] <= 1.0
@@ -91,11 +72,11 @@ def test_probe_command_writes_the_protocol_and_its_numbers(run, tmp_path, capsys
         lo, hi = d["auc_ci95"]
         assert lo <= d["auc"] <= hi and d["positives"] > 0 and d["train_positives"] > 0
     assert (tmp_path / "p" / "probe.md").read_text().startswith("# Linear probe")
-    assert main(["eval", "probe", "--model", str(run), "--init", "random", "--fraction",
+    assert main(["eval", "probe", "--model", str(eval_run), "--init", "random", "--fraction",
                  "0.5", "--out", str(tmp_path / "r")]) == 0
     rnd = json.loads((tmp_path / "r" / "probe.json").read_text())
     assert rnd["init"] == "random" and rnd["fraction"] == 0.5
     assert rnd["n_train"] < res["n_train"] and rnd["n_test"] == res["n_test"]
     capsys.readouterr()
-    assert main(["eval", "probe", "--model", str(run), "--test-split", "holdout"]) == 2
+    assert main(["eval", "probe", "--model", str(eval_run), "--test-split", "holdout"]) == 2
     assert "no rows with image and labels in split 'holdout'" in capsys.readouterr().err

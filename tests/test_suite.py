@@ -7,7 +7,9 @@ import json
 import pytest
 
 from xlip.config import ConfigError
-from xlip.suite import SuiteEntry, load_suite
+from xlip.cli import main
+from xlip.hashing import file_sha256
+from xlip.suite import RESULT_FILES, SuiteEntry, load_suite
 
 
 def write(tmp_path, text: str):
@@ -75,3 +77,59 @@ def test_entry_argv_keeps_the_suite_folder_layout():
     e = SuiteEntry("probe_f0.1", "probe", {"fraction": 0.1})
     assert e.argv("m", "o")[-2:] == ["--out", "o/probe_f0.1"]
     assert json.dumps(e.argv("m", "o"))  # plain strings only
+
+
+def test_suite_command_checks_every_entry_runs_them_and_writes_the_model_card(
+        eval_run, tmp_path, capsys):
+    suite_file = write(tmp_path, """
+evaluations:
+  - kind: zeroshot
+    no_plots: true
+  - kind: probe
+    init: [pretrained, random]
+  - kind: retrieval
+""")
+    out = tmp_path / "eval"
+    argv = ["eval", "suite", "--model", str(eval_run), "--config", str(suite_file),
+            "--out", str(out)]
+    assert main(argv) == 0
+    suite = json.loads((out / "suite.json").read_text())
+    rows = {r["name"]: r for r in suite["evaluations"]}
+    assert list(rows) == ["zeroshot", "probe_pretrained", "probe_random", "retrieval"]
+    for name, row in rows.items():  # each row is its command's own result, not a copy of another
+        own = json.loads((out / name / RESULT_FILES[row["kind"]]).read_text())
+        if row["kind"] == "retrieval":
+            assert row["figures"]["image_to_text R@5"] == own["image_to_text"]["R@5"]
+        else:
+            assert row["mean_auc"] == own["mean_auc"] and 0 <= own["mean_auc"] <= 1
+    assert rows["probe_random"]["init"] == "random" and rows["probe_pretrained"]["data_sha256"]
+    assert rows["zeroshot"]["prompts"] == "xlip" and rows["zeroshot"]["protocol"] == "zeroshot"
+    assert suite["model"]["weights_sha256"] == file_sha256(eval_run / "model.safetensors")
+    page = (out / "README.md").read_text()
+    assert page.startswith(f"# Evaluation of `{eval_run}`")
+    assert all(f"[{n}]({n}/)" in page and f"## {n}" in page for n in rows)
+    assert "100 % of training labels; random init" in page
+    assert "\n### Linear probe" in page  # each command's own page, below its entry's heading
+
+    capsys.readouterr()  # a second run keeps every result and runs nothing
+    stamp = (out / "probe_random" / "probe.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("result exists for this command; kept") == 4
+    assert (out / "probe_random" / "probe.json").stat().st_mtime_ns == stamp
+
+
+def test_suite_command_refuses_a_bad_entry_before_running_any(eval_run, tmp_path, capsys):
+    suite_file = write(tmp_path, """
+evaluations:
+  - kind: retrieval
+  - kind: probe
+    frction: 0.1
+""")
+    out = tmp_path / "eval"
+    assert main(["eval", "suite", "--model", str(eval_run), "--config", str(suite_file),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--frction" in err and str(suite_file) in err
+    assert not (out / "retrieval").exists()  # the first entry did not run
+    assert main(["eval", "suite", "--model", str(tmp_path), "--config", str(suite_file)]) == 2
+    assert "not a model folder" in capsys.readouterr().err

@@ -160,6 +160,39 @@ def _retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CheckingParser(argparse.ArgumentParser):
+    """A parser whose errors raise ConfigError instead of exiting (a suite entry's command)."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from xlip.suite import load_suite, run_suite
+
+    model = Path(args.model)
+    if not (model / "config.yaml").is_file():
+        raise ConfigError(f"--model {model}: not a model folder (no config.yaml); give a "
+                          "pre-training run or one of its checkpoints")
+    entries = load_suite(args.config)
+    out = writable_dir(Path(args.out) if args.out else model / "eval", "--out")
+    parser = build_parser(_CheckingParser)
+
+    def check(argv: list[str]) -> None:
+        try:
+            parser.parse_args(argv)
+        except ConfigError as err:
+            raise ConfigError(f"{args.config}: `xlip {' '.join(argv)}`: {err}") from None
+
+    def run(argv: list[str]) -> None:
+        sub = parser.parse_args(argv)
+        sub.func(sub)
+
+    suite = run_suite(model, entries, out, run=run, check=check, force=args.force)
+    print(f"{len(suite['evaluations'])} evaluations → {out / 'README.md'}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from xlip.eval.plot import plot_run
 
@@ -417,8 +450,9 @@ def _explain_defaults(parser: argparse.ArgumentParser) -> None:
                 _explain_defaults(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xlip", description="XLIP pre-training of chest X-ray "
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                 ) -> argparse.ArgumentParser:
+    p = parser_class(prog="xlip", description="XLIP pre-training of chest X-ray "
                                 "image and report encoders, and their evaluation. Start with "
                                 "`xlip demo`; `xlip COMMAND --help` explains each command.")
     p.add_argument("--version", action="version", version=f"xlip {__version__}")
@@ -662,6 +696,16 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--split", help="default: data.eval_split")
     rt.add_argument("--out", help="folder for retrieval.json/.md (default: the model folder)")
     rt.set_defaults(func=_retrieval)
+    su = ev.add_parser("suite", help="run the evaluations a YAML file lists and write one "
+                                     "model-card page (RUN/eval/README.md)")
+    su.add_argument("--model", required=True, help="model folder (a run or a checkpoint)")
+    su.add_argument("--config", required=True, help="suite file: `evaluations:`, a list of "
+                    "{kind: zeroshot|probe|finetune|retrieval|benchmark, OPTION: VALUE, ...}; a "
+                    "list value runs once per value (see docs in xlip/suite.py)")
+    su.add_argument("--out", help="folder for the results, suite.json and README.md (default: "
+                                  "MODEL/eval)")
+    su.add_argument("--force", action="store_true", help="rerun entries whose result exists")
+    su.set_defaults(func=_suite)
     ab = sub.add_parser("ablate", help="pre-train and evaluate variants side by side (same "
                                        "data, seeds, and steps or wall-clock time)")
     ab.add_argument("--config", help="YAML config all variants start from")

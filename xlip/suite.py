@@ -28,7 +28,6 @@ checkpoint, and the command that reproduces it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import itertools
 import json
 import re
@@ -41,6 +40,7 @@ import yaml
 
 from xlip.config import ConfigError, load_config
 from xlip.files import write_atomic
+from xlip.hashing import file_sha256
 
 #: evaluation kind → the JSON file its command writes
 RESULT_FILES = {"zeroshot": "zeroshot.json", "probe": "probe.json", "finetune": "finetune.json",
@@ -134,14 +134,6 @@ def default_name(kind: str, opts: dict[str, Any], grid: Sequence[str]) -> str:
         v = opts[k]
         parts.append(f"f{v:g}" if k == "fraction" and isinstance(v, (int, float)) else str(v))
     return "_".join(p for p in parts if p).replace("/", "-")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_card(model: str | Path) -> dict[str, Any]:
@@ -252,7 +244,7 @@ def _setting(row: dict[str, Any]) -> str:
     if row.get("prompts"):
         bits.append(f"prompts {row['prompts']}")
     if row.get("fraction") is not None:
-        bits.append(f"{float(row['fraction']):g} of training labels")
+        bits.append(f"{100 * float(row['fraction']):g} % of training labels")
     if row.get("init"):
         bits.append(f"{row['init']} init")
     if row.get("threshold"):
@@ -284,7 +276,7 @@ def readme(suite: dict[str, Any], out_dir: Path) -> str:
     for r in suite["evaluations"]:
         lines += ["", f"## {r['name']}", "", f"`{r['command']}`", ""]
         md = out_dir / r["name"] / RESULT_FILES[r["kind"]].replace(".json", ".md")
-        if md.is_file():  # the command's own page, its headings one level down
-            lines += [re.sub(r"^(#+) ", r"#\1 ", line) for line in
+        if md.is_file():  # the command's own page, below the entry's heading
+            lines += [re.sub(r"^(#+) ", r"##\1 ", line) for line in
                       md.read_text().rstrip().splitlines()]
     return "\n".join(lines) + "\n"
