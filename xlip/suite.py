@@ -58,6 +58,13 @@ class SuiteEntry:
     kind: str
     options: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def result_file(self) -> str:
+        """The JSON its command writes (``--prompts all``: the sensitivity table's)."""
+        if self.kind == "zeroshot" and self.options.get("prompts") == "all":
+            return "zeroshot_prompts.json"
+        return RESULT_FILES[self.kind]
+
     def argv(self, model: str | Path, out_dir: str | Path) -> list[str]:
         args = ["eval", self.kind]
         opts = dict(self.options)
@@ -161,7 +168,7 @@ def run_suite(model: str | Path, entries: Sequence[SuiteEntry], out_dir: Path,
     results = []
     for i, e in enumerate(entries, 1):
         argv = e.argv(model, out_dir)
-        js = out_dir / e.name / RESULT_FILES[e.kind]
+        js = out_dir / e.name / e.result_file
         done = out_dir / e.name / "suite_command.json"
         same = (js.is_file() and done.is_file() and
                 json.loads(done.read_text()).get("argv") == argv)
@@ -197,7 +204,7 @@ def _data_hashes(result: dict[str, Any]) -> dict[str, str]:
 
 def summarise(entry: SuiteEntry, result: dict[str, Any], argv: list[str]) -> dict[str, Any]:
     """One row of the page: the headline figure and everything needed to read it."""
-    row = {"name": entry.name, "kind": entry.kind,
+    row = {"name": entry.name, "kind": entry.kind, "result_file": entry.result_file,
            "protocol": result.get("protocol", entry.kind), "command": "xlip " + " ".join(argv),
            "data": result.get("benchmark") or result.get("test_manifest") or
            result.get("manifest"), "split": result.get("test_split") or result.get("split"),
@@ -205,7 +212,11 @@ def summarise(entry: SuiteEntry, result: dict[str, Any], argv: list[str]) -> dic
            "fraction": result.get("fraction"), "init": result.get("init"),
            "prompts": result.get("prompt_set"), "mode": result.get("mode"),
            "n_test": result.get("n_test") or result.get("n_images")}
-    if entry.kind == "retrieval":
+    if "mean_auc_by_set" in result:  # zeroshot --prompts all: one mean AUC per prompt set
+        row["prompts"] = "all (" + ", ".join(result["mean_auc_by_set"]) + ")"
+        row["mean_auc_by_set"] = result["mean_auc_by_set"]
+        row["threshold"] = result.get("threshold_source")
+    elif entry.kind == "retrieval":
         row["figures"] = {f"{d} R@{k}": result[d][f"R@{k}"]
                           for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
     else:
@@ -221,6 +232,8 @@ def summarise(entry: SuiteEntry, result: dict[str, Any], argv: list[str]) -> dic
 
 
 def _figure(row: dict[str, Any]) -> str:
+    if "mean_auc_by_set" in row:
+        return "; ".join(f"{k} **{v:.3f}**" for k, v in row["mean_auc_by_set"].items())
     if "figures" in row:
         f = row["figures"]
         return (f"R@1/5/10 i→t {f['image_to_text R@1']:.3f} / {f['image_to_text R@5']:.3f} / "
@@ -275,7 +288,7 @@ def readme(suite: dict[str, Any], out_dir: Path) -> str:
                      f"{_figure(r)} |")
     for r in suite["evaluations"]:
         lines += ["", f"## {r['name']}", "", f"`{r['command']}`", ""]
-        md = out_dir / r["name"] / RESULT_FILES[r["kind"]].replace(".json", ".md")
+        md = out_dir / r["name"] / r["result_file"].replace(".json", ".md")
         if md.is_file():  # the command's own page, below the entry's heading
             lines += [re.sub(r"^(#+) ", r"##\1 ", line) for line in
                       md.read_text().rstrip().splitlines()]
