@@ -21,7 +21,8 @@ demo: install
 	$(BIN)/xlip demo --out runs/demo
 
 # Pre-training on the real sets in ../shared/data (configs/shared-real.yaml): the three dataset
-# adapters, a WordPiece vocabulary on the training reports, pre-training, zero-shot on NIH test.
+# adapters, a WordPiece vocabulary on the training reports, pre-training, zero-shot on NIH test,
+# then the evaluation suite of configs/shared-real-eval.yaml (runs/shared-real/eval/README.md).
 SHARED ?= ../shared/data
 REAL := runs/shared-real
 shared-real: install
@@ -32,6 +33,7 @@ shared-real: install
 		--out $(REAL)/tokenizer --vocab-size 4000
 	$(BIN)/xlip pretrain --config configs/shared-real.yaml
 	$(BIN)/xlip eval zeroshot --model $(REAL)
+	$(BIN)/xlip eval suite --model $(REAL) --config configs/shared-real-eval.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

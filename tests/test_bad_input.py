@@ -5,11 +5,14 @@ silent loss of rows or a traceback; a bug still shows its traceback."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import ROOT
 from xlip.cli import main
 from xlip.data.manifest import ManifestError, load_manifest, read_rows
 from xlip.data.validate import validate
@@ -145,6 +148,9 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"xlip {__version__}"
+    ran = subprocess.run([sys.executable, "-m", "xlip", "--version"], capture_output=True,
+                         text=True, cwd=ROOT)  # python -m xlip is the same command
+    assert ran.returncode == 0 and ran.stdout.strip() == f"xlip {__version__}"
 
 
 def test_config_show_prints_valid_yaml_and_the_presets(tmp_path, capsys):

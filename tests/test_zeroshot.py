@@ -283,3 +283,19 @@ def test_empty_class_and_unusable_validation_rows_are_refused(model, corpus):
     with pytest.raises(InputError, match="split 'valid': no positive image of Nodule, so no F1 "
                                          "threshold can be chosen"):
         zeroshot("m3.csv", no_valid_nodule, findings=FINDINGS, val_split="valid")
+
+
+def test_api_zero_shot_uses_the_named_prompt_set(model, corpus):
+    """``XLIP.zero_shot(..., prompts=NAME)``: the softmax over [positive, negative] of the
+    scaled cosines with that set's mean prompt embeddings; an unknown name is refused."""
+    manifest, _ = corpus
+    findings = ["Cardiomegaly", "Edema"]
+    rows, logits = scores(model, "test", manifest, findings, "chexzero")
+    probs = model.zero_shot([r.image for r in rows[:20]], findings, prompts="chexzero")
+    for j, f in enumerate(findings):
+        want = 1 / (1 + np.exp(logits[:20, j, 1] - logits[:20, j, 0]))
+        np.testing.assert_allclose(probs[f], want, atol=1e-5)
+    default = model.zero_shot([r.image for r in rows[:20]], findings)
+    assert not np.allclose(default["Edema"], probs["Edema"])  # another set, other scores
+    with pytest.raises(InputError, match="prompt set 'cxr': unknown"):
+        model.zero_shot([r.image for r in rows[:2]], findings, prompts="cxr")

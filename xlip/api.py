@@ -20,6 +20,7 @@ from xlip.eval.zeroshot import (class_embeddings, encode_images, encode_tensor,
                                 positive_probability)
 from xlip.model.weights import load_weights, save_text_files, save_weights
 from xlip.model.xlip import XLIPModel
+from xlip.text.prompts import DEFAULT_PROMPT_SET, get_prompt_set
 from xlip.text.tokenizer import load_tokenizer
 
 
@@ -84,10 +85,12 @@ class XLIP:
         return encode_texts(self.model, self.tokenizer, texts, self.cfg.text.max_length)
 
     @torch.no_grad()
-    def zero_shot(self, images: Tensor | Sequence[str | Path],
-                  findings: Sequence[str]) -> dict[str, np.ndarray]:
-        """Probability that each finding is present: {finding: (B,) array}."""
+    def zero_shot(self, images: Tensor | Sequence[str | Path], findings: Sequence[str],
+                  prompts: str = DEFAULT_PROMPT_SET) -> dict[str, np.ndarray]:
+        """Probability that each finding is present: {finding: (B,) array}, from the positive
+        and negative prompts of the named set (``xlip``, ``chexzero`` or ``report``)."""
         emb = self.encode_image(images)
-        cls, _ = class_embeddings(self.model, self.tokenizer, findings, self.cfg.text.max_length)
+        cls, _ = class_embeddings(self.model, self.tokenizer, findings, self.cfg.text.max_length,
+                                  get_prompt_set(prompts).name)
         prob = positive_probability(emb, cls, float(self.model.scale())).cpu().numpy()
         return {f: prob[:, j] for j, f in enumerate(findings)}
