@@ -3,12 +3,14 @@
 These are the slow tests (a few minutes on 2 CPU cores): deselect with -m "not slow".
 """
 
+import dataclasses
 import json
 
 import pytest
 
 from tests.conftest import build_corpus
 from xlip.config import from_dict
+from xlip.eval.probe import ProbeOptions, linear_probe
 from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 from xlip.api import XLIP
 from xlip.train.loop import pretrain
@@ -49,9 +51,14 @@ def zeroshot(run, manifest):
     return evaluate_zeroshot(m.model, m.tokenizer, m.cfg, ZeroShotOptions(manifest, "test"))
 
 
-def test_pretraining_beats_chance_and_shuffled_control_does_not(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def real_run(corpus, tmp_path_factory):
+    return pretrain(learn_cfg(corpus, tmp_path_factory.mktemp("real")), progress=False)
+
+
+def test_pretraining_beats_chance_and_shuffled_control_does_not(corpus, real_run, tmp_path):
     manifest, _ = corpus
-    real = zeroshot(pretrain(learn_cfg(corpus, tmp_path / "real"), progress=False), manifest)
+    real = zeroshot(real_run, manifest)
     ctrl = zeroshot(pretrain(learn_cfg(corpus, tmp_path / "shuffled", shuffle_pairs=True),
                              progress=False), manifest)
     print(json.dumps({"real": real["per_finding"], "real_mean": real["mean_auc"],
@@ -63,6 +70,19 @@ def test_pretraining_beats_chance_and_shuffled_control_does_not(corpus, tmp_path
     # run must stand far above it.
     assert abs(ctrl["mean_auc"] - 0.5) <= 0.12, ctrl["per_finding"]
     assert real["mean_auc"] - ctrl["mean_auc"] >= 0.15
+
+
+def test_a_linear_probe_of_the_pretrained_encoder_beats_random_init(corpus, real_run):
+    """The frozen pooled features of the short pre-training vs those of the same architecture
+    untrained (``--init random``), with the same probe on 10 % of the training patients."""
+    manifest, _ = corpus
+    m = XLIP.from_pretrained(real_run)
+    opt = ProbeOptions(manifest, fraction=0.1)
+    pre = linear_probe(m.model, m.cfg, opt, bootstrap=0)
+    rnd = linear_probe(m.untrained(0).model, m.cfg, dataclasses.replace(opt, init="random"),
+                       bootstrap=0)
+    print(json.dumps({"pretrained": pre["mean_auc"], "random": rnd["mean_auc"]}))
+    assert pre["mean_auc"] >= rnd["mean_auc"] + 0.05, (pre["mean_auc"], rnd["mean_auc"])
 
 
 def test_attmim_masks_the_lesion_the_report_names(tmp_path):

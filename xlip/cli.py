@@ -84,7 +84,7 @@ def _probe(args: argparse.Namespace) -> int:
     out = writable_dir(args.out or Path(args.model) / f"probe_{args.init}_{args.fraction:g}",
                        "--out")
     model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
-    result = linear_probe(model, m.cfg, opt)
+    result = linear_probe(model, m.cfg, opt, progress=True)
     result["model"] = str(args.model)
     js, md = write_probe(result, out)
     print(markdown(result))
@@ -152,7 +152,7 @@ def _retrieval(args: argparse.Namespace) -> int:
     m, manifest = _model_and_manifest(args)
     out = writable_dir(args.out or args.model, "--out")
     result = evaluate_retrieval(m.model, m.tokenizer, m.cfg, manifest,
-                                args.split or m.cfg.data.eval_split)
+                                args.split or m.cfg.data.eval_split, progress=True)
     result["model"] = str(args.model)
     js, md = write_retrieval(result, out)
     print(markdown(result))

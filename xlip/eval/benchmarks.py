@@ -298,7 +298,8 @@ def _trained(model, cfg: Config, opt: BenchmarkOptions, rows: dict[str, list[Rec
     if isinstance(popt, FinetuneOptions):
         return fit_finetune(model, cfg, popt, train, val, test, "the published val list",
                             cfg.eval.bootstrap, out_dir / "finetune.safetensors", progress=True)
-    feats = [pooled_features(model, [r.image for r in g], cfg) for g in (train, val, test)]
+    feats = [pooled_features(model, [r.image for r in g], cfg, progress=f"features {name}")
+             for name, g in ((train_list, train), ("val", val), ("test", test))]
     return fit_probe(popt, train, val, test, *feats, "the published val list",
                      cfg.eval.bootstrap)
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -56,17 +57,21 @@ class ProbeOptions:
 
 
 @torch.no_grad()
-def pooled_features(model, paths: Sequence[str], cfg: Config, batch_size: int = 128
-                    ) -> np.ndarray:
-    """(n, width) pooled image-encoder features (before the contrastive projection)."""
+def pooled_features(model, paths: Sequence[str], cfg: Config, batch_size: int = 128,
+                    progress: str = "") -> np.ndarray:
+    """(n, width) pooled image-encoder features (before the contrastive projection);
+    ``progress``: the label of a progress bar on stderr (none when empty)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(paths), batch_size):
-        x = torch.stack([prepare_image(p, cfg.vision.image_size, stats=cfg.pixel_stats())
-                         for p in paths[i:i + batch_size]]).to(device)
-        with autocast(cfg.train.precision, device):
-            out.append(model.vision(x)["pooled"].float().cpu())
+    with tqdm(total=len(paths), desc=progress, unit="img", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for i in range(0, len(paths), batch_size):
+            x = torch.stack([prepare_image(p, cfg.vision.image_size, stats=cfg.pixel_stats())
+                             for p in paths[i:i + batch_size]]).to(device)
+            with autocast(cfg.train.precision, device):
+                out.append(model.vision(x)["pooled"].float().cpu())
+            bar.update(len(x))
     return torch.cat(out).numpy()
 
 
@@ -130,14 +135,15 @@ def labels(records: Sequence[Record], findings: Sequence[str]) -> np.ndarray:
     return np.array([[f in r.labels for f in findings] for r in records], dtype=int)
 
 
-def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = None
-                 ) -> dict[str, Any]:
+def linear_probe(model, cfg: Config, opt: ProbeOptions, bootstrap: int | None = None,
+                 progress: bool = False) -> dict[str, Any]:
     """Fit and test the probe; returns the result dict written to ``probe.json``."""
-    return linear_probes(model, cfg, opt, [opt.fraction], bootstrap)[opt.fraction]
+    return linear_probes(model, cfg, opt, [opt.fraction], bootstrap, progress)[opt.fraction]
 
 
 def linear_probes(model, cfg: Config, opt: ProbeOptions, fractions: Sequence[float],
-                  bootstrap: int | None = None) -> dict[float, dict[str, Any]]:
+                  bootstrap: int | None = None, progress: bool = False
+                  ) -> dict[float, dict[str, Any]]:
     """One probe per label fraction (``opt.fraction`` aside), on features computed once. The
     validation and test rows are the same for every fraction. A fraction too small to hold
     both classes of any finding gives ``{"error": why}``; when every fraction does, this
@@ -155,7 +161,9 @@ def linear_probes(model, cfg: Config, opt: ProbeOptions, fractions: Sequence[flo
     hashes = split_hashes(opt)
     chosen = nested_fractions(train, fractions, opt.seed)
     patients = len({patient_key(r) for r in train})
-    feats = [pooled_features(model, [r.image for r in rows], cfg) for rows in (train, val, test)]
+    feats = [pooled_features(model, [r.image for r in rows], cfg,
+                             progress=f"features {name}" if progress else "")
+             for name, rows in (("train", train), ("valid", val), ("test", test))]
     out = {}
     for fraction in fractions:
         keep = chosen[fraction]

@@ -59,7 +59,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], max_length: int,
 
 
 def evaluate_retrieval(model, tokenizer, cfg: Config, manifest: str | Path,
-                       split: str = "test") -> dict[str, Any]:
+                       split: str = "test", progress: bool = False) -> dict[str, Any]:
     """Retrieval between the paired rows of ``split`` (an image and a report each)."""
     t0 = time.perf_counter()
     model.eval()
@@ -74,7 +74,8 @@ def evaluate_retrieval(model, tokenizer, cfg: Config, manifest: str | Path,
     index = {t: j for j, t in enumerate(texts)}
     target = np.array([index[t] for _, t in rows])
     img = encode_images(model, [r.image for r, _ in rows], cfg.vision.image_size,
-                        cfg.eval.batch_size, cfg.pixel_stats(), cfg.train.precision)
+                        cfg.eval.batch_size, cfg.pixel_stats(), cfg.train.precision,
+                        progress=f"encoding {split}" if progress else "")
     txt = encode_texts(model, tokenizer, texts, cfg.text.max_length)
     sim = (img.float() @ txt.to(img.device).T).cpu().numpy()
     i2t, t2i = ranks(sim, target)
