@@ -103,7 +103,7 @@ def test_the_test_split_is_read_once_after_training(eval_corpus, eval_run, monke
     events, trained_on = [], set()
     encode, prepare = ft.pooled_features, ft.prepare_image
 
-    def pooled(model, paths, cfg, batch_size=128):
+    def pooled(model, paths, cfg, batch_size=128, progress=""):
         events.append(list(paths))
         return encode(model, paths, cfg, batch_size)
 

@@ -44,7 +44,7 @@ def test_c_is_chosen_on_validation_never_on_test(eval_corpus, eval_run, monkeypa
     by_image = {r.image: r for r in train + val + test}
     rng = np.random.default_rng(0)
 
-    def features(model, paths, cfg, batch_size=128):
+    def features(model, paths, cfg, batch_size=128, progress=""):
         y = np.array([[f in by_image[p].labels for f in findings] for p in paths], float)
         noise = rng.normal(size=(len(paths), 4))
         if paths[0] in test_images:

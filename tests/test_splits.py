@@ -160,7 +160,7 @@ def test_recorded_hash_is_the_files_sha256(written):
     assert "| 0.1 | `train_10pct.csv` |" in md and meta["algorithm"] in md
 
 
-def label_features(model, paths, cfg, batch_size=128):
+def label_features(model, paths, cfg, batch_size=128, progress=""):
     """Stand-in pooled features: the labels plus noise seeded by the image path."""
     out = []
     for p in paths:
