@@ -35,7 +35,7 @@ from xlip.train.checkpoint import (gather_rng_states, load_state, point_latest_a
 from xlip.train.distributed import (DistInfo, any_rank, barrier, init_distributed,
                                     reduce_sums)
 from xlip.train.resume import apply_optimizer_settings, check_resume
-from xlip.train.tracking import Tracker
+from xlip.train.tracking import Tracker, check_reporters
 
 
 def tokenizer_dir(cfg: Config) -> str:
@@ -142,9 +142,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         if changed and info.is_main:
             print(f"resuming {ck.name} with changed settings: {', '.join(changed)}",
                   file=sys.stderr)
-        if info.is_main:  # a resume from an earlier step rewinds the run
-            point_latest_at(out_dir, ck)
-    tracker = Tracker(out_dir, tr.report_to, int(state["step"]) if state else 0, info.is_main)
+    check_reporters(tr.report_to)  # a missing package: now, not after the data is loaded
     tok_src = tokenizer_dir(cfg)
     tok = load_tokenizer(tok_src)
     dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
@@ -178,6 +176,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     terms = [t for t, on in (("cl", cfg.loss.w_cl > 0), ("mim", cfg.mim.policy != "none"),
                              ("mlm", cfg.mlm.policy != "none")) if on]
     log = MetricLog(dataset.names, terms)
+    tracker = Tracker(out_dir, tr.report_to, start, info.is_main)  # drops rows after ``start``
+    if ck is not None and info.is_main:  # a resume from an earlier step rewinds the run
+        point_latest_at(out_dir, ck)
     guard = DivergenceGuard(tr.diverge_factor,
                             float(state.get("guard_best", math.inf)) if state else math.inf)
     bar = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from xlip.config import ConfigError
+from xlip.files import write_atomic
 
 REPORTERS = ("jsonl", "tensorboard")
 
@@ -33,6 +34,13 @@ def summary_writer_class() -> Any:
     return SummaryWriter
 
 
+def check_reporters(report_to: Sequence[str]) -> None:
+    """Raise the ConfigError of a reporter whose package is missing (on every rank, before
+    the run loads its data)."""
+    if "tensorboard" in report_to:
+        summary_writer_class()
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
     """Drop the metric rows after ``step`` (all of them for a fresh run), so that a resumed run
     appends without logging a step twice."""
@@ -40,7 +48,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
         return
     rows = [x for x in path.read_text().splitlines() if x.strip()]
     kept = [x for x in rows if json.loads(x).get("step", 0) <= step] if step else []
-    path.write_text("".join(x + "\n" for x in kept))
+    write_atomic(path, "".join(x + "\n" for x in kept))
 
 
 class Tracker:
