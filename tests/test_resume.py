@@ -38,12 +38,12 @@ def corpus(tmp_path_factory):
                         vocab_size=400)
 
 
-def run_cfg(corpus, out, **train):
+def run_cfg(corpus, out, workers=0, **train):
     manifest, tok = corpus
     return tiny_config(
         data={"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.75},
                           {"manifest": str(manifest), "kind": "image_only", "weight": 0.25}],
-              "batch_size": 8, "num_workers": 0},
+              "batch_size": 8, "num_workers": workers},
         text={"tokenizer": str(tok), "max_length": 96, "dropout": 0.1},
         train={"out_dir": str(out), "steps": 4, "warmup_steps": 1, "log_every": 1,
                "ckpt_every": 2, **train})
@@ -66,11 +66,14 @@ def crashed_copy(full, part, step):
     (part / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text())  # rows > step too
 
 
-def test_resume_logs_the_losses_of_an_uninterrupted_run(corpus, tmp_path, monkeypatch):
-    full = pretrain(run_cfg(corpus, tmp_path / "full"), progress=False)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_logs_the_losses_of_an_uninterrupted_run(corpus, tmp_path, monkeypatch, workers):
+    """With loader workers too: every sample's augmentation and masks come from a seed the
+    sampler draws for it, not from a worker's generators."""
+    full = pretrain(run_cfg(corpus, tmp_path / "full", workers), progress=False)
     part = tmp_path / "part"
     crashed_copy(full, part, 2)
-    pretrain(run_cfg(corpus, part), resume="latest", progress=False)
+    pretrain(run_cfg(corpus, part, workers), resume="latest", progress=False)
     a, b = rows(full), rows(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]  # rows 3, 4 of the crashed run were redone
     for ra, rb in zip(a, b):
@@ -82,7 +85,7 @@ def test_resume_logs_the_losses_of_an_uninterrupted_run(corpus, tmp_path, monkey
     monkeypatch.setattr("xlip.train.loop.restore_rng", lambda *a: None)
     other = tmp_path / "other"
     crashed_copy(full, other, 2)
-    pretrain(run_cfg(corpus, other), resume="latest", progress=False)
+    pretrain(run_cfg(corpus, other, workers), resume="latest", progress=False)
     assert rows(other)[2]["mlm_loss"] != pytest.approx(a[2]["mlm_loss"], rel=1e-6)
 
 
