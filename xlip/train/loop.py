@@ -262,4 +262,3 @@ class DivergenceGuard:
                 f"train.diverge_factor={self.factor:g} times its lowest logged value "
                 f"{self.best:.4g}", out_dir))
         self.best = min(self.best, total)
-
