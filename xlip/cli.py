@@ -391,18 +391,30 @@ def _visualize(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import yaml
 
-    from xlip.bench import run_bench
+    from xlip.bench import BenchOptions, machine_kind, markdown, run_bench
+    from xlip.files import write_atomic
 
-    if args.out:
-        writable_file(args.out, "--out")
-    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    base.pop("data", None)
-    rows = run_bench(base, args.group, args.batch_size, args.steps,
-                     out=Path(args.out) if args.out else None)
-    print("| variant | s/step | samples/s | ratio |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | "
-              f"{r['ratio_to_first']:.2f} |")
+    opts = BenchOptions(presets=tuple(p for p in args.preset.split(",") if p),
+                        group=args.group, batch_size=args.batch_size, steps=args.steps,
+                        overrides=tuple(args.overrides), device=args.device,
+                        loader=not args.no_loader,
+                        base=yaml.safe_load(Path(args.config).read_text()) if args.config else None)
+    out = None
+    if args.out:  # a folder: one results file per machine kind in it
+        out = Path(args.out)
+        if out.suffix != ".json":
+            import torch
+
+            out = writable_dir(out, "--out") / f"bench_{machine_kind(torch.device(args.device))}.json"
+        writable_file(out, "--out")
+    result = run_bench(opts)
+    text = markdown(result, "xlip bench " + " ".join(sys.argv[2:]))
+    if out:
+        write_atomic(out, json.dumps(result, indent=2) + "\n")
+        write_atomic(out.with_suffix(".md"), text)
+    print(text)
+    if out:
+        print(f"written: {out} {out.with_suffix('.md')}")
     return 0
 
 
@@ -752,12 +764,23 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     pl.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
     pl.set_defaults(func=_plot)
 
-    b = sub.add_parser("bench", help="side-by-side speed ratios of training-step variants")
-    b.add_argument("--config", help="model config YAML (default: the built-in defaults)")
-    b.add_argument("--group", choices=["attention", "precision", "tasks"], default="attention")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--out", help="write the rows as JSON here")
+    b = sub.add_parser("bench", help="training-step cost side by side: CLIP, XLIP, XLIP fast "
+                                     "(time, analytic FLOPs, MFU, peak memory, loader samples/s)")
+    b.add_argument("--preset", default="tiny", help="model size(s): tiny, base (ViT-B/16 at "
+                   "224 px + BERT-base), or both: tiny,base")
+    b.add_argument("--config", help="config YAML under the preset (the preset fills what it "
+                   "leaves out)")
+    b.add_argument("--group", choices=["steps", "attention", "precision", "tasks"],
+                   default="steps", help="variants: steps (CLIP, XLIP, XLIP fast), attention "
+                   "(explicit vs sdpa), precision (fp32 vs bf16), tasks (XLIP's ablations)")
+    b.add_argument("--batch-size", type=int, default=0, help="default: the preset's")
+    b.add_argument("--steps", type=int, default=0, help="timed steps per variant (after one "
+                   "warm-up); default: the preset's")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--no-loader", action="store_true", help="skip the loader's samples/s")
+    b.add_argument("--out", help="F.json (F.md written beside it), or a folder for "
+                   "bench_<machine kind>.json/.md")
+    b.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     b.set_defaults(func=_bench)
 
     cf = sub.add_parser("config", help="configs").add_subparsers(dest="config_cmd",
