@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import re
@@ -36,6 +37,7 @@ from xlip.data.dataset import MixedDataset
 from xlip.data.manifest import load_manifest
 from xlip.data.synthetic import SynthConfig, synthesize
 from xlip.errors import InputError
+from xlip.files import writable_dir, writable_file, write_atomic
 from xlip.flops import StepShape, step_flops
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
@@ -277,6 +279,8 @@ def loader_throughput(cfg: Config, batch_size: int, batches: int = 3) -> dict[st
 
 @dataclass
 class BenchOptions:
+    """What ``xlip bench`` measures (see its flags)."""
+
     presets: tuple[str, ...] = ("tiny",)
     group: str = "steps"
     batch_size: int = 0  # 0: the preset's
@@ -465,9 +469,29 @@ def markdown(result: dict[str, Any], command: str = "") -> str:
                   "prediction (target 1 ± 0.1)."]
         for prec in ("fp32", "bf16"):
             v = result[f"mfu_{prec}_base"]
-            lines.append(f"MFU {prec} at base: " + (f"**{v:.1%}** of the measured {prec} matmul "
-                         "peak" if v is not None else f"null ({result[f'mfu_{prec}_base_reason']})"))
+            lines.append(f"MFU {prec} at base: " + (
+                f"**{v:.1%}** of the measured {prec} matmul peak" if v is not None
+                else f"null ({result[f'mfu_{prec}_base_reason']})"))
     for name, ld in (result.get("loader") or {}).items():
         lines.append(f"Loader ({name}, {ld['image_size']} px, batch {ld['batch_size']}, one "
                      f"process): {ld['samples_per_s']:.1f} samples/s.")
     return "\n".join(lines) + "\n"
+
+
+def bench_command(opts: BenchOptions, out: str | None, command: str) -> str:
+    """``xlip bench``: run, write ``out`` (F.json + F.md, or FOLDER/bench_<machine kind>.json
+    + .md; checked before any work), return the Markdown report."""
+    path = None
+    if out:
+        path = Path(out)
+        if path.suffix != ".json":
+            kind = machine_kind(torch.device(opts.device))
+            path = writable_dir(path, "--out") / f"bench_{kind}.json"
+        writable_file(path, "--out")
+    result = run_bench(opts)
+    text = markdown(result, command)
+    if path:
+        write_atomic(path, json.dumps(result, indent=2) + "\n")
+        write_atomic(path.with_suffix(".md"), text)
+        text += f"\nwritten: {path} {path.with_suffix('.md')}"
+    return text

@@ -391,30 +391,12 @@ def _visualize(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import yaml
 
-    from xlip.bench import BenchOptions, machine_kind, markdown, run_bench
-    from xlip.files import write_atomic
+    from xlip.bench import BenchOptions, bench_command
 
-    opts = BenchOptions(presets=tuple(p for p in args.preset.split(",") if p),
-                        group=args.group, batch_size=args.batch_size, steps=args.steps,
-                        overrides=tuple(args.overrides), device=args.device,
-                        loader=not args.no_loader,
-                        base=yaml.safe_load(Path(args.config).read_text()) if args.config else None)
-    out = None
-    if args.out:  # a folder: one results file per machine kind in it
-        out = Path(args.out)
-        if out.suffix != ".json":
-            import torch
-
-            out = writable_dir(out, "--out") / f"bench_{machine_kind(torch.device(args.device))}.json"
-        writable_file(out, "--out")
-    result = run_bench(opts)
-    text = markdown(result, "xlip bench " + " ".join(sys.argv[2:]))
-    if out:
-        write_atomic(out, json.dumps(result, indent=2) + "\n")
-        write_atomic(out.with_suffix(".md"), text)
-    print(text)
-    if out:
-        print(f"written: {out} {out.with_suffix('.md')}")
+    base = yaml.safe_load(Path(args.config).read_text()) if args.config else None
+    opts = BenchOptions(tuple(args.preset.split(",")), args.group, args.batch_size, args.steps,
+                        tuple(args.overrides), base, args.device, not args.no_loader)
+    print(bench_command(opts, args.out, "xlip bench " + " ".join(sys.argv[2:])))
     return 0
 
 
@@ -764,22 +746,16 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     pl.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
     pl.set_defaults(func=_plot)
 
-    b = sub.add_parser("bench", help="training-step cost side by side: CLIP, XLIP, XLIP fast "
-                                     "(time, analytic FLOPs, MFU, peak memory, loader samples/s)")
-    b.add_argument("--preset", default="tiny", help="model size(s): tiny, base (ViT-B/16 at "
-                   "224 px + BERT-base), or both: tiny,base")
-    b.add_argument("--config", help="config YAML under the preset (the preset fills what it "
-                   "leaves out)")
-    b.add_argument("--group", choices=["steps", "attention", "precision", "tasks"],
-                   default="steps", help="variants: steps (CLIP, XLIP, XLIP fast), attention "
-                   "(explicit vs sdpa), precision (fp32 vs bf16), tasks (XLIP's ablations)")
+    b = sub.add_parser("bench", help="step cost side by side: CLIP, XLIP, XLIP fast (time, "
+                                     "FLOPs, MFU, peak memory, loader samples/s)")
+    b.add_argument("--preset", default="tiny", help="tiny | base (ViT-B/16, BERT-base) | tiny,base")
+    b.add_argument("--config", help="config YAML under the preset (which fills what it leaves out)")
+    b.add_argument("--group", choices=["steps", "attention", "precision", "tasks"], default="steps")
     b.add_argument("--batch-size", type=int, default=0, help="default: the preset's")
-    b.add_argument("--steps", type=int, default=0, help="timed steps per variant (after one "
-                   "warm-up); default: the preset's")
+    b.add_argument("--steps", type=int, default=0, help="timed steps; default: the preset's")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     b.add_argument("--no-loader", action="store_true", help="skip the loader's samples/s")
-    b.add_argument("--out", help="F.json (F.md written beside it), or a folder for "
-                   "bench_<machine kind>.json/.md")
+    b.add_argument("--out", help="F.json (+ F.md), or a folder for bench_<machine kind>.json/.md")
     b.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     b.set_defaults(func=_bench)
 
