@@ -191,7 +191,7 @@ def test_bench_writes_the_issue_keys(bench_result):
 
 
 def test_bench_refuses_bad_options(tmp_path):
-    with pytest.raises(InputError, match="--preset huge: unknown preset"):
+    with pytest.raises(InputError, match="--preset huge: unknown preset huge; choose from tiny"):
         BenchOptions(presets=("huge",))
     (tmp_path / "file").write_text("")
     assert main(["bench", "--out", str(tmp_path / "file" / "F.json")]) == 2

@@ -301,18 +301,24 @@ class BenchOptions:
     def __post_init__(self) -> None:
         bad = [p for p in self.presets if p not in PRESETS]
         if bad or not self.presets:
-            raise InputError(f"--preset {','.join(self.presets)}: unknown preset {bad}; choose "
-                             f"from {', '.join(PRESETS)} (comma-separated)")
+            raise InputError(f"--preset {','.join(self.presets)}: unknown preset "
+                             f"{', '.join(bad) or '(none given)'}; choose from "
+                             f"{', '.join(PRESETS)} (comma-separated)")
         if self.group not in GROUPS:
             raise InputError(f"--group {self.group}: choose one of {', '.join(GROUPS)}")
+        if self.base is not None and not isinstance(self.base, dict):
+            raise InputError("--config: the file's top level must be a mapping of config "
+                             "sections (vision:, text:, ...)")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is visible; use --device cpu")
 
 
 def preset_config(name: str, opts: BenchOptions, overrides: list[str]) -> Config:
+    """The preset's sizes under ``--config`` (the file wins where both set a key), then the
+    command's and the variant's overrides. ``data`` is dropped: the bench makes its batches."""
     base = merge(opts.base or {}, [])
     for section, values in PRESETS[name].config.items():
-        base[section] = {**values, **base.get(section, {})}
+        base[section] = {**values, **(base.get(section) or {})}
     base.pop("data", None)
     return from_dict(merge(base, [*opts.overrides, *overrides]))
 
