@@ -2,13 +2,14 @@
 and `xlip bench`'s result file. No test here asserts a wall-clock time."""
 
 import json
+import re
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import VOCAB, random_batch, tiny_config
-from xlip.bench import BenchOptions
+from xlip.bench import BenchOptions, PeakMemory, machine_kind
 from xlip.cli import main
 from xlip.errors import InputError
 from xlip.flops import StepShape, step_flops
@@ -195,3 +196,16 @@ def test_bench_refuses_bad_options(tmp_path):
         BenchOptions(presets=("huge",))
     (tmp_path / "file").write_text("")
     assert main(["bench", "--out", str(tmp_path / "file" / "F.json")]) == 2
+
+
+def test_peak_memory_sees_an_allocation():
+    """The CPU measure (peak RSS over the RSS before, or ru_maxrss's growth) finds 64 MB
+    written inside the block, and the machine kind names the CPU's cores and vector unit."""
+    mem = PeakMemory(torch.device("cpu"))
+    if not mem.method.startswith("peak RSS"):
+        pytest.skip(f"no /proc/self/clear_refs here: the bench falls back to {mem.method}")
+    with mem:
+        x = torch.ones(16 * 2 ** 20)  # 64 MB, every page touched
+        del x
+    assert mem.bytes >= 60 * 2 ** 20, mem.method
+    assert re.fullmatch(r"cpu_\d+core_[a-z0-9]+", machine_kind(torch.device("cpu")))
