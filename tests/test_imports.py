@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("xlip.data.adapters",),
     ("xlip.data",),  # the package itself (empty __init__)
     ("xlip.model",),  # includes model.weights: weight IO, below evaluation and training
-    ("xlip.losses",),
+    ("xlip.losses", "xlip.flops"),  # flops: the analytic count of a step
     ("xlip.optim",),  # the optimisation steps: pre-training and fine-tuning (an evaluation)
     ("xlip.eval",),
     ("xlip.api",),

@@ -429,18 +429,12 @@ def _visualize(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import yaml
 
-    from xlip.bench import run_bench
+    from xlip.bench import BenchOptions, bench_command
 
-    if args.out:
-        writable_file(args.out, "--out")
-    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    base.pop("data", None)
-    rows = run_bench(base, args.group, args.batch_size, args.steps,
-                     out=Path(args.out) if args.out else None)
-    print("| variant | s/step | samples/s | ratio |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | "
-              f"{r['ratio_to_first']:.2f} |")
+    base = yaml.safe_load(Path(args.config).read_text()) if args.config else None
+    opts = BenchOptions(tuple(args.preset.split(",")), args.group, args.batch_size, args.steps,
+                        tuple(args.overrides), base, args.device, not args.no_loader)
+    print(bench_command(opts, args.out, "xlip bench " + " ".join(sys.argv[2:])))
     return 0
 
 
@@ -794,12 +788,17 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     pl.add_argument("--out", help="PNG to write (default: RUN/curves.png)")
     pl.set_defaults(func=_plot)
 
-    b = sub.add_parser("bench", help="side-by-side speed ratios of training-step variants")
-    b.add_argument("--config", help="model config YAML (default: the built-in defaults)")
-    b.add_argument("--group", choices=["attention", "precision", "tasks"], default="attention")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--out", help="write the rows as JSON here")
+    b = sub.add_parser("bench", help="step cost side by side: CLIP, XLIP, XLIP fast (time, "
+                                     "FLOPs, MFU, peak memory, loader samples/s)")
+    b.add_argument("--preset", default="tiny", help="tiny | base (ViT-B/16, BERT-base) | tiny,base")
+    b.add_argument("--config", help="config YAML under the preset (which fills what it leaves out)")
+    b.add_argument("--group", choices=["steps", "attention", "precision", "tasks"], default="steps")
+    b.add_argument("--batch-size", type=int, default=0, help="default: the preset's")
+    b.add_argument("--steps", type=int, default=0, help="timed steps; default: the preset's")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--no-loader", action="store_true", help="skip the loader's samples/s")
+    b.add_argument("--out", help="F.json (+ F.md), or a folder for bench_<machine kind>.json/.md")
+    b.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     b.set_defaults(func=_bench)
 
     cf = sub.add_parser("config", help="configs").add_subparsers(dest="config_cmd",

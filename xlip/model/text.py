@@ -49,6 +49,10 @@ class TextEncoder(nn.Module):
         self.bert = build_bert(cfg, vocab_size, config)
         self.hidden = self.bert.config.hidden_size
         self.pool = cfg.pool
+        if cfg.grad_checkpointing:  # per BertLayer, in training mode only (transformers' rule)
+            self.bert.config.use_cache = False  # (a decoder's cache; BERT has none to keep)
+            self.bert.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Token states (B, L, H); ``pooled`` (B, H) is the [CLS] state or the mean over the

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from xlip.config import VisionConfig
 from xlip.errors import InputError, MissingFileError
@@ -55,6 +56,32 @@ def he_init_convs(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def stem_convs(stem: str, patch: int, in_chans: int, dim: int) -> list[tuple[int, int, int, int]]:
+    """The convolutions of a ``conv`` or ``hybrid`` stem, in order, as (in channels, out
+    channels, kernel, stride); the last is the 1×1 projection to ``dim``. ``conv`` runs on one
+    p×p patch (kernel = stride), ``hybrid`` on the whole image (3×3, padding 1). The stems are
+    built from this list and :mod:`xlip.flops` counts them from it."""
+    convs: list[tuple[int, int, int, int]] = []
+    if stem == "conv":  # 4×4/s4 → 2×2/s2 → ... inside the patch
+        ch, size, width = in_chans, patch // 4, dim // 4
+        convs.append((ch, width, 4, 4))
+        ch = width
+        while size > 1:
+            nxt = min(ch * 2, dim)
+            convs.append((ch, nxt, 2, 2))
+            ch, size = nxt, size // 2
+    elif stem == "hybrid":  # log2(p) stages of [3×3/s2, 3×3], widths doubling up to dim
+        stages = patch.bit_length() - 1
+        ch = in_chans
+        for i in range(stages):
+            w = max(16, dim >> (stages - 1 - i))
+            convs += [(ch, w, 3, 2), (w, w, 3, 1)]
+            ch = w
+    else:
+        raise ValueError(f"stem {stem!r} has no convolution list (linear: one p×p projection)")
+    return convs + [(ch, dim, 1, 1)]
+
+
 class PatchEmbed(nn.Module):
     """Embeds patches one at a time: (M, C, p, p) → (M, D).
 
@@ -68,14 +95,10 @@ class PatchEmbed(nn.Module):
         if stem == "linear":
             self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
             return
+        *convs, (ch, _, _, _) = stem_convs("conv", patch, in_chans, dim)
         layers: list[nn.Module] = []
-        ch, size, width = in_chans, patch, dim // 4
-        layers += [nn.Conv2d(ch, width, kernel_size=4, stride=4), nn.GELU()]
-        ch, size = width, size // 4
-        while size > 1:
-            nxt = min(ch * 2, dim)
-            layers += [nn.Conv2d(ch, nxt, kernel_size=2, stride=2), nn.GELU()]
-            ch, size = nxt, size // 2
+        for cin, cout, k, stride in convs:
+            layers += [nn.Conv2d(cin, cout, kernel_size=k, stride=stride), nn.GELU()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(ch, dim, kernel_size=1)
         he_init_convs(self)
@@ -92,15 +115,11 @@ class HybridStem(nn.Module):
 
     def __init__(self, patch: int, in_chans: int, dim: int) -> None:
         super().__init__()
-        stages = patch.bit_length() - 1
-        widths = [max(16, dim >> (stages - 1 - i)) for i in range(stages)]
+        *convs, (ch, _, _, _) = stem_convs("hybrid", patch, in_chans, dim)
         layers: list[nn.Module] = []
-        ch = in_chans
-        for w in widths:
-            layers += [nn.Conv2d(ch, w, 3, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(w), nn.GELU(),
-                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]
-            ch = w
+        for cin, cout, k, stride in convs:
+            layers += [nn.Conv2d(cin, cout, k, stride=stride, padding=1, bias=False),
+                       nn.BatchNorm2d(cout), nn.GELU()]
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(ch, dim, kernel_size=1)
         he_init_convs(self)
@@ -197,8 +216,9 @@ class VisionTransformer(nn.Module):
         x = self.embed(images, keep_ids) + pos  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)
-        for blk in self.blocks:
-            x = blk(x)
+        ckpt = self.cfg.grad_checkpointing and torch.is_grad_enabled()
+        for blk in self.blocks:  # checkpointed: activations recomputed in the backward pass
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         x = self.norm(x)
         tokens = x[:, 1:]
         pooled = x[:, 0] if self.cfg.pool == "cls" else tokens.mean(dim=1)

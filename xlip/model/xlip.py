@@ -84,8 +84,9 @@ class XLIPModel(nn.Module):
                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
         cfg, out = self.cfg, {}
         has_image = batch["has_image"]  # (B,) bool
-        img_rows = has_image.nonzero().squeeze(1)  # (Bi,)
         images = batch["images"]  # (Bi, C, H, W), aligned with img_rows
+        # (Bi,): Bi is the images' shape, so finding the rows needs no host-device sync
+        img_rows = torch.nonzero_static(has_image, size=images.shape[0]).squeeze(1)
         txt, mtxt = self._encode_texts(batch, img_rows)
         enc = self._encode_images(batch, txt, img_rows, out, generator) if len(img_rows) else None
 
@@ -191,9 +192,10 @@ class XLIPModel(nn.Module):
             n = self.vision.num_patches
             return like.new_zeros(len(rows), n, self.vision.width), like.new_zeros(len(rows))
         pos = torch.cumsum(has_image.long(), 0) - 1  # row → index among image rows
-        rows_have = has_image[rows]
-        if bool(rows_have.all()):
+        # every row has an image: known from the shapes, so no host-device sync
+        if full["tokens"].shape[0] == has_image.shape[0]:
             return full["tokens"][pos[rows]], None
+        rows_have = has_image[rows]  # (Bm,) a gate of 1.0 leaves an image row's values exact
         idx = pos[rows].clamp(min=0)
         ctx = full["tokens"][idx] * rows_have[:, None, None].to(full["tokens"].dtype)
         return ctx, rows_have.float()

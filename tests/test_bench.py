@@ -1,0 +1,211 @@
+"""The analytic FLOP count (xlip/flops.py), fast mode's gradient paths, gradient checkpointing,
+and `xlip bench`'s result file. No test here asserts a wall-clock time."""
+
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import VOCAB, random_batch, tiny_config
+from xlip.bench import BenchOptions, PeakMemory, machine_kind
+from xlip.cli import main
+from xlip.errors import InputError
+from xlip.flops import StepShape, step_flops
+from xlip.losses import XLIPLoss
+from xlip.model.xlip import XLIPModel
+
+CLIP = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
+        "loss": {"w_mim": 0, "w_mlm": 0}}
+
+
+def shape_of(batch: dict) -> StepShape:
+    return StepShape(images=int(batch["has_image"].sum()), length=batch["input_ids"].shape[1],
+                     mlm_rows=len(batch["mlm_rows"]),
+                     mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=VOCAB)
+
+
+def counted(cfg, seed: int = 0) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one training step as torch's FlopCounterMode counts them."""
+    torch.manual_seed(seed)
+    model, crit = XLIPModel(cfg, VOCAB).train(), XLIPLoss(cfg)
+    batch = random_batch(cfg)
+    with FlopCounterMode(display=False) as fwd:
+        losses = crit(model(batch), batch)
+        loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def test_hand_count_one_block_vit_one_layer_bert():
+    """CLIP step of a 1-block ViT (32 px, patch 8: 16 patches + CLS, width 32, MLP 128) and a
+    1-layer BERT (hidden 32, FFN 64), batch 4, 10 tokens, embedding 16, counted by hand."""
+    cfg = tiny_config(vision={"depth": 1}, **CLIP)
+    B, T, D, L, H = 4, 17, 32, 10, 32
+    patch = 2 * B * 16 * D * 64  # 16 patches of 8·8 pixels → 32
+    vit = (2 * B * T * D * 3 * D  # qkv
+           + 2 * 2 * B * T * T * D  # Q·Kᵀ and A·V
+           + 2 * B * T * D * D  # output projection
+           + 2 * 2 * B * T * D * 4 * D)  # MLP 32 → 128 → 32
+    bert = (2 * B * L * H * 3 * H + 2 * 2 * B * L * L * H + 2 * B * L * H * H
+            + 2 * 2 * B * L * H * 64)
+    proj = 2 * B * D * 16 + 2 * B * H * 16  # image_proj, text_proj
+    logits = 2 * (2 * B * B * 16)  # image·textᵀ and text·imageᵀ
+    forward = patch + vit + bert + proj + logits
+    assert forward == 262144 + 1819136 + 706560 + 8192 + 1024
+    backward = patch + 2 * (vit + bert + proj + logits)  # the images need no gradient
+    led = step_flops(cfg, shape_of(random_batch(cfg)))
+    assert (led.forward, led.backward) == (forward, backward)
+    assert counted(cfg) == (forward, backward)
+
+
+@pytest.mark.parametrize("sections", [
+    {},  # XLIP default: AttMIM, EntMLM
+    {"train": {"mode": "fast"}},
+    {"train": {"mode": "fast"}, "mim": {"policy": "random"}},
+    CLIP,
+    {"vision": {"stem": "hybrid"}},
+    {"vision": {"stem": "hybrid"}, "train": {"mode": "fast"}},
+    {"vision": {"stem": "hybrid"}, "train": {"mode": "fast"}, "mim": {"policy": "random"}},
+    {"vision": {"stem": "conv"}},
+    {"loss": {"cl_targets": "labels"}},
+    {"vision": {"grad_checkpointing": True}, "text": {"grad_checkpointing": True}},
+], ids=["default", "fast", "fast-random", "clip", "hybrid", "hybrid-fast",
+        "hybrid-fast-random", "conv-stem", "label-targets", "checkpointing"])
+def test_step_flops_equal_torch_flop_counter(sections):
+    """Every matmul, convolution and attention product of the real step, forward and backward
+    (no-grad passes, inputs without gradients and checkpoint recomputation included)."""
+    cfg = tiny_config(**sections)
+    led = step_flops(cfg, shape_of(random_batch(cfg)))
+    assert counted(cfg) == (led.forward, led.backward)
+
+
+def test_flop_counter_misses_cpu_sdpa():
+    """FlopCounterMode has no formula for the CPU flash-attention kernel that
+    ``scaled_dot_product_attention`` runs: with ``vision.attn_impl=sdpa`` it misses exactly
+    the ViT's Q·Kᵀ and A·V products, which xlip/flops.py counts."""
+    cfg = tiny_config(vision={"attn_impl": "sdpa"})
+    led = step_flops(cfg, shape_of(random_batch(cfg)))
+    attn = [t for t in led.terms if t.name.startswith("vision") and t.name.endswith("/attn")]
+    fwd, bwd = counted(cfg)
+    assert fwd == led.forward - sum(t.forward for t in attn)
+    assert bwd == led.backward - sum(t.backward for t in attn)
+
+
+def full_pass_leaves(cfg):
+    """Run a step with the full-image ViT pass's outputs replaced by leaves that require
+    gradients; return (loss, leaves)."""
+    torch.manual_seed(0)
+    model, crit = XLIPModel(cfg, VOCAB).train(), XLIPLoss(cfg)
+    leaves = []
+
+    def hook(module, args, out):
+        if len(args) == 1:  # keep_ids not given: the full image
+            out = {k: v.detach().requires_grad_() for k, v in out.items()}
+            leaves.extend(out.values())
+            return out
+
+    model.vision.register_forward_hook(hook)
+    batch = random_batch(cfg)
+    losses = crit(model(batch), batch)
+    return sum(v for k, v in losses.items() if k.endswith("_loss")), leaves, model
+
+
+def test_fast_mode_loss_does_not_depend_on_full_pass():
+    """Fast mode with AttMIM: the full pass only picks the mask; autograd finds no path from
+    the loss to its outputs. In default mode the same check finds one (the test can fail)."""
+    loss, leaves, model = full_pass_leaves(tiny_config(train={"mode": "fast"}))
+    assert leaves  # the full pass ran (AttMIM scores it)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    assert all(g is None for g in grads)
+    # every parameter still gets a gradient through the visible pass and the decoders
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+    loss, leaves, _ = full_pass_leaves(tiny_config())
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("stem", ["linear", "hybrid"])
+def test_grad_checkpointing_same_loss_and_gradients(stem):
+    """Checkpointed encoders recompute activations (dropout included, with its RNG state) and
+    give the loss and every gradient of the plain step."""
+    def step(ckpt: bool):
+        cfg = tiny_config(vision={"stem": stem, "grad_checkpointing": ckpt},
+                          text={"grad_checkpointing": ckpt, "dropout": 0.1})
+        torch.manual_seed(0)
+        model, crit = XLIPModel(cfg, VOCAB).train(), XLIPLoss(cfg)
+        batch = random_batch(cfg)
+        torch.manual_seed(1)  # the masks and the dropout draws
+        losses = crit(model(batch), batch)
+        loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (l0, g0), (l1, g1) = step(False), step(True)
+    assert torch.allclose(l0, l1, rtol=1e-6, atol=1e-7)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-5, atol=1e-7), name
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "F.json"
+    assert main(["bench", "--preset", "tiny", "--steps", "1", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    return json.loads(out.read_text()), out
+
+
+def test_bench_writes_the_issue_keys(bench_result):
+    result, out = bench_result
+    for key in ("xlip_fast_over_clip", "xlip_default_over_flop_prediction"):
+        assert isinstance(result[key], float) and result[key] > 0
+    # the tiny preset only: the base MFUs are null, each with the reason
+    assert result["mfu_fp32_base"] is None and "base" in result["mfu_fp32_base_reason"]
+    assert result["mfu_bf16_base"] is None and result["mfu_bf16_base_reason"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["clip", "xlip", "xlip_fast"]
+    for r in rows.values():
+        assert r["precision"] == "fp32" and r["batch_size"] == 8 and r["timed_steps"] == 1
+        for key in ("s_per_step", "samples_per_s", "flops_step", "achieved_flops_per_s", "mfu"):
+            assert r[key] > 0, key
+        assert r["flops_step"] == r["flops_forward"] + r["flops_backward"]
+        assert sum(r["flops_by_part"].values()) == r["flops_step"]
+        assert r["peak_memory_bytes"] >= 0
+        assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"]
+                                         / result["matmul_peak_flops_per_s"]["fp32"])
+    clip, xlip, fast = rows["clip"], rows["xlip"], rows["xlip_fast"]
+    assert result["xlip_fast_over_clip"] == pytest.approx(fast["s_per_step"] / clip["s_per_step"])
+    time_ratio = xlip["s_per_step"] / clip["s_per_step"]
+    flop_ratio = xlip["flops_step"] / clip["flops_step"]
+    assert result["xlip_default_over_flop_prediction"] == pytest.approx(time_ratio / flop_ratio)
+    assert xlip["time_ratio_to_first"] == pytest.approx(time_ratio)
+    # the arithmetic the figures rest on: XLIP costs more than CLIP, fast mode less than XLIP
+    assert clip["flops_step"] < fast["flops_step"] < xlip["flops_step"]
+    assert result["loader"]["tiny"]["samples_per_s"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny | fp32 | xlip_fast | 8 |" in md and "XLIP fast / CLIP" in md
+
+
+def test_bench_refuses_bad_options(tmp_path):
+    with pytest.raises(InputError, match="--preset huge: unknown preset huge; choose from tiny"):
+        BenchOptions(presets=("huge",))
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--out", str(tmp_path / "file" / "F.json")]) == 2
+
+
+def test_peak_memory_sees_an_allocation():
+    """The CPU measure (peak RSS over the RSS before, or ru_maxrss's growth) finds 64 MB
+    written inside the block, and the machine kind names the CPU's cores and vector unit."""
+    mem = PeakMemory(torch.device("cpu"))
+    if not mem.method.startswith("peak RSS"):
+        pytest.skip(f"no /proc/self/clear_refs here: the bench falls back to {mem.method}")
+    with mem:
+        x = torch.ones(16 * 2 ** 20)  # 64 MB, every page touched
+        del x
+    assert mem.bytes >= 60 * 2 ** 20, mem.method
+    assert re.fullmatch(r"cpu_\d+core_[a-z0-9]+", machine_kind(torch.device("cpu")))
