@@ -265,8 +265,9 @@ class SourceStream:
                 if len(rows) != n:
                     raise ShardError(f"shard {self.index.folder.path / shard_name(shard)} "
                                      f"changed while training: {len(rows)} rows of source "
-                                     f"{self.src.name or self.src.kind} where {n} were counted; "
-                                     "restart the run")
+                                     f"{self.src.name or self.src.kind} where {n} were counted "
+                                     "when training started; keep a shard folder unchanged "
+                                     "while it trains (restart the run to count it again)")
                 yield from rows[max(start - at, 0):min(stop - at, n)]
             at += n
             if at >= stop:
