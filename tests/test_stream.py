@@ -130,6 +130,20 @@ def test_a_resumed_stream_yields_exactly_the_remaining_batches(corpus, start):
     assert read(cfg, 1, 2, start, 24) == whole[start:]
 
 
+def test_a_stream_holds_the_member_indexes_of_few_shards(corpus):
+    from xlip.data import storage
+
+    cfg = stream_cfg(corpus, workers=0, shuffle_buffer=2)
+    cfg.data.sources = cfg.data.sources[:1]  # paired rows: in 6 of the 8 shards
+    stream = ShardStream(cfg, stop=30)  # 30 batches x 4 rows: 4 epochs
+    assert len(stream.index[0].shards) >= 6
+    folder = str(corpus[2].resolve())
+    held = []
+    for _ in DataLoader(stream, batch_size=None, collate_fn=len):  # in this process
+        held.append(sum(tar.startswith(folder) for tar in storage._INDEX))
+    assert 0 < max(held) <= 3  # the shard being read and those of the 2 buffered rows
+
+
 def test_position_is_saved_and_checked(corpus):
     cfg = stream_cfg(corpus)
     stream = ShardStream(cfg, 0, 2)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -56,6 +57,7 @@ from xlip.data.images import ImageError
 from xlip.data.manifest import Record
 from xlip.data.sampler import quotas
 from xlip.data.shards import FORMAT, PLAN, shard_name
+from xlip.data.storage import forget_shard, split_shard_path
 from xlip.errors import InputError, MissingFileError
 from xlip.hashing import hash_int
 from xlip.text.labels import UnknownLabelError, parse_labels
@@ -273,9 +275,13 @@ class SourceStream:
             if at >= stop:
                 return
 
-    def epoch_rows(self, epoch: int) -> Iterator[Record]:
+    def epoch_rows(self, epoch: int, release: ShardRelease | None = None) -> Iterator[Record]:
+        """This consumer's rows of ``epoch`` in drawing order (after the shuffle buffer)."""
         rng = random.Random(hash_int(f"{self.seed}/buffer/{self.s}/{epoch}/{self.who.index}"))
-        return shuffle_buffer(self.part(epoch), self.cfg.data.shuffle_buffer, rng)
+        rows = self.part(epoch)
+        if release is not None:
+            rows = release.entering(rows)
+        return shuffle_buffer(rows, self.cfg.data.shuffle_buffer, rng)
 
     def locate(self, draws: int) -> tuple[int, int]:
         """(epoch, rows into its part) after ``draws`` draws of this consumer."""
@@ -288,14 +294,54 @@ class SourceStream:
     def draws(self, start: int = 0) -> Iterator[tuple[int, Record]]:
         """(epoch, row) of each draw from draw ``start`` on, without end."""
         epoch, skip = self.locate(start)
+        release = ShardRelease()
         while True:
-            rows = self.epoch_rows(epoch)
+            rows = self.epoch_rows(epoch, release)
             for _ in range(skip):  # replayed without opening an image
-                next(rows)
+                release.drawn(next(rows))
             skip = 0
             for rec in rows:
-                yield epoch, rec
+                yield epoch, rec  # the caller loads its image before asking for the next
+                release.drawn(rec)
             epoch += 1
+
+
+class ShardRelease:
+    """Drops a shard's member index (:mod:`xlip.data.storage` caches one per tar and process)
+    once every row a stream read from it has been drawn and the stream reads another shard: a
+    worker then holds the indexes of the few shards its shuffle buffer spans, not of every
+    shard it has read."""
+
+    def __init__(self) -> None:
+        self.left: Counter[str] = Counter()  # tar → rows read into the buffer, not yet drawn
+        self.reading = ""  # the tar the part is reading now
+
+    def entering(self, rows: Iterable[Record]) -> Iterator[Record]:
+        for rec in rows:
+            tar = _tar(rec)
+            if tar and tar != self.reading:
+                done, self.reading = self.reading, tar
+                self._release(done)
+            if tar:
+                self.left[tar] += 1
+            yield rec
+
+    def drawn(self, rec: Record) -> None:
+        tar = _tar(rec)
+        if tar:
+            self.left[tar] -= 1
+            self._release(tar)
+
+    def _release(self, tar: str) -> None:
+        if tar and tar != self.reading and self.left[tar] <= 0:
+            forget_shard(tar)
+            del self.left[tar]
+
+
+def _tar(rec: Record) -> str:
+    """The shard a row's image is in ('' for a text-only row)."""
+    parts = split_shard_path(rec.image) if rec.image else None
+    return parts[0] if parts else ""
 
 
 # ---------------------------------------------------------------------------------------------
