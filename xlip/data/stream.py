@@ -370,7 +370,8 @@ class ShardStream(IterableDataset):
             raise ConfigError(f"data source names repeat: {self.names}; set "
                               "data.sources[i].name")
         if not all(s.shards for s in self.sources):
-            raise ConfigError("ShardStream reads data.sources[].shards only")
+            raise ConfigError("ShardStream reads data.sources[].shards only; a manifest source "
+                              "trains through MixedDataset")
         indexed = [index_source(s, cfg, progress) for s in self.sources]
         self.index = [i for i, _, _ in indexed]
         self._labels = sorted(set().union(*(lab for _, lab, _ in indexed)))
@@ -393,9 +394,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         if workers != self.workers:
-            raise ConfigError(f"the stream was built for data.num_workers={self.cfg.data.num_workers} "
-                              f"but runs in {workers} DataLoader workers; pass "
-                              "num_workers=cfg.data.num_workers")
+            raise ConfigError(f"the stream was built for data.num_workers="
+                              f"{self.cfg.data.num_workers} but runs in {workers} DataLoader "
+                              "workers; pass num_workers=cfg.data.num_workers")
         first = self.start + worker  # DataLoader asks worker 0 first, then round-robin
         w = first % self.workers
         consumer = self.rank * self.workers + w
@@ -412,7 +413,7 @@ class ShardStream(IterableDataset):
         try:
             return make_sample(self.cfg, self.train, s, self.sources[s].kind, rec, rec, seed)
         except ImageError as err:
-            shard = int(Path(rec.image.rpartition(".tar#")[0]).name.split("-")[1])
+            shard = int(Path(_tar(rec)).stem.split("-")[1])  # shard-000003.tar → 3
             raise ShardError(f"{rec.image}: {err.reason}; the shard is damaged: "
                              f"{self.index[s].folder.rebuild(shard)}") from None
 
