@@ -12,8 +12,21 @@ The ratio ``shard train / raw train`` is the speed-up of the training loader fro
 path is timed ``--repeat`` times, interleaved, after one warm-up pass (files in the page cache);
 the best pass counts. ``--dicom N`` adds a second table for N rows of a real 1024 px DICOM.
 
+Streaming (``--stream-rows N``, 0 skips it): does the streaming loader keep up with training?
+On a synthetic corpus of N training studies (128 px, as ``xlip demo``), sharded, at the demo
+config (``xlip/configs/demo.yaml``: batch 64, 64 px, hybrid stem, AttMIM + EntMLM), in one run:
+
+    loader        ShardStream + Collator through a DataLoader with --stream-workers workers
+                  (shard reads, PNG decode, augmentation, prompts, NER guide, MLM masking)
+    step          one optimisation step (forward, loss, backward, AdamW) on a collated batch
+    step + loader the steps fed by that loader, and the share of time spent waiting for it
+
+samples/s of each, side by side; ``loader / step`` >= 1 means the loader keeps up (given cores
+for its workers besides the step's).
+
     python benchmarks/shard_throughput.py [--manifest PATH] [--size 256] [--image-size 224]
-        [--limit N] [--repeat 3] [--dicom 20] [--out results.json]
+        [--limit N] [--repeat 3] [--dicom 20] [--stream-rows 512] [--stream-workers 1]
+        [--stream-batches 10] [--steps 4] [--out results.json]
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from xlip.data.images import load_image, normalize, prepare_image, resize  # noq
 from xlip.data.manifest import Record, load_manifest, write_manifest  # noqa: E402
 from xlip.data.shards import shard_pixels, write_shards  # noqa: E402
 from xlip.data.storage import read_shard_member  # noqa: E402
+from xlip.data.stream import ShardStream  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_MANIFEST = SHARED_DATA / "nih_cxr14_starter" / "manifest.csv"
@@ -124,6 +138,108 @@ def table(title: str, res: dict, size: int, image_size: int) -> str:
     return "\n".join(lines)
 
 
+def demo_stream_config(tmp: Path, rows: int, workers: int):
+    """The demo config over shards of a fresh synthetic corpus of ``rows`` training studies,
+    and its tokenizer."""
+    from xlip.data.synthetic import synthesize
+    from xlip.demo import demo_config
+    from xlip.text.sections import select_text
+    from xlip.text.tokenizer import load_tokenizer, train_wordpiece
+
+    manifest = synthesize(tmp / "data", n_train=rows, n_test=8, seed=0, workers=2)
+    texts = [select_text(r.text, "findings_impression")
+             for r in load_manifest(manifest, verify_images=False) if r.text]
+    train_wordpiece(texts, tmp / "tokenizer", vocab_size=2000)
+    write_shards(manifest, tmp / "shards", size=256, shard_rows=100, workers=2, progress=False)
+    cfg = demo_config(tmp, [f"data.num_workers={workers}"])
+    for src in cfg.data.sources:
+        src.manifest, src.shards = "", str(tmp / "shards")
+    return cfg.validate(), load_tokenizer(str(tmp / "tokenizer"))
+
+
+def measure_stream(rows: int, workers: int, batches: int, steps: int, tmp: Path) -> dict:
+    """samples/s of the streaming loader, of the training step, and of the two together."""
+    from torch.utils.data import DataLoader
+
+    from xlip.data.collate import Collator
+    from xlip.losses import XLIPLoss
+    from xlip.model.xlip import XLIPModel
+    from xlip.optim import TrainSteps, adamw
+    from xlip.precision import resolve_precision
+
+    cfg, tok = demo_stream_config(tmp, rows, workers)
+    B = cfg.data.batch_size
+
+    def loader(n: int):
+        stream = ShardStream(cfg, stop=n)
+        collate = Collator(cfg, tok, train=True, findings=stream.findings())
+        return iter(DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=workers,
+                               prefetch_factor=4 if workers else None))
+
+    batches_it = loader(batches + 1)
+    first = next(batches_it)  # worker start-up and shard indexing out of the timing
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(batches_it)
+    loader_s = time.perf_counter() - start
+
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, len(tok))
+    opt, sched = adamw(model, cfg)
+    criterion = XLIPLoss(cfg)
+
+    def forward(batch, step, micro):
+        out = model(batch, generator=torch.Generator().manual_seed(step))
+        return criterion(out, batch), out
+
+    waited = [0.0]
+
+    def timed(it):
+        while True:
+            t = time.perf_counter()
+            batch = next(it)
+            waited[0] += time.perf_counter() - t
+            yield batch
+
+    train = TrainSteps(model, opt, sched, forward, torch.device("cpu"), cfg.train.precision,
+                       clip_grad=cfg.train.clip_grad)
+    train.run(iter([first] * 2), 0, 2)  # warm-up
+    start = time.perf_counter()
+    train.run(iter([first] * steps), 2, 2 + steps)
+    step_s = time.perf_counter() - start
+    fed = loader(steps + 1)
+    next(fed)
+    waited[0] = 0.0
+    start = time.perf_counter()
+    train.run(timed(fed), 2 + steps, 2 + 2 * steps)
+    both_s = time.perf_counter() - start
+    loader_sps, step_sps = batches * B / loader_s, steps * B / step_s
+    return {"rows": rows, "batch_size": B, "image_size": cfg.vision.image_size,
+            "precision": resolve_precision(cfg.train.precision, torch.device("cpu")),
+            "workers": workers, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "loader_batches": batches, "steps": steps,
+            "samples_per_s": {"loader": loader_sps, "step": step_sps,
+                              "step_fed_by_loader": steps * B / both_s},
+            "loader_over_step": loader_sps / step_sps,
+            "loader_wait_share": waited[0] / both_s}
+
+
+def stream_table(res: dict) -> str:
+    r = res["samples_per_s"]
+    w = res["workers"]
+    lines = [f"### streaming loader vs training step: demo config, batch {res['batch_size']}, "
+             f"{res['image_size']} px, {res['precision']}, {res['cpu_count']} CPU cores", "",
+             "| what | samples/s |", "|---|---|",
+             f"| loader: ShardStream + Collator, {w} DataLoader worker{'s' * (w != 1)} | "
+             f"{r['loader']:.0f} |",
+             f"| training step ({res['torch_threads']} torch threads), batch repeated | "
+             f"{r['step']:.0f} |",
+             f"| training steps fed by the loader | {r['step_fed_by_loader']:.0f} |", "",
+             f"loader / step: **{res['loader_over_step']:.2f}x**; time the fed steps waited "
+             f"for the loader: {100 * res['loader_wait_share']:.0f} %"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
@@ -133,21 +249,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dicom", type=int, default=20,
                     help=f"also time N rows of {DEFAULT_DICOM.name} (0: skip)")
+    ap.add_argument("--stream-rows", type=int, default=512,
+                    help="streaming table: synthetic training studies (0: skip)")
+    ap.add_argument("--stream-workers", type=int, default=1,
+                    help="DataLoader workers of the streaming loader (the demo's 1)")
+    ap.add_argument("--stream-batches", type=int, default=10, help="loader batches timed")
+    ap.add_argument("--steps", type=int, default=4, help="training steps timed")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    if not Path(args.manifest).is_file():
+    raw = Path(args.manifest).is_file()
+    if not raw:
         print(f"{args.manifest} not found (the shared image set; set XLIP_SHARED_DATA or pass "
-              "--manifest)", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)  # one data-loader worker
-    records = [r for r in load_manifest(args.manifest, verify_images=False, skip_bad=True)
-               if r.image]
-    records = records[:args.limit or None]
-    results = {}
+              "--manifest): raw / shard tables skipped", file=sys.stderr)
+        if not args.stream_rows:
+            return 2
+    threads = torch.get_num_threads()
+    results, stream = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        results[Path(args.manifest).parent.name] = measure(records, args.size, args.image_size,
-                                                           args.repeat, Path(tmp))
-        if args.dicom:
+        if args.stream_rows:
+            stream = measure_stream(args.stream_rows, args.stream_workers, args.stream_batches,
+                                    args.steps, Path(tmp) / "stream")
+        torch.set_num_threads(1)  # one data-loader worker
+        records = [r for r in load_manifest(args.manifest, verify_images=False, skip_bad=True)
+                   if r.image] if raw else []
+        records = records[:args.limit or None]
+        if raw:
+            results[Path(args.manifest).parent.name] = measure(
+                records, args.size, args.image_size, args.repeat, Path(tmp))
+        if raw and args.dicom:
             if not DEFAULT_DICOM.is_file():
                 print(f"{DEFAULT_DICOM} not found: DICOM table skipped", file=sys.stderr)
             else:
@@ -155,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                               "", "dicom") for i in range(args.dicom)]
                 results[DEFAULT_DICOM.name] = measure(dcm, args.size, args.image_size,
                                                       args.repeat, Path(tmp))
+    torch.set_num_threads(threads)
     for title, res in results.items():
         print(table(title, res, args.size, args.image_size) + "\n")
+    if stream is not None:
+        results["stream"] = stream
+        print(stream_table(stream) + "\n")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"written: {args.out}")

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("xlip.data.manifest",),
     ("xlip.data.shards", "xlip.data.validate", "xlip.data.dataset", "xlip.data.collate",
      "xlip.data.sampler", "xlip.data.synthetic", "xlip.data.splits"),
+    ("xlip.data.stream",),  # training batches streamed from shard folders
     ("xlip.data.adapters",),
     ("xlip.data",),  # the package itself (empty __init__)
     ("xlip.model",),  # includes model.weights: weight IO, below evaluation and training

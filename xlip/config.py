@@ -166,6 +166,8 @@ class SourceConfig:
     """One manifest (or one kind of its rows) drawn into each batch with a weight."""
 
     manifest: str = ""
+    # instead of manifest: a folder that `xlip data shard` wrote, streamed (xlip.data.stream)
+    shards: str = ""
     kind: str = "paired"  # paired | image_only | text_only
     weight: float = 1.0
     split: str = "train"
@@ -193,6 +195,7 @@ class DataConfig:
     pixel_mean: float = 0.0  # data.normalize=dataset; pixel_std 0: measured on the training
     pixel_std: float = 0.0  # images when pre-training starts and saved in config.yaml
     shuffle_pairs: bool = False  # control experiment: break image-report pairing
+    shuffle_buffer: int = 1000  # rows each stream shuffles among (data.sources[].shards)
 
     def __post_init__(self) -> None:
         _check_data(self)
@@ -377,8 +380,12 @@ def _check_loss(lo: LossConfig) -> None:
 
 def _check_source(s: SourceConfig, where: str = "data.sources[]") -> None:
     _choice(f"{where}.kind", s.kind, KINDS)
-    if not s.manifest:
-        raise ConfigError(f"{where}.manifest is empty: give the manifest path")
+    if not s.manifest and not s.shards:
+        raise ConfigError(f"{where}.manifest is empty: give the manifest path (or shards: a "
+                          "folder that `xlip data shard` wrote, to stream it)")
+    if s.manifest and s.shards:
+        raise ConfigError(f"{where} gives both manifest and shards: keep one (shards streams "
+                          "the folder that `xlip data shard` wrote)")
     if s.weight <= 0:
         raise ConfigError(f"{where}.weight={s.weight} must be positive")
     if not s.split:
@@ -402,6 +409,15 @@ def _check_data(d: DataConfig) -> None:
         if not isinstance(s, SourceConfig):
             raise ConfigError(f"data.sources[{i}]: expected a source mapping, got {s!r}")
         _check_source(s, f"data.sources[{i}]")
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
+    streamed = [bool(s.shards) for s in d.sources]
+    if any(streamed) and not all(streamed):
+        raise ConfigError("data.sources mixes shards (streamed) and manifest sources; give every "
+                          "source as shards (run `xlip data shard` on the manifest) or every "
+                          "source as a manifest")
+    if any(streamed) and d.shuffle_pairs:
+        raise ConfigError("data.shuffle_pairs pairs rows across a whole source, which a stream "
+                          "never holds; run the control experiment from a manifest source")
 
 
 def _check_train(tr: TrainConfig) -> None:

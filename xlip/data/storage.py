@@ -37,6 +37,12 @@ def _tar_index(tar: str) -> dict[str, tuple[int, int]]:
     return hit[1]
 
 
+def forget_shard(tar: str | Path) -> None:
+    """Drop ``tar``'s member index from this process's cache (a stream done with the shard; a
+    later read rebuilds it)."""
+    _INDEX.pop(str(tar), None)
+
+
 def read_shard_member(path: str | Path) -> bytes:
     """The bytes of member ``m`` of ``x.tar`` for ``path = "x.tar#m"``.
 

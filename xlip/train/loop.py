@@ -22,6 +22,7 @@ from xlip.data.collate import Collator
 from xlip.data.dataset import MixedDataset
 from xlip.data.images import dataset_stats
 from xlip.data.sampler import MixedBatchSampler
+from xlip.data.stream import ShardStream, streamed
 from xlip.files import writable_dir
 from xlip.losses import XLIPLoss
 from xlip.model.weights import load_weights, save_text_files, save_weights
@@ -100,9 +101,18 @@ class MetricLog:
         return row
 
 
-def build_loader(cfg: Config, dataset: MixedDataset, collate: Collator, start_step: int,
-                 info: DistInfo) -> DataLoader:
+def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Collator,
+                 start_step: int, info: DistInfo, position: dict | None = None) -> DataLoader:
+    """The batches of steps ``start_step`` … ``train.steps - 1`` of this rank; ``position``: a
+    checkpoint's stream position, checked against the run (streamed sources)."""
     tr = cfg.train
+    if isinstance(dataset, ShardStream):
+        dataset.start, dataset.stop = start_step * tr.grad_accum, tr.steps * tr.grad_accum
+        if position is not None:
+            dataset.check_position(position, dataset.start)
+        return DataLoader(dataset, batch_size=None, collate_fn=collate,
+                          num_workers=cfg.data.num_workers, persistent_workers=False,
+                          prefetch_factor=4 if cfg.data.num_workers else None)
     sampler = MixedBatchSampler([len(r) for r in dataset.records],
                                 [s.weight for s in cfg.data.sources], cfg.data.batch_size,
                                 seed=tr.seed, start_step=start_step * tr.grad_accum,
@@ -145,7 +155,8 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     check_reporters(tr.report_to)  # a missing package: now, not after the data is loaded
     tok_src = tokenizer_dir(cfg)
     tok = load_tokenizer(tok_src)
-    dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
+    dataset = (ShardStream(cfg, info.rank, info.world_size, progress=progress and info.is_main)
+               if streamed(cfg) else MixedDataset(cfg, train=True, rejects_dir=out_dir))
     if cfg.data.normalize == "dataset" and not cfg.data.pixel_std:
         # measured once (the same draw on every rank) and saved with the config for evaluation
         cfg.data.pixel_mean, cfg.data.pixel_std = dataset_stats(
@@ -172,7 +183,8 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         (out_dir / "model.safetensors").unlink(missing_ok=True)
     net = DDP(model) if info.world_size > 1 else model
     criterion = XLIPLoss(cfg)
-    loader = build_loader(cfg, dataset, collate, start, info)
+    loader = build_loader(cfg, dataset, collate, start, info,
+                          state.get("stream_position") if state else None)
     terms = [t for t, on in (("cl", cfg.loss.w_cl > 0), ("mim", cfg.mim.policy != "none"),
                              ("mlm", cfg.mlm.policy != "none")) if on]
     log = MetricLog(dataset.names, terms)
@@ -217,7 +229,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
             if info.is_main:
                 save_checkpoint(out_dir, done, model, cfg,
                                 {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "guard_best": guard.best}, rng=rng)
+                                 "guard_best": guard.best,
+                                 **({"stream_position": dataset.position(done * tr.grad_accum)}
+                                    if isinstance(dataset, ShardStream) else {})}, rng=rng)
 
     TrainSteps(model, opt, sched, forward, info.device, tr.precision, tr.grad_accum,
                tr.clip_grad, on_micro=log.add, after_update=model.clamp_logit_scale,
