@@ -10,6 +10,8 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.conftest import build_corpus, random_batch, tiny_config
+from tests.conftest import ROOT, build_corpus, random_batch, tiny_config
 from xlip.config import ConfigError, load_config
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
@@ -294,3 +296,63 @@ def test_syncbatchnorm_in_a_process_group(group):
     torch.testing.assert_close(b, a)
     b.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in synced.parameters())
+
+
+# --- benchmarks/gpu_smoke.sh --------------------------------------------------------------------
+
+SMOKE = ROOT / "benchmarks" / "gpu_smoke.sh"
+
+
+def smoke(tmp_path, cwd=ROOT, timeout=60, **env):
+    run_env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+    return subprocess.run(["bash", str(SMOKE)], cwd=cwd, env=run_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def smoke_results(tmp_path) -> dict:
+    (js,) = (tmp_path / "out").glob("gpu_smoke_*.json")
+    assert js.with_suffix(".md").is_file() and js.with_suffix(".log").is_file()
+    return json.loads(js.read_text())
+
+
+def test_smoke_script_runs_from_the_repository_root_only(tmp_path):
+    done = smoke(tmp_path, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "run from the xlip repository root" in done.stderr
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message of a machine without a GPU")
+def test_smoke_script_stops_at_once_without_a_gpu(tmp_path):
+    done = smoke(tmp_path)
+    assert done.returncode == 1
+    assert "no CUDA GPU visible to torch" in done.stderr and "XLIP_SMOKE_CPU=1" in done.stderr
+    assert not list((tmp_path / "out").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_smoke_script_time_limit_skips_the_steps_and_fails(tmp_path):
+    """XLIP_SMOKE_LIMIT=1: every step is skipped, the results say so and the script fails."""
+    done = smoke(tmp_path, XLIP_SMOKE_CPU="1", XLIP_SMOKE_LIMIT="1")
+    assert done.returncode == 1, done.stderr[-2000:]
+    res = smoke_results(tmp_path)
+    assert res["ok"] is False and res["mode"] == "cpu-plumbing"
+    status = {s["step"]: s["status"] for s in res["steps"]}
+    assert status["gpu_tests"] == status["corpus"] == status["pretrain_2proc"] == "skipped"
+    assert "time limit" in res["steps"][1]["detail"]
+
+
+@pytest.mark.slow
+def test_smoke_script_plumbing_on_the_cpu(tmp_path):
+    """XLIP_SMOKE_CPU=1: the whole script without a GPU (`pytest -m gpu` skips, a 2-process
+    gloo run of 20 steps, bench a note if it fails); about 2 min on 2 cores."""
+    done = smoke(tmp_path, timeout=900, XLIP_SMOKE_CPU="1", XLIP_SMOKE_LIMIT="800")
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = smoke_results(tmp_path)
+    status = {s["step"]: s["status"] for s in res["steps"]}
+    assert res["ok"] is True and res["processes"] == 2 and res["backend"] == "gloo"
+    assert status["gpu_tests"] == status["corpus"] == status["pretrain_2proc"] == "ok"
+    assert status["bench"] in ("ok", "note")
+    assert res["gpu_tests"]["failures"] == res["gpu_tests"]["errors"] == 0
+    assert res["pretrain"]["steps"] == 20 and res["pretrain"]["finite"]
+    assert res["pretrain"]["model_written"]
