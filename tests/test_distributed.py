@@ -184,7 +184,11 @@ def test_each_process_takes_the_gpu_of_its_local_rank():
     assert training_device(0, 0) == torch.device("cpu")
     assert training_device(3, 0) == torch.device("cpu")  # no GPU: every process on the CPU
     assert training_device(1, 2) == torch.device("cuda", 1)
-    with pytest.raises(LaunchError, match=r"local rank 2 has no GPU: this node has 2.*"
+    # srun --gpus-per-task 1: each task sees only its own GPU, as cuda:0
+    assert training_device(3, 1, "slurm") == torch.device("cuda", 0)
+    with pytest.raises(LaunchError, match=r"local rank 1 has no GPU: this process sees 1"):
+        training_device(1, 1, "torchrun")
+    with pytest.raises(LaunchError, match=r"local rank 2 has no GPU: this process sees 2.*"
                                           r"--nproc_per_node 2"):
         training_device(2, 2)
     assert (backend_for(torch.device("cuda", 0)), backend_for(torch.device("cpu"))) == \

@@ -112,12 +112,15 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
                   ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
 
 
-def training_device(local_rank: int, cuda_count: int) -> torch.device:
-    """``cuda:LOCAL_RANK`` where there are GPUs, else the CPU."""
+def training_device(local_rank: int, cuda_count: int, launcher: str = "single") -> torch.device:
+    """``cuda:LOCAL_RANK`` where there are GPUs, else the CPU. An srun task that sees one GPU
+    takes it: ``--gpus-per-task`` / ``--gpu-bind`` leave each task only its own."""
     if cuda_count == 0:
         return torch.device("cpu")
+    if launcher == "slurm" and cuda_count == 1:
+        return torch.device("cuda", 0)
     if local_rank >= cuda_count:
-        raise LaunchError(f"local rank {local_rank} has no GPU: this node has {cuda_count}; "
+        raise LaunchError(f"local rank {local_rank} has no GPU: this process sees {cuda_count}; "
                           f"start at most {cuda_count} processes per node (torchrun "
                           f"--nproc_per_node {cuda_count}, or srun --ntasks-per-node "
                           f"{cuda_count})")
@@ -134,7 +137,7 @@ def init_distributed(env: Mapping[str, str] | None = None) -> DistInfo:
     process's environment), if any; each GPU process first takes its own GPU."""
     launch = launch_from_env(os.environ if env is None else env)
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = training_device(launch.local_rank, cuda)
+    device = training_device(launch.local_rank, cuda, launch.launcher)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.world_size > 1 and not dist.is_initialized():
