@@ -267,6 +267,33 @@ def test_rsna_finetune_on_stand_in_dicoms(tmp_path, run):
     assert "## Fine-tuning (random encoder, 0.01 of the training labels)" in md
 
 
+def test_probe_and_finetune_take_a_benchmark_as_their_rows(tmp_path, run, capsys):
+    """`xlip eval probe|finetune --benchmark NAME --data-root DIR` is `xlip eval benchmark NAME
+    --protocol probe|finetune`, fine-tuning with the command's own hyper-parameters."""
+    root = rsna_root(tmp_path)
+    common = ["--model", str(run), "--data-root", str(root)]
+    assert main(["eval", "benchmark", "rsna-pneumonia", *common, "--protocol", "probe",
+                 "--fraction", "1", "--out", str(tmp_path / "bm")]) == 0
+    assert main(["eval", "probe", "--benchmark", "rsna-pneumonia", *common, "--fraction",
+                 "0.01", "--out", str(tmp_path / "pb")]) == 0
+    via_bm, via_pb = (json.loads((tmp_path / d / "benchmark.json").read_text())
+                      for d in ("bm", "pb"))
+    assert via_pb["split"] == "train_1" and via_pb["per_finding"] == via_bm["per_finding"]
+    assert main(["eval", "finetune", "--benchmark", "rsna-pneumonia", *common, "--fraction",
+                 "0.01", "--steps", "4", "--eval-every", "2", "--quiet", "--out",
+                 str(tmp_path / "ft")]) == 0
+    ft = json.loads((tmp_path / "ft" / "benchmark.json").read_text())
+    assert ft["protocol"] == "finetune" and ft["steps"] == 4 and ft["steps_done"] <= 4
+    capsys.readouterr()
+    for argv, msg in ((["--manifest", "m.csv"], "drop --manifest"),
+                      (["--fraction", "0.5"], "the published lists are 0.01, 0.1 and 1"),
+                      (["--test-split", "holdout"], "drop --test-split")):
+        assert main(["eval", "probe", "--benchmark", "rsna-pneumonia", *common, *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["eval", "probe", "--model", str(run), "--data-root", str(root)]) == 2
+    assert "--data-root goes with --benchmark NAME" in capsys.readouterr().err
+
+
 def test_vindr_coverage_counts_the_adapters_reasons(tmp_path):
     """VinDr layout: annotations/image_labels_test.csv (the consensus row) + test/<id>.dicom.
     An image whose only finding is outside xlip's vocabulary is not found, and says why."""

@@ -74,9 +74,42 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_benchmark(args: argparse.Namespace, protocol: str, training: dict) -> int | None:
+    """``xlip eval probe|finetune --benchmark NAME --data-root DIR``: the published lists, as
+    ``xlip eval benchmark NAME --protocol P`` (None when no --benchmark is given)."""
+    if not args.benchmark:
+        if args.data_root:
+            raise ConfigError("--data-root goes with --benchmark NAME; for a manifest give "
+                              "--manifest")
+        return None
+    flag = f"--benchmark {args.benchmark}"
+    clash = [f for f, given in (("--manifest", args.manifest),
+                                ("--test-manifest", args.test_manifest),
+                                ("--findings", args.findings),
+                                ("--split", args.split != "train"),
+                                ("--val-split", args.val_split != "valid"),
+                                ("--test-split", args.test_split != "test")) if given]
+    if clash:
+        raise ConfigError(f"{flag} reads the published lists and classes: drop "
+                          f"{', '.join(clash)}")
+    if not args.data_root:
+        raise ConfigError(f"{flag} needs --data-root DIR (the dataset as downloaded)")
+    percent = {0.01: 1, 0.1: 10, 1.0: 100}.get(args.fraction)
+    if percent is None:
+        raise ConfigError(f"--fraction {args.fraction:g} with {flag}: the published lists "
+                          "are 0.01, 0.1 and 1 (train_1, train_10, train)")
+    out = args.out or Path(args.model) / f"{protocol}_{args.benchmark}_{args.init}_{percent}"
+    return _benchmark(argparse.Namespace(
+        name=args.benchmark, model=args.model, data_root=args.data_root, protocol=protocol,
+        fraction=percent, init=args.init, seed=args.seed, out=out, training=training))
+
+
 def _probe(args: argparse.Namespace) -> int:
     from xlip.eval.probe import ProbeOptions, linear_probe, markdown, write_probe
 
+    done = _on_benchmark(args, "probe", {})
+    if done is not None:
+        return done
     m, manifest = _model_and_manifest(args)
     opt = ProbeOptions(manifest, args.test_manifest, args.split, args.val_split,
                        args.test_split, args.fraction, args.init,
@@ -95,12 +128,16 @@ def _probe(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from xlip.eval.finetune import FinetuneOptions, finetune, markdown, write_finetune
 
+    training = dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                    eval_every=args.eval_every, patience=args.patience,
+                    head_lr_scale=args.head_lr_scale)
+    done = _on_benchmark(args, "finetune", training)
+    if done is not None:
+        return done
     m, manifest = _model_and_manifest(args)
     opt = FinetuneOptions(manifest, args.test_manifest, args.split, args.val_split,
                           args.test_split, args.fraction, args.init, tuple(args.findings or ()),
-                          args.seed, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                          eval_every=args.eval_every, patience=args.patience,
-                          head_lr_scale=args.head_lr_scale)
+                          args.seed, **training)
     out = writable_dir(args.out, "--out")
     model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
     result = finetune(model, m.cfg, opt, out / "finetune.safetensors", progress=not args.quiet)
@@ -133,7 +170,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise ConfigError("--init random applies to --protocol probe and finetune: an "
                           "untrained model's zero-shot scores are chance by construction")
     opt = BenchmarkOptions(args.name, args.data_root, args.protocol, args.fraction or 100,
-                           args.init)  # a bad protocol or fraction is refused here, first
+                           args.init, args.seed, tuple(getattr(args, "training", {}).items())
+                           )  # a bad protocol or fraction is refused here, first
     evaluable(get_benchmark(args.name))  # and an unsupported benchmark before loading the model
     out = writable_dir(args.out, "--out")
     m = XLIP.from_pretrained(args.model)
@@ -630,6 +668,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     pb.add_argument("--manifest", help="training and validation rows (default: the model's "
                                        "data.eval_manifest)")
     pb.add_argument("--test-manifest", help="test rows (default: --manifest)")
+    pb.add_argument("--benchmark", metavar="NAME", help="instead of manifests: a shipped "
+                    "benchmark's published lists (`xlip eval benchmarks`), read from "
+                    "--data-root; --fraction 0.01 / 0.1 / 1 picks train_1 / train_10 / train")
+    pb.add_argument("--data-root", help="--benchmark: the dataset as downloaded")
     pb.add_argument("--split", default="train", help="training split")
     pb.add_argument("--val-split", default="valid", help="validation split; without such "
                     "rows, 10%% of the training patients are held out")

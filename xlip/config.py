@@ -222,6 +222,9 @@ class TrainConfig:
     tf32: bool = True
     # torch.compile the model (in place, before DDP wraps it); the first steps then compile
     compile: bool = False
+    # where metric rows go (xlip.train.tracking): jsonl (metrics.jsonl, always) and tensorboard
+    # (RUN/tensorboard/, needs pip install 'xlip[tensorboard]')
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def __post_init__(self) -> None:
         _check_train(self)
@@ -421,6 +424,12 @@ def _check_train(tr: TrainConfig) -> None:
     if len(tuple(tr.betas)) != 2 or not all(0.0 <= b < 1.0 for b in tr.betas):
         raise ConfigError(f"train.betas={list(tr.betas)} needs two numbers in [0, 1), "
                           "e.g. [0.9, 0.98]")
+    for i, name in enumerate(tr.report_to):
+        _choice(f"train.report_to[{i}]", name, ("jsonl", "tensorboard"))
+    if "jsonl" not in tr.report_to or len(set(tr.report_to)) != len(tr.report_to):
+        raise ConfigError(f"train.report_to={list(tr.report_to)} must name jsonl once "
+                          "(metrics.jsonl, which xlip plot and xlip ablate read), plus "
+                          "tensorboard if wanted: e.g. [jsonl, tensorboard]")
 
 
 def _check_eval(e: EvalConfig) -> None:

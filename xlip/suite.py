@@ -207,9 +207,11 @@ def summarise(entry: SuiteEntry, result: dict[str, Any], argv: list[str]) -> dic
     row = {"name": entry.name, "kind": entry.kind, "result_file": entry.result_file,
            "protocol": result.get("protocol", entry.kind), "command": "xlip " + " ".join(argv),
            "data": result.get("benchmark") or result.get("test_manifest") or
-           result.get("manifest"), "split": result.get("test_split") or result.get("split"),
+           result.get("manifest"), "split": ("test list" if "coverage" in result else
+                                             result.get("test_split") or result.get("split")),
            "data_sha256": _data_hashes(result), "partial": result.get("partial"),
-           "fraction": result.get("fraction"), "init": result.get("init"),
+           "fraction": result.get("fraction"),
+           "init": None if result.get("protocol") == "zeroshot" else result.get("init"),
            "prompts": result.get("prompt_set"), "mode": result.get("mode"),
            "n_test": result.get("n_test") or result.get("n_images")}
     if "mean_auc_by_set" in result:  # zeroshot --prompts all: one mean AUC per prompt set

@@ -160,6 +160,8 @@ class BenchmarkOptions:
     protocol: str = "zeroshot"  # zeroshot | probe | finetune
     fraction: int = 100  # probe, finetune: train list 100 → train, 10 → train_10, 1 → train_1
     init: str = "pretrained"  # probe, finetune: pretrained | random
+    seed: int = 0  # probe, finetune: as their --seed
+    training: tuple[tuple[str, Any], ...] = ()  # finetune: FinetuneOptions fields (steps, lr..)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -292,7 +294,7 @@ def _trained(model, cfg: Config, opt: BenchmarkOptions, rows: dict[str, list[Rec
     train_list, manifest = TRAIN_LISTS[opt.fraction], out_dir / "benchmark_manifest.csv"
     kind = FinetuneOptions if opt.protocol == "finetune" else ProbeOptions
     popt = kind(manifest, manifest, train_list, "val", "test", opt.fraction / 100, opt.init,
-                tuple(classes))
+                tuple(classes), opt.seed, **dict(opt.training))
     train, val, test = rows[train_list], rows["val"], rows["test"]
     check_disjoint({"training": train, "validation": val, "test": test})
     if isinstance(popt, FinetuneOptions):

@@ -1,11 +1,10 @@
-"""Pre-training: data, model, AdamW with warmup + cosine, DDP, atomic checkpoints with resume,
-JSONL metrics, a divergence guard and a progress bar around the steps of
+"""Pre-training: data, model, AdamW with warmup + cosine, DDP, crash-safe checkpoints with exact
+resume, metrics (``train.report_to``), a divergence guard and a progress bar around the steps of
 :class:`xlip.optim.TrainSteps` (bf16 autocast, accumulation, clipping, non-finite abort), which
 fine-tuning runs too."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -31,11 +30,12 @@ from xlip.optim import (NonFiniteLossError, TrainSteps, adamw, lr_lambda,  # noq
                         param_groups)
 from xlip.precision import set_tf32
 from xlip.text.tokenizer import load_tokenizer
-from xlip.train.checkpoint import (load_state, resolve_checkpoint, save_checkpoint,
-                                   set_rng_state)
+from xlip.train.checkpoint import (gather_rng_states, load_state, point_latest_at,
+                                   resolve_checkpoint, restore_rng, save_checkpoint)
 from xlip.train.distributed import (DistInfo, any_rank, barrier, init_distributed,
                                     reduce_sums, sync_batchnorm, wrap_for_training)
 from xlip.train.resume import apply_optimizer_settings, check_resume
+from xlip.train.tracking import Tracker, check_reporters
 
 
 def tokenizer_dir(cfg: Config) -> str:
@@ -145,6 +145,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         if changed and info.is_main:
             print(f"resuming {ck.name} with changed settings: {', '.join(changed)}",
                   file=sys.stderr)
+    check_reporters(tr.report_to)  # a missing package: now, not after the data is loaded
     tok_src = tokenizer_dir(cfg)
     tok = load_tokenizer(tok_src)
     dataset = MixedDataset(cfg, train=True, rejects_dir=out_dir)
@@ -174,9 +175,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     terms = [t for t, on in (("cl", cfg.loss.w_cl > 0), ("mim", cfg.mim.policy != "none"),
                              ("mlm", cfg.mlm.policy != "none")) if on]
     log = MetricLog(dataset.names, terms)
-    metrics_path = out_dir / "metrics.jsonl"
-    if info.is_main:
-        keep_metrics_until(metrics_path, start)  # rows logged after the checkpoint are redone
+    tracker = Tracker(out_dir, tr.report_to, start, info.is_main)  # drops rows after ``start``
+    if ck is not None and info.is_main:  # a resume from an earlier step rewinds the run
+        point_latest_at(out_dir, ck)
     guard = DivergenceGuard(tr.diverge_factor,
                             float(state.get("guard_best", math.inf)) if state else math.inf)
     bar = None
@@ -188,7 +189,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     model.train()
     batches = iter(loader)  # draws a base seed from the global RNG: before restoring it
     if state is not None:
-        set_rng_state(state["rng"])
+        note = restore_rng(state, info.rank, info.world_size)
+        if note and info.is_main:
+            print(f"resuming {ck}: {note}", file=sys.stderr)
     t_start = time.perf_counter()
 
     def forward(batch: dict[str, torch.Tensor], step: int, micro: int):
@@ -204,16 +207,16 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
                        logit_scale=float(model.scale().detach()),
                        elapsed_s=time.perf_counter() - t_start)
             guard.check(row, out_dir)  # same row on every rank: all stop together
+            tracker.log(row)
+            if bar is not None:  # rank 0's only
+                bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in row.items()
+                                 if k.endswith("_loss")} | {"sps": f"{row['samples_per_s']:.0f}"})
+        if done % tr.ckpt_every == 0 or done == tr.steps:
+            rng = gather_rng_states()  # every rank's generators: all ranks take part
             if info.is_main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if bar is not None:
-                    bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in row.items()
-                                     if k.endswith("_loss")} | {"sps": f"{row['samples_per_s']:.0f}"})
-        if info.is_main and (done % tr.ckpt_every == 0 or done == tr.steps):
-            save_checkpoint(out_dir, done, model, cfg,
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "guard_best": guard.best})
+                save_checkpoint(out_dir, done, model, cfg,
+                                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                 "guard_best": guard.best}, rng=rng)
 
     TrainSteps(model, opt, sched, forward, info.device, tr.precision, tr.grad_accum,
                tr.clip_grad, on_micro=log.add, after_update=model.clamp_logit_scale,
@@ -222,6 +225,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
                                                                        bar)
     if bar is not None:
         bar.close()
+    tracker.close()
     if info.is_main:
         save_weights(model, out_dir / "model.safetensors")
     barrier()
@@ -257,13 +261,3 @@ class DivergenceGuard:
                 f"train.diverge_factor={self.factor:g} times its lowest logged value "
                 f"{self.best:.4g}", out_dir))
         self.best = min(self.best, total)
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the metric rows after ``step`` (all of them for a fresh run), so that a resumed run
-    appends without logging a step twice."""
-    if not path.exists():
-        return
-    rows = [x for x in path.read_text().splitlines() if x.strip()]
-    kept = [x for x in rows if json.loads(x).get("step", 0) <= step] if step else []
-    path.write_text("".join(x + "\n" for x in kept))
