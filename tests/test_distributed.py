@@ -1,4 +1,5 @@
-"""One process with batch 2B against two ``torchrun`` processes (gloo, CPU) with batch B each.
+"""How processes find each other (the launchers' variables, pure functions), and one process with
+batch 2B against two ``torchrun`` processes (gloo, CPU) with batch B each.
 
 The contrastive loss gathers embeddings across ranks (with gradient), the MLM loss is a mean over
 the global batch's masked tokens, and DDP averages the ranks' gradients: the two runs must take
@@ -21,6 +22,8 @@ from tests.conftest import build_corpus, tiny_config
 from xlip.config import save_config
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
+from xlip.train.distributed import (Launch, LaunchError, backend_for, launch_from_env,
+                                    training_device)
 from xlip.train.loop import pretrain
 
 
@@ -29,9 +32,6 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
-
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def cl_mlm_cfg(corpus, out, batch_size):
                "ckpt_every": 3, "threads": 1, "lr": 1e-3, "adam_eps": 1e-6})
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
     one = pretrain(cl_mlm_cfg(corpus, tmp_path / "one", batch_size=8), progress=False)
     cfg2 = cl_mlm_cfg(corpus, tmp_path / "two", batch_size=4)
@@ -117,6 +118,7 @@ shutdown_distributed()
 """
 
 
+@pytest.mark.slow
 def test_metrics_reduce_over_ranks_whose_keys_differ(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(REDUCE_WORKER)
@@ -135,3 +137,110 @@ def test_metrics_reduce_over_ranks_whose_keys_differ(tmp_path):
         assert "cl_loss/text_only" not in row and "guide_fallback" not in row
         # throughput is the sum over ranks: 8 + 8 samples in one second
         assert 14.0 < row["samples_per_s"] <= 16.0
+
+
+# --- the launchers' variables ------------------------------------------------------------------
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29500"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+         "MASTER_ADDR": "node01", "MASTER_PORT": "29400"}
+
+
+def test_no_launcher_is_one_process():
+    assert launch_from_env({}) == Launch(0, 1, 0, "single", "")
+    assert launch_from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == Launch()
+
+
+def test_torchrun_variables():
+    assert launch_from_env(TORCHRUN) == Launch(3, 4, 1, "torchrun", "")
+    # torchrun inside a SLURM allocation: torchrun's variables describe the processes
+    assert launch_from_env({**SLURM, **TORCHRUN}) == Launch(3, 4, 1, "torchrun", "")
+
+
+def test_slurm_variables():
+    assert launch_from_env(SLURM) == Launch(5, 8, 1, "slurm", "node01:29400")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({**SLURM, "MASTER_ADDR": ""}, r"SLURM_NTASKS=8 but MASTER_ADDR is not set.*scontrol show "
+                                   r"hostnames"),
+    ({k: v for k, v in SLURM.items() if not k.startswith("MASTER")},
+     r"MASTER_ADDR and MASTER_PORT are not set"),
+    ({**SLURM, "SLURM_PROCID": "8"}, r"SLURM_PROCID=8 is outside 0\.\.7 \(SLURM_NTASKS=8\)"),
+    ({**SLURM, "MASTER_PORT": "auto"}, r"MASTER_PORT='auto' is not an integer"),
+    ({k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, r"SLURM_LOCALID is not set"),
+    ({**TORCHRUN, "RANK": "4"}, r"RANK=4 is outside 0\.\.3 \(WORLD_SIZE=4\)"),
+    ({**TORCHRUN, "WORLD_SIZE": "0", "RANK": "0"}, r"WORLD_SIZE=0: the number of processes"),
+    ({"RANK": "0"}, r"WORLD_SIZE is not set"),
+    ({**TORCHRUN, "LOCAL_RANK": "-1"}, r"LOCAL_RANK=-1 must lie in 0\.\.RANK"),
+])
+def test_launch_errors_name_the_variable(env, message):
+    with pytest.raises(LaunchError, match=message):
+        launch_from_env(env)
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank():
+    assert training_device(0, 0) == torch.device("cpu")
+    assert training_device(3, 0) == torch.device("cpu")  # no GPU: every process on the CPU
+    assert training_device(1, 2) == torch.device("cuda", 1)
+    # srun --gpus-per-task 1: each task sees only its own GPU, as cuda:0
+    assert training_device(3, 1, "slurm") == torch.device("cuda", 0)
+    with pytest.raises(LaunchError, match=r"local rank 1 has no GPU: this process sees 1"):
+        training_device(1, 1, "torchrun")
+    with pytest.raises(LaunchError, match=r"local rank 2 has no GPU: this process sees 2.*"
+                                          r"--nproc_per_node 2"):
+        training_device(2, 2)
+    assert (backend_for(torch.device("cuda", 0)), backend_for(torch.device("cpu"))) == \
+        ("nccl", "gloo")
+
+
+def test_pretrain_reports_a_bad_launch_in_one_line(tmp_path, monkeypatch, capsys):
+    from xlip.cli import main
+
+    cfg = tiny_config(data={"sources": [{"manifest": str(tmp_path / "m.csv"), "kind": "paired"}]},
+                      train={"out_dir": str(tmp_path / "run")})
+    save_config(cfg, tmp_path / "c.yaml")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xlip: error: SLURM_NTASKS=2 but MASTER_ADDR and MASTER_PORT are not "
+                          "set") and err.count("\n") == 1
+
+
+SLURM_WORKER = """
+import json, sys
+from xlip.train.distributed import init_distributed, reduce_sums, shutdown_distributed
+info = init_distributed()
+got = reduce_sums({"x": float(info.rank + 1)}, {"x": 1.0}, ["x"], info.device)
+json.dump({"rank": info.rank, "world": info.world_size, "local": info.local_rank,
+           "device": str(info.device), "x": got["x"]}, open(sys.argv[1], "w"))
+shutdown_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_two_srun_processes_join_one_group(tmp_path):
+    """Two processes started as srun starts them (SLURM variables, no torchrun) meet over gloo."""
+    script = tmp_path / "worker.py"
+    script.write_text(SLURM_WORKER)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=free_port(), CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{r}.json")],
+                              env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+    rows = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1)]
+    assert [(x["rank"], x["world"], x["local"], x["device"]) for x in rows] == \
+        [(0, 2, 0, "cpu"), (1, 2, 1, "cpu")]
+    assert all(x["x"] == [3.0, 2.0] for x in rows)  # (1 + 2, 1 + 1) summed over both

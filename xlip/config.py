@@ -225,6 +225,10 @@ class TrainConfig:
     # only pass. fast (FLIP-style): one pass with gradients over the visible patches serves CL,
     # MIM and MLM; the full image is encoded without gradients, only for AttMIM's scores
     mode: str = "default"
+    # GPUs: TF32 tensor cores for the matmuls and convolutions left in fp32 (no effect on CPU)
+    tf32: bool = True
+    # torch.compile the model (in place, before DDP wraps it); the first steps then compile
+    compile: bool = False
     # where metric rows go (xlip.train.tracking): jsonl (metrics.jsonl, always) and tensorboard
     # (RUN/tensorboard/, needs pip install 'xlip[tensorboard]')
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])

@@ -1,7 +1,8 @@
 """Mixed precision: what ``train.precision`` means on a device, decided here only.
 
 Training, evaluation, the Python API and ``xlip bench`` all ask :func:`resolve_precision` (through
-:func:`autocast`), so ``auto`` means the same everywhere.
+:func:`autocast`), so ``auto`` means the same everywhere. :func:`set_tf32` decides the precision of
+the fp32 matmuls and convolutions that autocast leaves in fp32 (``train.tf32``), on GPUs only.
 """
 
 from __future__ import annotations
@@ -35,3 +36,15 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     else a disabled one: training and evaluation run under the same rule."""
     return torch.autocast(device.type, dtype=torch.bfloat16,
                           enabled=resolve_precision(precision, device) == "bf16")
+
+
+def set_tf32(enabled: bool, device: torch.device) -> bool:
+    """TF32 tensor cores for fp32 matmuls and cuDNN convolutions on ``device`` (``train.tf32``):
+    a 10-bit mantissa for the products, fp32 accumulation, several times the fp32 speed on
+    Ampere and later GPUs. Only CUDA has it: on other devices nothing is changed. Returns whether
+    the switches were set (they are process-wide, as in PyTorch)."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return True

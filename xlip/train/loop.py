@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from xlip.config import Config, ConfigError, load_config, save_config
@@ -30,11 +29,12 @@ from xlip.model.xlip import XLIPModel
 # NonFiniteLossError, lr_lambda and param_groups are also imported from here (ablate, tests)
 from xlip.optim import (NonFiniteLossError, TrainSteps, adamw, lr_lambda,  # noqa: F401
                         param_groups)
+from xlip.precision import set_tf32
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (gather_rng_states, load_state, point_latest_at,
                                    resolve_checkpoint, restore_rng, save_checkpoint)
 from xlip.train.distributed import (DistInfo, any_rank, barrier, init_distributed,
-                                    reduce_sums)
+                                    reduce_sums, sync_batchnorm, wrap_for_training)
 from xlip.train.resume import apply_optimizer_settings, check_resume
 from xlip.train.tracking import Tracker, check_reporters
 
@@ -120,7 +120,9 @@ def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Coll
                                 world_size=info.world_size)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                       num_workers=cfg.data.num_workers, persistent_workers=False,
-                      prefetch_factor=4 if cfg.data.num_workers else None)
+                      prefetch_factor=4 if cfg.data.num_workers else None,
+                      # page-locked batches: the step's non_blocking copies overlap the GPU
+                      pin_memory=info.device.type == "cuda")
 
 
 def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
@@ -134,6 +136,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         raise ConfigError("data.sources is empty: name at least one manifest to train on")
     info = init_distributed()
     tr = cfg.train
+    set_tf32(tr.tf32, info.device)
     if tr.threads:
         torch.set_num_threads(tr.threads)
     # denormal floats (tiny Adam second moments, small grads) run ~100x slower on x86 CPUs
@@ -162,11 +165,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         cfg.data.pixel_mean, cfg.data.pixel_std = dataset_stats(
             dataset.image_paths(), cfg.vision.image_size, seed=tr.seed)
     collate = Collator(cfg, tok, train=True, findings=dataset.findings())
-    model = XLIPModel(cfg, len(tok)).to(info.device)
-    if info.world_size > 1 and info.device.type == "cuda":
-        # BatchNorm (vision.stem=hybrid) over the global batch; SyncBatchNorm runs on GPUs only,
-        # so CPU processes keep per-process batch statistics
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = sync_batchnorm(XLIPModel(cfg, len(tok)).to(info.device), info)
     opt, sched = adamw(model, cfg)
     start = 0
     if ck is not None and state is not None:
@@ -181,7 +180,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         # a model from an earlier finish would sit beside a config it was not trained under
         # (a resumed run that then stops early); the checkpoints keep its weights
         (out_dir / "model.safetensors").unlink(missing_ok=True)
-    net = DDP(model) if info.world_size > 1 else model
+    net = wrap_for_training(model, info, tr.compile)  # compiled (train.compile), then DDP
     criterion = XLIPLoss(cfg)
     loader = build_loader(cfg, dataset, collate, start, info,
                           state.get("stream_position") if state else None)
