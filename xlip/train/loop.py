@@ -112,7 +112,8 @@ def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Coll
             dataset.check_position(position, dataset.start)
         return DataLoader(dataset, batch_size=None, collate_fn=collate,
                           num_workers=cfg.data.num_workers, persistent_workers=False,
-                          prefetch_factor=4 if cfg.data.num_workers else None)
+                          prefetch_factor=4 if cfg.data.num_workers else None,
+                          pin_memory=info.device.type == "cuda")
     sampler = MixedBatchSampler([len(r) for r in dataset.records],
                                 [s.weight for s in cfg.data.sources], cfg.data.batch_size,
                                 seed=tr.seed, start_step=start_step * tr.grad_accum,

@@ -17,11 +17,13 @@ from xlip.config import Config, ConfigError
 
 # nothing the weights, the optimizer state or the batches drawn so far depend on
 SAFE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.threads",
-                "train.out_dir", "train.report_to", "data.num_workers", "data.verify_images",
-                "data.eval_manifest", "data.eval_split", "eval.")
+                "train.out_dir", "train.report_to", "train.compile", "train.tf32",
+                "vision.grad_checkpointing", "text.grad_checkpointing", "data.num_workers",
+                "data.verify_images", "data.eval_manifest", "data.eval_split", "eval.")
 # the parameters' names and shapes: no override can carry a checkpoint across these
 SHAPE_KEYS = ("vision.", "text.", "model.")
-NOT_SHAPE = ("vision.attn_impl", "vision.pretrained", "text.attn_impl", "text.dropout",
+NOT_SHAPE = ("vision.attn_impl", "vision.pretrained", "vision.grad_checkpointing",
+             "text.attn_impl", "text.dropout", "text.grad_checkpointing",
              "text.pretrained", "text.tokenizer", "model.init_temperature",
              "model.max_logit_scale")  # a moved tokenizer: its vocabulary size is checked
 
