@@ -1,4 +1,7 @@
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +18,25 @@ VOCAB = 64
 ROOT = Path(__file__).resolve().parents[1]
 # Real data for tests (never copied into the repo): $XLIP_SHARED_DATA, else ../shared/data.
 SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now (a fixed one may be taken by another run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun_pretrain(config, *args: str, nproc: int = 2) -> None:
+    """``xlip pretrain --config CONFIG ARGS`` in ``nproc`` gloo processes (CPU) under torchrun;
+    fails the test with the processes' stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", free_port(), "-m", "xlip.cli", "pretrain", "--config", str(config),
+           "--quiet", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def needs_shared_data(*relpaths: str) -> pytest.MarkDecorator:

@@ -10,7 +10,6 @@ statistics), no dropout. EntMLM masks are drawn per sample, so they match.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,20 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import build_corpus, tiny_config
+from tests.conftest import build_corpus, free_port, tiny_config, torchrun_pretrain
 from xlip.config import save_config
 from xlip.model.xlip import XLIPModel
 from xlip.text.tokenizer import load_tokenizer
 from xlip.train.distributed import (Launch, LaunchError, backend_for, launch_from_env,
                                     training_device)
 from xlip.train.loop import pretrain
-
-
-def free_port() -> str:
-    """A TCP port nothing listens on now (a fixed one may be taken by another run)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +56,7 @@ def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
     one = pretrain(cl_mlm_cfg(corpus, tmp_path / "one", batch_size=8), progress=False)
     cfg2 = cl_mlm_cfg(corpus, tmp_path / "two", batch_size=4)
     save_config(cfg2, tmp_path / "two.yaml")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", free_port(), "-m", "xlip.cli", "pretrain", "--config",
-           str(tmp_path / "two.yaml"), "--quiet"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_pretrain(tmp_path / "two.yaml")
 
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

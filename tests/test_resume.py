@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.conftest import ROOT, build_corpus, tiny_config
+from tests.conftest import ROOT, build_corpus, tiny_config, torchrun_pretrain
 from xlip.cli import main
 from xlip.config import ConfigError, save_config
 from xlip.errors import MissingFileError
@@ -324,18 +324,6 @@ def test_tensorboard_events_hold_each_logged_scalar(corpus, tmp_path):
 # ------------------------------------------------------------------------------ two processes
 
 
-def torchrun(config, *args):
-    from tests.test_distributed import free_port
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", free_port(), "-m", "xlip.cli", "pretrain", "--config", str(config),
-           "--quiet", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_two_process_resume_logs_the_losses_of_an_uninterrupted_run(corpus, tmp_path):
     """Each rank draws its own dropout masks (torch seeded with seed + rank): the checkpoint
@@ -344,13 +332,13 @@ def test_two_process_resume_logs_the_losses_of_an_uninterrupted_run(corpus, tmp_
     for name in ("full", "part", "rank0_rng"):
         cfgs[name] = tmp_path / f"{name}.yaml"
         save_config(run_cfg(corpus, tmp_path / name, threads=1), cfgs[name])
-    torchrun(cfgs["full"])
+    torchrun_pretrain(cfgs["full"])
     full = tmp_path / "full"
     state = load_state(full / "checkpoints" / "step_0000002")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     crashed_copy(full, tmp_path / "part", 2)
-    torchrun(cfgs["part"], "--resume", "latest")
+    torchrun_pretrain(cfgs["part"], "--resume", "latest")
     a, b = rows(full), rows(tmp_path / "part")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
@@ -364,5 +352,5 @@ def test_two_process_resume_logs_the_losses_of_an_uninterrupted_run(corpus, tmp_
     crashed_copy(full, old, 2)
     torch.save({**state, "rng": state["rng"][0], "world_size": 1},
                old / "checkpoints" / "step_0000002" / "state.pt")
-    torchrun(cfgs["rank0_rng"], "--resume", "latest")
+    torchrun_pretrain(cfgs["rank0_rng"], "--resume", "latest")
     assert rows(old)[2]["mlm_loss"] != pytest.approx(a[2]["mlm_loss"], rel=1e-6)

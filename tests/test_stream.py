@@ -2,17 +2,14 @@
 exact resume (stream and training), one-line errors for damaged folders."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.conftest import build_corpus, tiny_config
+from tests.conftest import build_corpus, tiny_config, torchrun_pretrain
 from xlip.cli import main
 from xlip.config import ConfigError, from_dict, save_config
 from xlip.data.manifest import load_manifest
@@ -195,19 +192,6 @@ def test_pretraining_from_shards_resumes_exactly(corpus, tmp_path):
         pretrain(run_cfg(corpus, part, workers=1), resume="latest", progress=False)
 
 
-def torchrun(cfg, path, *args):
-    """``xlip pretrain`` in 2 gloo processes (CPU) under torchrun."""
-    from tests.test_distributed import free_port
-
-    save_config(cfg, path)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", free_port(), "-m", "xlip.cli", "pretrain", "--config", str(path),
-           "--quiet", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_two_processes_stream_and_resume_exactly(corpus, tmp_path):
     """2 ranks x 1 worker under torchrun: the run resumed after step 2 logs the losses of the
@@ -218,7 +202,8 @@ def test_two_processes_stream_and_resume_exactly(corpus, tmp_path):
         return c
 
     full = tmp_path / "full"
-    torchrun(cfg(full), tmp_path / "full.yaml")
+    save_config(cfg(full), tmp_path / "full.yaml")
+    torchrun_pretrain(tmp_path / "full.yaml")
     state = torch.load(full / "checkpoints" / "step_0000002" / "state.pt", weights_only=True)
     assert state["stream_position"]["world_size"] == 2
     assert state["stream_position"]["sources"]["paired"]["rows"] == 2 * 3 * 2  # steps x q x ranks
@@ -226,7 +211,8 @@ def test_two_processes_stream_and_resume_exactly(corpus, tmp_path):
     (part / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step_0000002", part / "checkpoints" / "step_0000002")
     (part / "checkpoints" / "latest").write_text("step_0000002\n")
-    torchrun(cfg(part), tmp_path / "part.yaml", "--resume", "latest")
+    save_config(cfg(part), tmp_path / "part.yaml")
+    torchrun_pretrain(tmp_path / "part.yaml", "--resume", "latest")
     a, b = losses(full), losses(part)
     assert sorted(b) == [3, 4]
     for step in (3, 4):
