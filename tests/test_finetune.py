@@ -97,15 +97,21 @@ def test_early_stopping_restores_the_best_validation_weights(eval_corpus, eval_r
 
 
 def test_the_test_split_is_read_once_after_training(eval_corpus, eval_run, monkeypatch):
+    """Validation images are decoded once, before training, and scored at each check; the test
+    images are read once, after the last training batch."""
     manifest, _ = eval_corpus
     _, val, test, _ = split_rows(ProbeOptions(manifest))
     val_paths, test_paths = [r.image for r in val], [r.image for r in test]
     events, trained_on = [], set()
-    encode, prepare = ft.pooled_features, ft.prepare_image
+    encode, prepare, decode = ft.pooled_features, ft.prepare_image, ft.decode_images
 
-    def pooled(model, paths, cfg, batch_size=128, progress=""):
-        events.append(list(paths))
-        return encode(model, paths, cfg, batch_size)
+    def pooled(model, images, cfg, batch_size=128, progress=""):
+        events.append(("scored", images if isinstance(images, torch.Tensor) else list(images)))
+        return encode(model, images, cfg, batch_size)
+
+    def decode_images(paths, cfg, *args):
+        events.append(("decoded", list(paths)))
+        return decode(paths, cfg, *args)
 
     def prepare_image(path, *args, **kwargs):  # the training batches
         trained_on.add(path)
@@ -113,13 +119,18 @@ def test_the_test_split_is_read_once_after_training(eval_corpus, eval_run, monke
         return prepare(path, *args, **kwargs)
 
     monkeypatch.setattr(ft, "pooled_features", pooled)
+    monkeypatch.setattr(ft, "decode_images", decode_images)
     monkeypatch.setattr(ft, "prepare_image", prepare_image)
     m = XLIP.from_pretrained(eval_run)
     finetune(m.model, m.cfg, FinetuneOptions(manifest, steps=4, eval_every=2, batch_size=8),
              bootstrap=0)
     reads = [e for e in events if e != "train"]
-    assert reads == [val_paths, val_paths, test_paths]  # after steps 2 and 4, then the test
-    assert events.index(test_paths) > max(i for i, e in enumerate(events) if e == "train")
+    assert reads[0] == ("decoded", val_paths) and events.index(reads[0]) == 0
+    cached = reads[1][1]  # after steps 2 and 4 the same decoded tensor, then the test
+    assert isinstance(cached, torch.Tensor) and len(cached) == len(val_paths)
+    assert reads[1:] == [("scored", cached), ("scored", cached), ("scored", test_paths)]
+    assert events.index(("scored", test_paths)) > max(i for i, e in enumerate(events)
+                                                      if e == "train")
     assert not trained_on & (set(test_paths) | set(val_paths))
 
 

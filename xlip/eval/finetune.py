@@ -39,8 +39,8 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import Record
 from xlip.errors import InputError
 from xlip.eval.metrics import auc, auc_table
-from xlip.eval.probe import (ProbeOptions, finding_table, labels, pooled_features, split_rows,
-                             usable_findings)
+from xlip.eval.probe import (ProbeOptions, decode_images, finding_table, labels, pooled_features,
+                             split_rows, usable_findings)
 from xlip.eval.zeroshot import default_findings
 from xlip.files import write_atomic
 from xlip.model.weights import save_weights
@@ -142,21 +142,35 @@ def train_batches(paths: Sequence[str], y: np.ndarray, cfg: Config, batch_size: 
         yield {"images": x, "labels": torch.from_numpy(y[idx]).float()}
 
 
+# validation images are decoded once and kept (fp32, as decoded) when they fit in this many
+# bytes, else decoded again at every validation check
+VAL_CACHE_BYTES = 2 << 30
+
+
+def validation_images(paths: Sequence[str], cfg: Config) -> Sequence[str] | torch.Tensor:
+    """The validation images decoded once when they fit :data:`VAL_CACHE_BYTES`, else their
+    paths."""
+    if len(paths) * cfg.vision.image_size ** 2 * 4 > VAL_CACHE_BYTES:
+        return paths
+    return decode_images(paths, cfg)
+
+
 @torch.no_grad()
-def scores(net: Classifier, paths: Sequence[str], cfg: Config) -> np.ndarray:
-    """(n, F) logits of image files, in evaluation mode (the probe's feature pass, then the
-    head); the module's mode is restored."""
+def scores(net: Classifier, images: Sequence[str] | torch.Tensor, cfg: Config) -> np.ndarray:
+    """(n, F) logits of image files (or decoded images), in evaluation mode (the probe's
+    feature pass, then the head); the module's mode is restored."""
     mode = net.training
-    feats = torch.from_numpy(pooled_features(net, paths, cfg))  # (n, D)
+    feats = torch.from_numpy(pooled_features(net, images, cfg))  # (n, D)
     device = next(net.parameters()).device
     out = net.head(feats.to(device)).float().cpu().numpy()
     net.train(mode)
     return out
 
 
-def validation_auc(net: Classifier, paths: Sequence[str], y: np.ndarray, cfg: Config) -> float:
+def validation_auc(net: Classifier, images: Sequence[str] | torch.Tensor, y: np.ndarray,
+                   cfg: Config) -> float:
     """The mean AUC over the head's findings on the validation images."""
-    s = scores(net, paths, cfg)
+    s = scores(net, images, cfg)
     return float(np.mean([auc(y[:, j], s[:, j]) for j in range(y.shape[1])]))
 
 
@@ -260,6 +274,7 @@ def train_classifier(model, cfg: Config, opt: FinetuneOptions, train: Sequence[s
     torch.set_flush_denormal(True)  # tiny Adam moments run ~100x slower as denormals on x86
     torch.manual_seed(opt.seed)  # the head's initialisation
     net = Classifier(copy.deepcopy(model.vision), ytr.shape[1]).to(device)
+    val_images = validation_images(val, cfg)  # decoded once, not at every check
     fcfg = schedule_config(cfg, opt)
     optimizer, sched = adamw(net, fcfg, {"head": opt.head_lr_scale})
     stopper, curve, loss_sum = EarlyStopping(opt.patience), [], [0.0, 0]
@@ -282,7 +297,7 @@ def train_classifier(model, cfg: Config, opt: FinetuneOptions, train: Sequence[s
     def validate(done: int, grad_norm: torch.Tensor) -> bool:
         if done % opt.eval_every and done != opt.steps:
             return False
-        score = validation_auc(net, val, yva, cfg)
+        score = validation_auc(net, val_images, yva, cfg)
         curve.append({"step": done, "val_mean_auc": score,
                       "train_loss": loss_sum[0] / max(loss_sum[1], 1),
                       "lr": sched.get_last_lr()[0]})

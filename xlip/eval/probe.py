@@ -56,19 +56,27 @@ class ProbeOptions:
             raise InputError(f"--init {self.init!r}: choose pretrained or random")
 
 
+def decode_images(paths: Sequence[str], cfg: Config) -> torch.Tensor:
+    """(n, 1, S, S) the evaluation view of image files (no augmentation)."""
+    return torch.stack([prepare_image(p, cfg.vision.image_size, stats=cfg.pixel_stats())
+                        for p in paths])
+
+
 @torch.no_grad()
-def pooled_features(model, paths: Sequence[str], cfg: Config, batch_size: int = 128,
-                    progress: str = "") -> np.ndarray:
-    """(n, width) pooled image-encoder features (before the contrastive projection);
-    ``progress``: the label of a progress bar on stderr (none when empty)."""
+def pooled_features(model, images: Sequence[str] | torch.Tensor, cfg: Config,
+                    batch_size: int = 128, progress: str = "") -> np.ndarray:
+    """(n, width) pooled image-encoder features (before the contrastive projection) of image
+    files or of images :func:`decode_images` decoded; ``progress``: the label of a progress bar
+    on stderr (none when empty)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    with tqdm(total=len(paths), desc=progress, unit="img", disable=not progress,
+    with tqdm(total=len(images), desc=progress, unit="img", disable=not progress,
               dynamic_ncols=True) as bar:
-        for i in range(0, len(paths), batch_size):
-            x = torch.stack([prepare_image(p, cfg.vision.image_size, stats=cfg.pixel_stats())
-                             for p in paths[i:i + batch_size]]).to(device)
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            x = (chunk if isinstance(chunk, torch.Tensor)
+                 else decode_images(chunk, cfg)).to(device)
             with autocast(cfg.train.precision, device):
                 out.append(model.vision(x)["pooled"].float().cpu())
             bar.update(len(x))
