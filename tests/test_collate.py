@@ -12,7 +12,7 @@ from xlip.text.ner import extract_entities, guide_entities
 from xlip.text.tokenizer import train_wordpiece
 
 REPORTS = [
-    "Large right pneumothorax. No pleural effusion.",
+    "Large right pneumothorax (apical/lateral). No pleural effusion.",
     "The lungs are clear. No pneumothorax or effusion. Heart size is normal.",
     "Mild cardiomegaly with small bilateral pleural effusions; possible left lower lobe "
     "atelectasis. No pneumothorax.",

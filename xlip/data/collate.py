@@ -20,7 +20,7 @@ from xlip.config import Config
 from xlip.hashing import hash_int
 from xlip.masking import mask_tokens, seeded_uniform, select_mlm_words
 from xlip.text.labels import CANONICAL_FINDINGS
-from xlip.text.ner import extract_entities, guide_entities
+from xlip.text.ner import entities_and_guides
 from xlip.text.prompts import label_prompt
 
 
@@ -65,10 +65,10 @@ class TextSpans(NamedTuple):
 
 def text_spans(text: str) -> TextSpans:
     """NER and letter/digit runs of ``text`` as :class:`TextSpans`."""
-    ents = extract_entities(text)
+    ents, guides = entities_and_guides(text)
     is_alnum = np.fromiter(map(str.isalnum, text), dtype=bool, count=len(text))
     edges = np.flatnonzero(np.diff(np.concatenate([[False], is_alnum, [False]]).astype(np.int8)))
-    return TextSpans(_spans([(e.start, e.end) for e in guide_entities(text, ents)]),
+    return TextSpans(_spans([(e.start, e.end) for e in guides]),
                      _spans([(e.start, e.end) for e in ents]), edges.reshape(-1, 2))
 
 
@@ -168,7 +168,9 @@ class Collator:
         # one tokenizer call: the clean and the MLM texts share one padded length
         enc = self.tok(list(texts) + mlm_texts, padding="longest", truncation=True,
                        max_length=cfg.text.max_length, return_offsets_mapping=True,
-                       return_special_tokens_mask=True, return_tensors="pt")
+                       return_special_tokens_mask=True)
+        for key in ("input_ids", "attention_mask", "offset_mapping", "special_tokens_mask"):
+            enc[key] = torch.from_numpy(np.array(enc[key], dtype=np.int64))  # faster than pt
         B, L = len(samples), enc["input_ids"].shape[1]
         offsets = enc["offset_mapping"]  # (B + Bm', L, 2) characters of each token
         # word tokens: not [CLS]/[SEP]/padding (the tokens whose word id is not None)
