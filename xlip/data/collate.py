@@ -56,11 +56,26 @@ def label_vector(labels: Sequence[str]) -> list[float]:
 
 
 class TextSpans(NamedTuple):
-    """Character spans (S, 2) int64 ``[start, end)`` of one text, what collation needs of it."""
+    """Character spans ``[start, end)`` of one text, what collation needs of it, in one int32
+    array (a cache holds many): the AttMIM guiding entities (:func:`guide_entities`), every NER
+    entity (EntMLM's entity words), the maximal runs of letters/digits (a word without one is
+    not masked)."""
 
-    guide: np.ndarray  # AttMIM guiding entities (:func:`guide_entities`)
-    entities: np.ndarray  # every NER entity (EntMLM's entity words)
-    alnum: np.ndarray  # maximal runs of letters/digits (a word without one is not masked)
+    spans: np.ndarray  # (G + E + A, 2) int32: guide, entity, then letter/digit run spans
+    n_guide: int
+    n_entities: int
+
+    @property
+    def guide(self) -> np.ndarray:
+        return self.spans[:self.n_guide]
+
+    @property
+    def entities(self) -> np.ndarray:
+        return self.spans[self.n_guide:self.n_guide + self.n_entities]
+
+    @property
+    def alnum(self) -> np.ndarray:
+        return self.spans[self.n_guide + self.n_entities:]
 
 
 def text_spans(text: str) -> TextSpans:
@@ -68,12 +83,8 @@ def text_spans(text: str) -> TextSpans:
     ents, guides = entities_and_guides(text)
     is_alnum = np.fromiter(map(str.isalnum, text), dtype=bool, count=len(text))
     edges = np.flatnonzero(np.diff(np.concatenate([[False], is_alnum, [False]]).astype(np.int8)))
-    return TextSpans(_spans([(e.start, e.end) for e in guides]),
-                     _spans([(e.start, e.end) for e in ents]), edges.reshape(-1, 2))
-
-
-def _spans(pairs: list[tuple[int, int]]) -> np.ndarray:
-    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    spans = [(e.start, e.end) for e in guides + ents] + edges.reshape(-1, 2).tolist()
+    return TextSpans(np.array(spans, dtype=np.int32).reshape(-1, 2), len(guides), len(ents))
 
 
 def pad_spans(spans: Sequence[np.ndarray]) -> Tensor:
@@ -112,10 +123,11 @@ class Collator:
     guiding tokens, ``guide_fallback`` (B,) rows with no present finding, guided by all their
     content tokens instead, ``mlm_*`` masked reports of the rows in ``mlm_rows``, ``source`` (B,).
 
-    Randomness comes from each sample's ``seed`` alone (prompt wording, the MLM row draw, the
-    words masked and their replacement), so equal samples give equal rows in any batch. The
-    :class:`TextSpans` of the last ``cache_size`` distinct texts are kept (reports repeat
-    across epochs, prompts within them).
+    Randomness comes from each sample's ``seed`` (prompt wording, the MLM row draw, the words
+    masked and their replacement): a row's prompt and masks are the same in any batch. The
+    :class:`TextSpans` of the last ``cache_size`` distinct texts are kept, about 1.5 KB each
+    with the text (reports repeat across epochs; a corpus larger than the cache gains little
+    from it); each DataLoader worker holds its own.
     """
 
     def __init__(self, cfg: Config, tokenizer, train: bool = True,
