@@ -1,9 +1,7 @@
-import random
-
 import torch
 
 from xlip.masking import (attention_masking, mask_tokens, num_masked, random_masking,
-                          select_mlm_words)
+                          seeded_uniform, select_mlm_words)
 
 
 def check_ids(keep, mask, restore, N):
@@ -67,41 +65,81 @@ def test_num_masked_bounds():
     assert num_masked(4, 0.99) == 3 and num_masked(4, 0.01) == 1
 
 
+def words_of(chosen):
+    return set(torch.nonzero(chosen).flatten().tolist())
+
+
+def select(scores, entity_words, policy="entity", n=20, candidate=None):
+    cand = torch.ones(1, n, dtype=torch.bool) if candidate is None else candidate[None]
+    ent = torch.zeros(1, n, dtype=torch.bool)
+    ent[0, list(entity_words)] = True
+    return select_mlm_words(scores[None], cand, ent, policy, 0.5, 0.15)[0]
+
+
 def test_entity_words_first_then_floor():
-    rng = random.Random(0)
-    words = list(range(20))
-    chosen = select_mlm_words(words, [3, 4, 10], "entity", 0.5, 0.15, rng)
-    assert {3, 4, 10} <= set(chosen) and len(chosen) == 3  # floor round(20*.15)=3
-    chosen = select_mlm_words(words, [3], "entity", 0.5, 0.15, random.Random(1))
-    assert 3 in chosen and len(chosen) == 3  # topped up with random words
+    scores = seeded_uniform([0], 20, 1)[0]
+    chosen = select(scores, [3, 4, 10])
+    assert words_of(chosen) == {3, 4, 10}  # floor round(20*.15)=3
+    chosen = select(scores, [3])
+    assert 3 in words_of(chosen) and chosen.sum() == 3  # topped up with random words
     many = list(range(15))
-    chosen = select_mlm_words(words, many, "entity", 0.5, 0.15, random.Random(2))
-    assert len(chosen) == 10 and set(chosen) <= set(many)  # capped at half the words
+    chosen = select(scores, many)
+    assert chosen.sum() == 10 and words_of(chosen) <= set(many)  # capped at half the words
+
+
+def test_mlm_word_selection_follows_the_scores():
+    """Hand-made scores: capped entity words are the lowest-scored ones, the top-up takes the
+    lowest-scored other candidates, and slots that are no candidate are never taken."""
+    scores = torch.tensor([.9, .1, .5, .3, .8, .2, .7, .6, .4, .05], dtype=torch.float64)
+    # 10 candidates: cap int(10*.5)=5 of the 7 entity words, lowest scores first
+    chosen = select(scores, [0, 2, 3, 4, 6, 7, 8], n=10)
+    assert words_of(chosen) == {3, 8, 2, 7, 6}
+    # one entity word, floor round(10*.15)=2: word 0 plus the lowest-scored other word, 9
+    assert words_of(select(scores, [0], n=10)) == {0, 9}
+    # word 9 is no candidate (punctuation): never chosen, not counted in the ratios
+    cand = torch.ones(10, dtype=torch.bool)
+    cand[9] = False
+    assert words_of(select(scores, [0, 9], n=10, candidate=cand)) == {0}
+    assert words_of(select(scores, [], "random", n=10, candidate=cand)) == {1}
+    assert words_of(select(scores, [], n=10, candidate=torch.zeros(10, dtype=bool))) == set()
 
 
 def test_random_policy_ratio():
-    chosen = select_mlm_words(list(range(40)), [1, 2], "random", 0.5, 0.15, random.Random(0))
-    assert len(chosen) == 6
+    scores = seeded_uniform([0], 40, 1)[0]
+    chosen = select(scores, [1, 2], "random", n=40)
+    assert chosen.sum() == 6
+    assert words_of(chosen) == set(scores.argsort()[:6].tolist())
+
+
+def test_seeded_uniform_rows_depend_on_their_own_seed_only():
+    u = seeded_uniform([7, 8, 7], 50, stream=1)
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert torch.equal(seeded_uniform([8], 20, stream=1)[0], u[1, :20])  # longer rows extend
+    assert not torch.equal(seeded_uniform([7], 50, stream=2)[0], u[0])  # streams differ
+    big = seeded_uniform([2 ** 63 - 1, 0], 20000, stream=3)
+    assert abs(big.mean() - 0.5) < 0.01 and abs((big < 0.1).double().mean() - 0.1) < 0.01
 
 
 def test_mask_tokens_labels_only_on_chosen_words():
-    ids = [101, 7, 8, 9, 10, 102, 0]
-    token_words = [None, 0, 0, 1, 2, None, None]
-    masked, labels = mask_tokens(ids, token_words, [0], mask_id=4, vocab_size=50,
-                                 special_ids={0, 101, 102}, rng=random.Random(0))
-    assert labels == [-100, 7, 8, -100, -100, -100, -100]
-    assert masked[3:] == ids[3:] and masked[0] == 101
+    ids = torch.tensor([[101, 7, 8, 9, 10, 102, 0]])
+    chosen = torch.tensor([[False, True, True, False, False, False, False]])
+    draw = torch.tensor([[0.0, 0.5, 0.85, 0.95, 0.1, 0.1, 0.1]])
+    masked, labels = mask_tokens(ids, chosen, draw, torch.full_like(ids, 33), mask_id=4)
+    assert labels.tolist() == [[-100, 7, 8, -100, -100, -100, -100]]
+    assert masked.tolist() == [[101, 4, 33, 9, 10, 102, 0]]
 
 
 def test_mask_tokens_80_10_10():
-    rng = random.Random(0)
     n = 20000
-    ids = [5] * n
-    masked, labels = mask_tokens(ids, list(range(n)), range(n), 4, 1000, set(), rng)
-    frac_mask = sum(m == 4 for m in masked) / n
-    frac_same = sum(m == 5 for m in masked) / n
+    ids = torch.full((1, n), 5)
+    draw = seeded_uniform([0], n, 2)
+    masked, labels = mask_tokens(ids, torch.ones(1, n, dtype=torch.bool), draw,
+                                 (seeded_uniform([0], n, 3) * 1000).long(), 4)
+    frac_mask = (masked == 4).double().mean()
+    frac_same = (masked == 5).double().mean()
     assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.02
-    assert all(lab == 5 for lab in labels)
+    assert (labels == 5).all()
 
 
 def test_attention_masking_breaks_ties_at_random():

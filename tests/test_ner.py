@@ -259,3 +259,15 @@ def test_guide_entities_reads_the_entities_it_is_given():
     assert guide_entities(text, ents) == guide_entities(text)
     only_first_sentence = [e for e in ents if e.start < text.index(".")]
     assert guide_entities(text, only_first_sentence) == []  # "No pleural effusion." guides nothing
+
+
+def test_entities_and_guides_reads_the_text_once_for_both():
+    from xlip.text.ner import entities_and_guides, extract_entities, guide_entities
+
+    for text in ["No pleural effusion. Large right pneumothorax.", "",
+                 "Heart size is normal.\n\nPossible left basilar atelectasis; no edema.",
+                 "There is a nodule. No pneumothorax. No pleural effusion."]:
+        ents, guides = entities_and_guides(text)
+        assert ents == extract_entities(text) and guides == guide_entities(text)
+    assert [e.text for e in entities_and_guides("Large right pneumothorax. No edema.")[1]] \
+        == ["Large", "right", "pneumothorax"]

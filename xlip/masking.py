@@ -4,12 +4,13 @@ Image side (MAE convention): ``mask`` (B, N) is 0 for kept, 1 for removed patche
 (B, K) lists kept patches in ascending grid order; ``restore_ids`` (B, N) puts the sequence
 ``cat(kept, removed)`` back into grid order: ``gather(cat(kept, removed), 1, restore_ids)``.
 
-Text side: word-level selection for EntMLM / BERT MLM and the 80/10/10 token replacement.
+Text side: word-level selection for EntMLM / BERT MLM and the 80/10/10 token replacement, over
+whole batches: ``(B, W)`` word and ``(B, L)`` token tensors, random numbers drawn per row from
+the sample's seed (:func:`seeded_uniform`).
 """
 
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 import torch
@@ -76,51 +77,85 @@ def attention_masking(scores: Tensor, ratio: float, high_share: float,
 # text
 
 
-def select_mlm_words(words: Sequence[int], entity_words: Sequence[int], policy: str,
-                     max_ratio: float, min_ratio: float, rng: random.Random) -> list[int]:
-    """Words to mask, sorted, out of the candidate ``words`` (e.g. non-punctuation words).
+_MASK64 = (1 << 64) - 1
 
-    ``entity``: whole entity words first (random order), capped at ``max_ratio`` of the words,
-    then topped up with random non-entity words to ``min_ratio``. ``random``: a random
-    ``min_ratio`` share of the words (BERT). At least one word when there is any.
+
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the int64 that holds it."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                                0x94D049BB133111EB))
+
+
+def _shr(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (``>>`` on int64 is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (products wrap modulo 2**64)."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def seeded_uniform(seeds: Sequence[int], n: int, stream: int) -> Tensor:
+    """(B, n) float64 numbers in [0, 1): entry (b, i) a hash of (seeds[b], stream, i).
+
+    A counter-based generator: row b depends only on its own seed, never on the other rows or
+    on ``n`` (a longer row extends a shorter one), and the whole batch is drawn in a few tensor
+    ops. Different ``stream`` values give independent numbers from one seed.
     """
-    words = list(words)
-    if not words:
-        return []
-    floor = max(1, int(round(len(words) * min_ratio)))
-    if policy == "random":
-        return sorted(rng.sample(words, floor))
-    if policy != "entity":
+    seed = torch.tensor([_signed(int(s) ^ (stream * 0xD1B54A32D192ED03)) for s in seeds],
+                        dtype=torch.long)
+    x = _mix(_mix(seed)[:, None] + torch.arange(1, n + 1, dtype=torch.long) * _GOLDEN)
+    return _shr(x, 11).double() / float(1 << 53)  # the top 53 bits
+
+
+def select_mlm_words(scores: Tensor, candidate: Tensor, entity: Tensor, policy: str,
+                     max_ratio: float, min_ratio: float) -> Tensor:
+    """Words to mask per row: (B, W) bool, out of the ``candidate`` words (B, W) bool (e.g.
+    non-punctuation words; False also for word slots a row does not have).
+
+    scores (B, W) in [0, 1) order the words at random (lowest first). ``entity``: the entity
+    words (B, W) bool first, lowest score first, capped at ``max_ratio`` of the row's candidate
+    words (``int(n·max_ratio)``, at least 1), then topped up with the lowest-scored non-entity
+    candidates to ``min_ratio`` (``round(n·min_ratio)``, at least 1). ``random``: the
+    ``min_ratio`` share of lowest-scored candidates (BERT). At least one word when a row has a
+    candidate.
+    """
+    if policy not in ("entity", "random"):
         raise ValueError(f"unknown MLM policy {policy!r}")
-    cap = max(1, int(len(words) * max_ratio))
-    pool = set(words)
-    ents = sorted(set(w for w in entity_words if w in pool))
-    rng.shuffle(ents)
-    chosen = ents[:cap]
-    if len(chosen) < floor:
-        taken = set(chosen)
-        rest = [w for w in words if w not in taken]
-        chosen += rng.sample(rest, min(len(rest), floor - len(chosen)))
-    return sorted(chosen)
+    entity = entity & candidate if policy == "entity" else torch.zeros_like(candidate)
+    n = candidate.sum(dim=1, dtype=torch.float64)  # (B,)
+    floor = torch.round(n * min_ratio).clamp(min=1).long()
+    floor = torch.where(n > 0, floor, 0)
+    cap = torch.floor(n * max_ratio).clamp(min=1).long()
+    # entity words first, then the other candidates, the other word slots last; by score
+    key = scores + 2.0 * (~entity).double() + 4.0 * (~candidate).double()
+    order = key.argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(
+        key.shape[1], device=key.device).expand_as(order))  # (B, W) place of each word
+    n_ent = entity.sum(dim=1)
+    take = torch.minimum(n_ent, cap)  # entity words taken
+    top_up = (floor - take).clamp(min=0)  # then this many other candidates
+    chosen_ent = entity & (rank < take[:, None])
+    chosen_rest = candidate & ~entity & (rank - n_ent[:, None] < top_up[:, None])
+    return chosen_ent | chosen_rest
 
 
-def mask_tokens(input_ids: list[int], token_words: list[int | None], words: Sequence[int],
-                mask_id: int, vocab_size: int, special_ids: set[int],
-                rng: random.Random) -> tuple[list[int], list[int]]:
-    """BERT 80/10/10 replacement of every token of the chosen words.
+def mask_tokens(input_ids: Tensor, chosen: Tensor, draw: Tensor, random_ids: Tensor,
+                mask_id: int) -> tuple[Tensor, Tensor]:
+    """BERT 80/10/10 replacement of the ``chosen`` tokens (B, L) bool.
 
-    token_words[i] is the word index of token i (None for special tokens). Returns
-    (masked input ids, labels) with label -100 at every position not chosen.
+    draw (B, L) in [0, 1): below 0.8 the token becomes ``mask_id``, from 0.8 to 0.9 it becomes
+    ``random_ids`` (B, L), above it stays. Returns (masked input ids, labels) (B, L), the label
+    -100 at every position not chosen.
     """
-    chosen = set(words)
-    ids, labels = list(input_ids), [-100] * len(input_ids)
-    for i, w in enumerate(token_words):
-        if w is None or w not in chosen or input_ids[i] in special_ids:
-            continue
-        labels[i] = input_ids[i]
-        r = rng.random()
-        if r < 0.8:
-            ids[i] = mask_id
-        elif r < 0.9:
-            ids[i] = rng.randrange(vocab_size)
+    labels = torch.where(chosen, input_ids, -100)
+    ids = torch.where(chosen & (draw < 0.8), mask_id, input_ids)
+    ids = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, ids)
     return ids, labels

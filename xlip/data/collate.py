@@ -1,20 +1,26 @@
 """The XLIP collator: samples → a batch dict. It tokenises texts, builds disease-kind prompts for
-image-only rows, marks AttMIM guiding tokens and applies EntMLM masking."""
+image-only rows, marks AttMIM guiding tokens and applies EntMLM masking.
+
+The per-text work (NER, which characters are letters or digits) is done once per distinct text
+and kept (:class:`TextSpans`, a bounded cache); character spans become token flags, and words
+are chosen and masked, with tensor ops over the whole batch."""
 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from xlip.config import Config
 from xlip.hashing import hash_int
-from xlip.masking import mask_tokens, select_mlm_words
+from xlip.masking import mask_tokens, seeded_uniform, select_mlm_words
 from xlip.text.labels import CANONICAL_FINDINGS
-from xlip.text.ner import extract_entities, guide_entities
+from xlip.text.ner import entities_and_guides
 from xlip.text.prompts import label_prompt
 
 
@@ -49,6 +55,64 @@ def label_vector(labels: Sequence[str]) -> list[float]:
     return [float(f in have) for f in CANONICAL_FINDINGS]
 
 
+class TextSpans(NamedTuple):
+    """Character spans ``[start, end)`` of one text, what collation needs of it, in one int32
+    array (a cache holds many): the AttMIM guiding entities (:func:`guide_entities`), every NER
+    entity (EntMLM's entity words), the maximal runs of letters/digits (a word without one is
+    not masked)."""
+
+    spans: np.ndarray  # (G + E + A, 2) int32: guide, entity, then letter/digit run spans
+    n_guide: int
+    n_entities: int
+
+    @property
+    def guide(self) -> np.ndarray:
+        return self.spans[:self.n_guide]
+
+    @property
+    def entities(self) -> np.ndarray:
+        return self.spans[self.n_guide:self.n_guide + self.n_entities]
+
+    @property
+    def alnum(self) -> np.ndarray:
+        return self.spans[self.n_guide + self.n_entities:]
+
+
+def text_spans(text: str) -> TextSpans:
+    """NER and letter/digit runs of ``text`` as :class:`TextSpans`."""
+    ents, guides = entities_and_guides(text)
+    is_alnum = np.fromiter(map(str.isalnum, text), dtype=bool, count=len(text))
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], is_alnum, [False]]).astype(np.int8)))
+    spans = [(e.start, e.end) for e in guides + ents] + edges.reshape(-1, 2).tolist()
+    return TextSpans(np.array(spans, dtype=np.int32).reshape(-1, 2), len(guides), len(ents))
+
+
+def pad_spans(spans: Sequence[np.ndarray]) -> Tensor:
+    """Per-row span arrays (S_b, 2) → (B, S, 2), padded with the empty span (0, 0)."""
+    counts = np.array([len(x) for x in spans])
+    out = np.zeros((len(spans), max(1, counts.max(initial=0)), 2), dtype=np.int64)
+    rows = np.repeat(np.arange(len(spans)), counts)
+    cols = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    if counts.sum():
+        out[rows, cols] = np.concatenate(spans)
+    return torch.from_numpy(out)
+
+
+def overlaps(offsets: Tensor, spans: Tensor) -> Tensor:
+    """(B, L) bool: does token (b, l), characters ``offsets[b, l]`` = [a, z), overlap one of the
+    row's ``spans`` (B, S, 2)? The empty span (0, 0) overlaps nothing."""
+    a, z = offsets[:, :, None, 0], offsets[:, :, None, 1]  # (B, L, 1)
+    x, y = spans[:, None, :, 0], spans[:, None, :, 1]  # (B, 1, S)
+    return ((x < z) & (a < y)).any(dim=2)
+
+
+def word_ids(enc, rows: Sequence[int]) -> Tensor:
+    """(R, L) long: the word index of each token of the tokenizer output's ``rows``, -1 for
+    special and padding tokens."""
+    ids = np.array([enc.word_ids(k) for k in rows], dtype=np.float64)  # None → nan
+    return torch.from_numpy(np.nan_to_num(ids, nan=-1.0)).long().reshape(len(rows), -1)
+
+
 class Collator:
     """Samples → batch dict for :class:`xlip.model.xlip.XLIP`.
 
@@ -58,15 +122,34 @@ class Collator:
     ``labels`` (B, F) multi-hot findings (zeros when unknown), ``guide_mask`` (B, L) AttMIM
     guiding tokens, ``guide_fallback`` (B,) rows with no present finding, guided by all their
     content tokens instead, ``mlm_*`` masked reports of the rows in ``mlm_rows``, ``source`` (B,).
+
+    Randomness comes from each sample's ``seed`` (prompt wording, the MLM row draw, the words
+    masked and their replacement): a row's prompt and masks are the same in any batch. The
+    :class:`TextSpans` of the last ``cache_size`` distinct texts are kept, about 1.5 KB each
+    with the text (reports repeat across epochs; a corpus larger than the cache gains little
+    from it); each DataLoader worker holds its own.
     """
 
     def __init__(self, cfg: Config, tokenizer, train: bool = True,
-                 findings: Sequence[str] = ()) -> None:
+                 findings: Sequence[str] = (), cache_size: int = 1 << 15) -> None:
         """findings: the label vocabulary that negative prompt sentences are drawn from."""
         self.cfg, self.tok, self.train = cfg, tokenizer, train
         self.findings = [f for f in findings if f != "No Finding"]
-        self.special = set(tokenizer.all_special_ids)
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.vocab = len(tokenizer)
+        self.cache_size = cache_size
+        self._spans: OrderedDict[str, TextSpans] = OrderedDict()
+
+    def spans(self, text: str) -> TextSpans:
+        """:func:`text_spans` of ``text``, from the cache when it was seen lately."""
+        got = self._spans.get(text)
+        if got is None:
+            got = self._spans[text] = text_spans(text)
+            if len(self._spans) > self.cache_size:
+                self._spans.popitem(last=False)
+        else:
+            self._spans.move_to_end(text)
+        return got
 
     def text_for(self, s: Sample, rng: random.Random) -> tuple[str, bool]:
         """(text, is_prompt)."""
@@ -97,41 +180,28 @@ class Collator:
         # one tokenizer call: the clean and the MLM texts share one padded length
         enc = self.tok(list(texts) + mlm_texts, padding="longest", truncation=True,
                        max_length=cfg.text.max_length, return_offsets_mapping=True,
-                       return_tensors="pt")
+                       return_special_tokens_mask=True)
+        for key in ("input_ids", "attention_mask", "offset_mapping", "special_tokens_mask"):
+            enc[key] = torch.from_numpy(np.array(enc[key], dtype=np.int64))  # faster than pt
         B, L = len(samples), enc["input_ids"].shape[1]
-        guide = torch.zeros(B, L, dtype=torch.bool)
-        fallback = torch.zeros(B, dtype=torch.bool)
-        entities = [extract_entities(t) for t in texts]
-        for b, text in enumerate(texts):
-            word_ids, offsets = enc.word_ids(b), enc["offset_mapping"][b].tolist()
-            spans = [(e.start, e.end) for e in guide_entities(text, entities[b])]
-            guide_tok = tokens_in(word_ids, offsets, spans)
-            if not any(guide_tok):  # nothing present: every content token guides
-                guide_tok = [w is not None for w in word_ids]
-                fallback[b] = True
-            guide[b] = torch.tensor(guide_tok)
-        mlm_ids, mlm_labels, mlm_mask = [], [], []
-        for j, b in enumerate(mlm_rows):
-            k = B + j if separate else b  # the row of the MLM text in ``enc``
-            text = mlm_texts[j] if separate else texts[b]
-            ents = extract_entities(text) if separate else entities[b]
-            word_ids, offsets = enc.word_ids(k), enc["offset_mapping"][k].tolist()
-            words = word_spans(word_ids, offsets, text)
-            ent_words = [w for w, (a, z) in words.items()
-                         if any(x < z and a < y for x, y in ((e.start, e.end) for e in ents))]
-            chosen = select_mlm_words(sorted(words), ent_words, cfg.mlm.policy,
-                                      cfg.mlm.max_ratio, cfg.mlm.min_ratio, rngs[b])
-            masked, labels = mask_tokens(enc["input_ids"][k].tolist(), word_ids, chosen,
-                                         self.tok.mask_token_id, self.vocab, self.special,
-                                         rngs[b])
-            mlm_ids.append(masked)
-            mlm_labels.append(labels)
-            mlm_mask.append(enc["attention_mask"][k])
+        offsets = enc["offset_mapping"]  # (B + Bm', L, 2) characters of each token
+        # word tokens: not [CLS]/[SEP]/padding (the tokens whose word id is not None)
+        content = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
+        spans = [self.spans(t) for t in texts]
+        guide = content[:B] & overlaps(offsets[:B], pad_spans([x.guide for x in spans]))
+        fallback = ~guide.any(dim=1)  # nothing present: every content token guides
+        guide = torch.where(fallback[:, None], content[:B], guide)
+        mlm_ids, mlm_labels = self.mask_rows(
+            enc, [B + j for j in range(len(mlm_rows))] if separate else mlm_rows,
+            [self.spans(t) for t in mlm_texts] if separate else [spans[b] for b in mlm_rows],
+            [samples[b].seed for b in mlm_rows], content)
+        rows = torch.tensor(mlm_rows, dtype=torch.long)
         has_image = torch.tensor([s.image is not None for s in samples])
         images = [s.image for s in samples if s.image is not None]
         keys = [label_key(s.labels) if p else hash_int("text:" + t)
                 for s, t, p in zip(samples, texts, prompt)]
         attention = enc["attention_mask"][:B]
+        mlm_mask = enc["attention_mask"][B:] if separate else attention[rows]
         return {
             "images": torch.stack(images) if images else torch.zeros(0, 1, 1, 1),
             "has_image": has_image,
@@ -139,33 +209,43 @@ class Collator:
             "attention_mask": attention,
             "text_key": torch.tensor(keys, dtype=torch.long),
             "labels": torch.tensor([label_vector(s.labels) for s in samples]),
-            "guide_mask": guide & attention.bool(),
+            "guide_mask": guide,
             "guide_fallback": fallback,
             "source": torch.tensor([s.source for s in samples]),
-            "mlm_rows": torch.tensor(mlm_rows, dtype=torch.long),
-            "mlm_input_ids": torch.tensor(mlm_ids, dtype=torch.long).reshape(-1, L),
-            "mlm_attention_mask": torch.stack(mlm_mask) if mlm_mask else
-            torch.zeros(0, L, dtype=torch.long),
-            "mlm_labels": torch.tensor(mlm_labels, dtype=torch.long).reshape(-1, L),
+            "mlm_rows": rows,
+            "mlm_input_ids": mlm_ids,
+            "mlm_attention_mask": mlm_mask,
+            "mlm_labels": mlm_labels,
         }
 
+    def mask_rows(self, enc, rows: list[int], spans: list[TextSpans], seeds: list[int],
+                  content: Tensor) -> tuple[Tensor, Tensor]:
+        """EntMLM on the tokenizer output's ``rows``: (masked ids, labels), each (R, L).
 
-def tokens_in(word_ids: list[int | None], offsets: list[list[int]],
-              spans: Sequence[tuple[int, int]]) -> list[bool]:
-    """Per token: is it a word token that overlaps one of the character ``spans``?"""
-    return [w is not None and any(a < o[1] and o[0] < z for a, z in spans)
-            for w, o in zip(word_ids, offsets)]
+        A word is a run of tokens with one word id; it is a candidate when its characters hold
+        a letter or digit, an entity word when they overlap an NER entity. Every token of a
+        chosen word is masked (BERT 80/10/10) except special tokens such as [UNK].
+        """
+        L = enc["input_ids"].shape[1]
+        if not rows:
+            return torch.zeros(0, L, dtype=torch.long), torch.zeros(0, L, dtype=torch.long)
+        cfg, R = self.cfg.mlm, len(rows)
+        idx = torch.tensor(rows, dtype=torch.long)
+        ids, offsets, valid = enc["input_ids"][idx], enc["offset_mapping"][idx], content[idx]
+        word = word_ids(enc, rows)  # (R, L), -1 off words
+        valid &= word >= 0
+        W = int(word.max()) + 1 if valid.any() else 1
+        slot = (torch.arange(R)[:, None] * W + word.clamp(min=0))[valid]  # flat (r, word)
 
+        def per_word(flags: Tensor) -> Tensor:  # token flags (R, L) → any over a word (R, W)
+            out = torch.zeros(R * W, dtype=torch.long)
+            return out.index_add_(0, slot, flags[valid].long()).reshape(R, W) > 0
 
-def word_spans(word_ids: list[int | None], offsets: list[list[int]],
-               text: str) -> dict[int, tuple[int, int]]:
-    """Character span of each word that contains a letter or digit (punctuation excluded)."""
-    spans: dict[int, list[int]] = {}
-    for w, (a, z) in zip(word_ids, offsets):
-        if w is None:
-            continue
-        if w in spans:
-            spans[w][1] = z
-        else:
-            spans[w] = [a, z]
-    return {w: (a, z) for w, (a, z) in spans.items() if any(c.isalnum() for c in text[a:z])}
+        candidate = per_word(overlaps(offsets, pad_spans([x.alnum for x in spans])))
+        entity = per_word(overlaps(offsets, pad_spans([x.entities for x in spans])))
+        chosen = select_mlm_words(seeded_uniform(seeds, W, 1), candidate, entity, cfg.policy,
+                                  cfg.max_ratio, cfg.min_ratio)  # (R, W)
+        tokens = valid & chosen.gather(1, word.clamp(min=0)) & ~torch.isin(ids, self.special)
+        random_ids = (seeded_uniform(seeds, L, 3) * self.vocab).long()
+        return mask_tokens(ids, tokens, seeded_uniform(seeds, L, 2), random_ids,
+                           self.tok.mask_token_id)

@@ -81,7 +81,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from xlip.text.labels import CANONICAL_FINDINGS
 from xlip.text.ner_lexicon import (
@@ -298,8 +298,7 @@ def _trie() -> _Trie:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Token:
+class _Token(NamedTuple):  # a tuple: built for every token of every text, so kept cheap
     text: str  # lower case; "\n\n" for a blank line
     start: int
     end: int
@@ -317,11 +316,8 @@ class _Match:
 
 
 def _tokenize(text: str) -> list[_Token]:
-    tokens = []
-    for m in _TOKEN.finditer(text):
-        token = m.group()
-        tokens.append(_Token("\n\n" if token[0] == "\n" else token.lower(), m.start(), m.end()))
-    return tokens
+    return [_Token("\n\n" if m[0][0] == "\n" else m[0].lower(), m.start(), m.end())
+            for m in _TOKEN.finditer(text)]
 
 
 def _match(tokens: list[_Token]) -> list[_Match]:
@@ -592,20 +588,7 @@ def extract_entities(text: str) -> list[Entity]:
     rules. Entities never overlap and are sorted by ``start``.
     """
     tokens = _tokenize(text)
-    matches = _match(tokens)
-    entities = [m for m in matches if m.term.type != "trigger"]
-    entity_at = {m.start: i for i, m in enumerate(entities)}
-    matches_at = {m.start: m for m in matches}
-    owner = _owners(matches)
-    words = [t.text if t.is_word else (";" if t.text == ";" else None) for t in tokens]
-    assertions: dict[int, set[str]] = {}
-    states: dict[int, str] = {}
-    for span in _sentences(tokens):
-        units = _units(tokens, span, matches_at, entity_at)
-        _forward(units, entities, assertions)
-        _backward(units, entities, assertions)
-        states.update(_normal_states(units, entities, span[1], words, owner))
-    return [_to_entity(text, tokens, i, m, assertions, states) for i, m in enumerate(entities)]
+    return _extract(text, tokens, _sentences(tokens))
 
 
 def guide_entities(text: str, entities: Sequence[Entity] | None = None) -> list[Entity]:
@@ -616,11 +599,42 @@ def guide_entities(text: str, entities: Sequence[Entity] | None = None) -> list[
     effusion. Large right pneumothorax." that is "Large", "right" and "pneumothorax". Negated
     findings, normal statements and template words never guide. Sorted by ``start``.
     """
-    if entities is None:
-        entities = extract_entities(text)
     tokens = _tokenize(text)
+    sentences = _sentences(tokens)
+    if entities is None:
+        entities = _extract(text, tokens, sentences)
+    return _guides(entities, tokens, sentences)
+
+
+def entities_and_guides(text: str) -> tuple[list[Entity], list[Entity]]:
+    """``(extract_entities(text), guide_entities(text))``, the text read once."""
+    tokens = _tokenize(text)
+    sentences = _sentences(tokens)
+    entities = _extract(text, tokens, sentences)
+    return entities, _guides(entities, tokens, sentences)
+
+
+def _extract(text: str, tokens: list[_Token], sentences: list[tuple[int, int]]) -> list[Entity]:
+    matches = _match(tokens)
+    entities = [m for m in matches if m.term.type != "trigger"]
+    entity_at = {m.start: i for i, m in enumerate(entities)}
+    matches_at = {m.start: m for m in matches}
+    owner = _owners(matches)
+    words = [t.text if t.is_word else (";" if t.text == ";" else None) for t in tokens]
+    assertions: dict[int, set[str]] = {}
+    states: dict[int, str] = {}
+    for span in sentences:
+        units = _units(tokens, span, matches_at, entity_at)
+        _forward(units, entities, assertions)
+        _backward(units, entities, assertions)
+        states.update(_normal_states(units, entities, span[1], words, owner))
+    return [_to_entity(text, tokens, i, m, assertions, states) for i, m in enumerate(entities)]
+
+
+def _guides(entities: Sequence[Entity], tokens: list[_Token],
+            sentences: list[tuple[int, int]]) -> list[Entity]:
     out: list[Entity] = []
-    for first, last in _sentences(tokens):
+    for first, last in sentences:
         lo, hi = tokens[first].start, tokens[last - 1].end
         inside = [e for e in entities if lo <= e.start and e.end <= hi]
         shown = [e for e in inside if e.type in ("finding", "device") and e.assertion != "absent"]

@@ -1,0 +1,162 @@
+"""The collator's batched guide mask and EntMLM masks against a per-row, per-token reference."""
+
+import random
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from xlip.data.collate import Collator, Sample
+from xlip.masking import seeded_uniform
+from xlip.text.ner import extract_entities, guide_entities
+from xlip.text.tokenizer import train_wordpiece
+
+REPORTS = [
+    "Large right pneumothorax (apical/lateral). No pleural effusion.",
+    "The lungs are clear. No pneumothorax or effusion. Heart size is normal.",
+    "Mild cardiomegaly with small bilateral pleural effusions; possible left lower lobe "
+    "atelectasis. No pneumothorax.",
+    "Right PICC line tip at the cavoatrial junction. Stable 5 mm nodule in the right upper "
+    "lobe, unchanged.",
+    "Moderate pulmonary edema. Bilateral perihilar opacities, consistent with edema. Small "
+    "left pleural effusion. Enlarged cardiac silhouette. Left basilar atelectasis.",
+]
+FINDINGS = ["Atelectasis", "Cardiomegaly", "Edema", "Nodule", "Pleural Effusion",
+            "Pneumothorax"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_wordpiece(REPORTS, tmp_path_factory.mktemp("tok"), vocab_size=300,
+                           min_frequency=1)
+
+
+def samples(separate: bool = False) -> list[Sample]:
+    img = torch.zeros(1, 8, 8)
+    rows = [
+        Sample(0, "paired", REPORTS[0], ("Pneumothorax",), img, 11),
+        Sample(0, "paired", REPORTS[1], ("No Finding",), img, 12),  # nothing present: fallback
+        Sample(1, "text_only", REPORTS[2], (), None, 13),
+        Sample(2, "image_only", "", ("Nodule", "Edema"), img, 14),  # a prompt with negatives
+        Sample(2, "image_only", "", ("No Finding",), img, 15),
+        # truncated at max_length; "ℵ" is a letter the tokenizer never saw: a [UNK] word
+        Sample(0, "paired", " ".join(REPORTS[4:] * 3) + " ℵ-sign.", ("Edema",), img, 16),
+        Sample(0, "paired", REPORTS[3] + " Fracture ℵ.", ("Nodule", "Support Devices"), img, 17),
+    ]
+    if separate:  # mlm.text_policy differs: EntMLM masks other sections of these reports
+        rows[0].mlm_text = REPORTS[0] + " " + REPORTS[4]
+        rows[6].mlm_text = REPORTS[3]
+    return rows
+
+
+def config(policy="entity"):
+    return tiny_config(text={"max_length": 40},
+                       data={"prompt_negatives": 2},
+                       mlm={"policy": policy, "text_only": True, "prompts": True})
+
+
+def reference(coll: Collator, rows: list[Sample]) -> dict[str, torch.Tensor]:
+    """The batch's guide and MLM keys computed row by row, token by token."""
+    cfg, tok = coll.cfg, coll.tok
+    texts = [coll.text_for(s, random.Random(s.seed ^ 0x5EED))[0] for s in rows]
+    mlm_rows = list(range(len(rows)))  # every row takes part here (text_only, prompts on)
+    separate = any(s.mlm_text for s in rows)
+    mlm_texts = [s.mlm_text or t for s, t in zip(rows, texts)] if separate else []
+    enc = tok(texts + mlm_texts, padding="longest", truncation=True,
+              max_length=cfg.text.max_length, return_offsets_mapping=True)
+    B, L = len(rows), len(enc["input_ids"][0])
+    special = set(tok.all_special_ids)
+    guide, fallback = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)
+    for b, text in enumerate(texts):
+        spans = [(e.start, e.end) for e in guide_entities(text)]
+        for i, (w, (a, z)) in enumerate(zip(enc.word_ids(b), enc["offset_mapping"][b])):
+            guide[b, i] = w is not None and any(x < z and a < y for x, y in spans)
+        if not guide[b].any():
+            fallback[b] = True
+            guide[b] = torch.tensor([w is not None for w in enc.word_ids(b)])
+    ids_out, labels_out = [], []
+    for b in mlm_rows:
+        k, text = (B + b, mlm_texts[b]) if separate else (b, texts[b])
+        word_ids, offsets = enc.word_ids(k), enc["offset_mapping"][k]
+        span: dict[int, list[int]] = {}
+        for w, (a, z) in zip(word_ids, offsets):
+            if w is not None:
+                span.setdefault(w, [a, z])[1] = z
+        words = sorted(w for w, (a, z) in span.items() if any(c.isalnum() for c in text[a:z]))
+        ents = [(e.start, e.end) for e in extract_entities(text)]
+        ent_words = [w for w in words
+                     if any(x < span[w][1] and span[w][0] < y for x, y in ents)]
+        scores = seeded_uniform([rows[b].seed], max(span) + 1, 1)[0].tolist()
+        floor = max(1, round(len(words) * cfg.mlm.min_ratio))
+        if cfg.mlm.policy == "random":
+            chosen = sorted(words, key=scores.__getitem__)[:floor]
+        else:
+            chosen = sorted(ent_words, key=scores.__getitem__)[
+                :max(1, int(len(words) * cfg.mlm.max_ratio))]
+            rest = sorted((w for w in words if w not in chosen), key=scores.__getitem__)
+            chosen += rest[:max(0, floor - len(chosen))]
+        draw = seeded_uniform([rows[b].seed], L, 2)[0].tolist()
+        rand = (seeded_uniform([rows[b].seed], L, 3)[0] * len(tok)).long().tolist()
+        ids, labels = list(enc["input_ids"][k]), [-100] * L
+        for i, w in enumerate(word_ids):
+            if w is None or w not in chosen or ids[i] in special:
+                continue
+            labels[i] = ids[i]
+            if draw[i] < 0.8:
+                ids[i] = tok.mask_token_id
+            elif draw[i] < 0.9:
+                ids[i] = rand[i]
+        ids_out.append(ids)
+        labels_out.append(labels)
+    return {"guide_mask": guide, "guide_fallback": fallback,
+            "mlm_input_ids": torch.tensor(ids_out), "mlm_labels": torch.tensor(labels_out)}
+
+
+@pytest.mark.parametrize("policy,separate", [("entity", False), ("entity", True),
+                                             ("random", False)])
+def test_batched_masks_equal_the_per_row_reference(tok, policy, separate):
+    rows = samples(separate)
+    coll = Collator(config(policy), tok, findings=FINDINGS)
+    batch = coll(rows)
+    want = reference(coll, rows)
+    for key, value in want.items():
+        assert torch.equal(batch[key], value), key
+    # the batch does hold what the reference is meant to test
+    assert batch["guide_fallback"].tolist() == [False, True, False, False, True, False, False]
+    assert batch["attention_mask"][5].all() and batch["attention_mask"].shape[1] == 40
+    unk = batch["input_ids"] == tok.unk_token_id
+    assert unk.any() and not (batch["mlm_labels"] != -100)[unk].any()  # [UNK] never a label
+    masked = batch["mlm_labels"] != -100
+    assert masked.any(dim=1).all()  # at least one word per row
+    if policy == "entity":  # the negated "pleural effusion" is masked like any entity
+        text = batch["mlm_input_ids"][0][masked[0]]
+        assert (text == tok.mask_token_id).any()
+
+
+def test_same_seeds_same_batch_in_any_company(tok):
+    rows = samples()
+    first = Collator(config(), tok, findings=FINDINGS)(rows)
+    again = Collator(config(), tok, findings=FINDINGS)(samples())
+    for key, value in first.items():
+        assert torch.equal(value, again[key]), key
+    # a row collated alone gets the masks it got in the batch (padding aside)
+    alone = Collator(config(), tok, findings=FINDINGS)([rows[2]])
+    L = alone["input_ids"].shape[1]
+    for key in ("guide_mask", "mlm_input_ids", "mlm_labels"):
+        assert torch.equal(alone[key][0], first[key][2][:L]), key
+    # another seed draws other words
+    other = samples()
+    for s in other:
+        s.seed += 1000
+    assert not torch.equal(Collator(config(), tok, findings=FINDINGS)(other)["mlm_labels"],
+                           first["mlm_labels"])
+
+
+def test_text_cache_is_bounded_and_changes_nothing(tok):
+    rows = samples()
+    coll = Collator(config(), tok, findings=FINDINGS, cache_size=3)
+    first = coll(rows)
+    assert len(coll._spans) == 3
+    for key, value in coll(rows).items():  # some texts from the cache, some again
+        assert torch.equal(value, first[key]), key
+    assert len(coll._spans) == 3
