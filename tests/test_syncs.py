@@ -192,3 +192,167 @@ def test_the_step_count_sees_mlm_positions_found_on_the_device(corpus, tmp_path,
     per_step = step_syncs(sync_cfg(corpus, tmp_path / "run"))
     assert all(Counter(op for op, _ in events)["aten.nonzero.default"] == 2
                for events in per_step)
+
+
+class HostLog:
+    """The metric log as it was before its sums moved to the device (each value read on the
+    host at every micro-batch): the reference the device-side log must match."""
+
+    def __init__(self, names, keys) -> None:
+        self.names, self.keys = names, keys
+        self.sums, self.counts = Counter(), Counter()
+
+    def add(self, losses, out, batch) -> None:
+        self.sums["samples"] += int(batch["has_image"].shape[0])
+        self.counts["samples"] = 1.0
+        if "mim_guide_fallback" in out:
+            self.sums["guide_fallback"] += float(out["mim_guide_fallback"].float().sum())
+            self.counts["guide_fallback"] += len(out["mim_guide_fallback"])
+        for key, value in losses.items():
+            if key.endswith("_loss"):
+                self.sums[key] += float(value.detach())
+                self.counts[key] += 1
+            elif key.endswith("_per_sample"):
+                term = key[: -len("_per_sample")]
+                rows = out[f"{term}_rows"]
+                if term == "mlm":
+                    rows = rows.unique()
+                    value = value[rows]
+                src = batch["source"][rows]
+                for s in src.unique().tolist():
+                    sel = value[src == s].detach().float()
+                    name = f"{term}_loss/{self.names[s]}"
+                    self.sums[name] += float(sel.sum())
+                    self.counts[name] += len(sel)
+
+    def flush(self) -> dict[str, float]:
+        row = {k: self.sums[k] / self.counts[k] for k in self.keys
+               if self.counts[k] > 0 and k != "samples"}
+        self.sums, self.counts = Counter(), Counter()
+        return row
+
+
+def test_metric_rows_equal_those_of_the_host_side_log(corpus, tmp_path, monkeypatch):
+    """Every logged mean (per term, per source, the guide fallback share) as the old log gave
+    it, over two micro-batches a step and two steps a log line."""
+    import xlip.train.loop as loop
+
+    pairs = []
+
+    class Both(loop.MetricLog):
+        def __init__(self, names, terms):
+            super().__init__(names, terms)
+            self.ref = HostLog(names, self.keys)
+
+        def add(self, losses, out, batch):
+            super().add(losses, out, batch)
+            self.ref.add(losses, out, batch)
+
+        def flush(self, device):
+            row = super().flush(device)
+            pairs.append((dict(row), self.ref.flush()))
+            return row
+
+    monkeypatch.setattr(loop, "MetricLog", Both)
+    loop.pretrain(sync_cfg(corpus, tmp_path / "run", train={"log_every": 2}), progress=False)
+    assert len(pairs) == 2  # steps 2 and 3
+    for row, ref in pairs:
+        assert {"cl_loss/text_only", "mlm_loss/image_only"}.isdisjoint(ref)  # no such rows
+        assert len(ref) == 10 and set(row) - set(ref) == {"samples_per_s"}
+        for k, v in ref.items():
+            assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
+def test_mlm_outputs_from_positions_equal_the_boolean_mask_selection(cfg):
+    """``mlm_positions`` (from the loader) pick the same logits, labels and rows as the
+    boolean mask ``labels != -100`` did, in the same order."""
+    from tests.conftest import VOCAB, random_batch
+    from xlip.model.xlip import XLIPModel, add_mlm_positions
+
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB).eval()
+    batch = random_batch(cfg, B=4, L=10)
+    batch["mlm_rows"] = torch.tensor([0, 2, 3])  # not every row takes part
+    for k in ("mlm_input_ids", "mlm_attention_mask", "mlm_labels"):
+        batch[k] = batch[k][batch["mlm_rows"]]
+    batch["mlm_labels"][1, 5:8] = batch["input_ids"][2, 5:8]  # rows score different counts
+    states = []
+    model.mm_decoder.register_forward_hook(lambda m, a, out: states.append(out))
+    with torch.no_grad():
+        out = model(add_mlm_positions(dict(batch)))
+        found = model(batch)  # no positions: found in the forward
+    sel = batch["mlm_labels"] != -100  # (Bm, L)
+    assert sel.sum() == 3 * 2 + 3 and "mlm_positions" not in batch
+    assert torch.equal(out["mlm_labels"], batch["mlm_labels"][sel])
+    assert torch.equal(out["mlm_rows"], batch["mlm_rows"][:, None].expand_as(sel)[sel])
+    assert torch.equal(out["mlm_logits"], model.mm_decoder.logits(states[0][sel]))
+    for k in ("mlm_logits", "mlm_labels", "mlm_rows"):
+        assert torch.equal(found[k], out[k])
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_the_text_encoder_mask_equals_transformers_own(impl):
+    """The 4-D padding bias the text encoder passes gives BERT's outputs for the 2-D mask,
+    with padding and without."""
+    from xlip.model.text import TextEncoder
+
+    torch.manual_seed(0)
+    cfg = tiny_config(text={"attn_impl": impl, "dropout": 0.0}).text
+    enc = TextEncoder(cfg, 50).eval()
+    ids = torch.randint(5, 50, (3, 9))
+    for mask in (torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7]),
+                 torch.ones(3, 9, dtype=torch.long)):
+        with torch.no_grad():
+            got = enc(ids, mask)["tokens"]
+            ref = enc.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def linear_steps(bad_at: tuple[int, int] | None, **kw):
+    """A linear model's TrainSteps; loss term ``b_loss`` is NaN at (step, micro) ``bad_at``."""
+    from xlip.optim import TrainSteps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def forward(batch, step, micro):
+        y = model(batch["x"]).mean()
+        b = y * float("nan") if (step, micro) == bad_at else y ** 2
+        return {"a_loss": y.abs(), "b_loss": b, "b_per_sample": torch.zeros(2)}, {}
+
+    return model, TrainSteps(model, opt, sched, forward, torch.device("cpu"), "fp32", **kw)
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    while True:
+        yield {"x": torch.randn(2, 3, generator=g)}
+
+
+def test_a_nan_in_a_later_micro_batch_stops_before_the_update():
+    from xlip.optim import NonFiniteLossError
+
+    model, steps = linear_steps((1, 1), grad_accum=2, clip_grad=1.0)
+    seen = []
+    steps.on_step = lambda done, norm: seen.append(
+        (done, [p.detach().clone() for p in model.parameters()]))
+    with pytest.raises(NonFiniteLossError, match=r"^training diverged: non-finite loss at step "
+                                                 r"2: \{'b_loss': nan\}$"):
+        steps.run(batches(), 0, 3)
+    assert [d for d, _ in seen] == [1]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), seen[0][1]))
+
+
+def test_another_process_s_non_finite_loss_stops_this_one_too():
+    """``any_rank`` reduces the flag: another process's NaN (flag 2) stops this one, whose
+    own terms are finite, with the same message as before."""
+    from xlip.optim import NonFiniteLossError
+
+    model, steps = linear_steps(None, any_rank=lambda f: torch.maximum(f, torch.tensor([2.0])))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1: on another "
+                                                 r"process"):
+        steps.run(batches(), 0, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -136,7 +136,8 @@ class TrainSteps:
                     losses, out = self.forward(batch, step, micro)
                 total = sum(v for k, v in losses.items() if k.endswith("_loss"))
                 terms.append({k: v.detach() for k, v in losses.items() if k.endswith("_loss")})
-                (total / self.grad_accum).backward()
+                if torch.is_tensor(total) and total.requires_grad:  # a constant: nothing to learn
+                    (total / self.grad_accum).backward()
                 if self.on_micro is not None:
                     self.on_micro(losses, out, batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(
