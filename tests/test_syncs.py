@@ -42,11 +42,22 @@ def is_sync(func, args, kwargs) -> bool:
         return any(_is_mask(i) for i in args[1] if i is not None)
     if func is aten.repeat_interleave.Tensor:  # the output length is the repeats' sum
         return kwargs.get("output_size") is None
-    if func is aten._to_copy.default:  # a device tensor copied to the host
-        return kwargs.get("device") == torch.device("cpu") and args[0].device.type != "cpu"
+    if func is aten.lift_fresh.default:  # a tensor of Python numbers: on a GPU, a blocking copy
+        return True
+    if func is aten._to_copy.default and kwargs.get("device") is not None:
+        return _blocks(args[0].device, kwargs["device"], kwargs.get("non_blocking", False))
     if func is aten.copy_.default:
-        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
+        return _blocks(args[1].device, args[0].device,
+                       args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
     return False
+
+
+def _blocks(src: torch.device, dst: torch.device, non_blocking: bool) -> bool:
+    """A copy to the host waits for the device; one to the device waits unless non-blocking
+    (CUDA's copy of pageable memory ends in a stream synchronisation)."""
+    if dst.type == "cpu":
+        return src.type != "cpu"
+    return src.type == "cpu" and not non_blocking
 
 
 def _where() -> str:
@@ -75,6 +86,7 @@ class SyncCounter(TorchDispatchMode):
 
 def test_the_counter_sees_each_kind_of_sync():
     x = torch.tensor([1.0, float("nan"), 3.0])
+    reps, ids = torch.tensor([1, 2]), torch.tensor([0, 2])  # made before counting
     with SyncCounter() as c:
         float(x[0])
         if torch.isfinite(x[1]):
@@ -83,14 +95,19 @@ def test_the_counter_sees_each_kind_of_sync():
         x.unique()
         x[x > 1]
         torch.nonzero(x)
-        torch.repeat_interleave(torch.tensor([1, 2]))
+        torch.repeat_interleave(reps)
         x.masked_select(x > 0)
-    assert len(c.events) == 8, c.events
+        x.new_tensor(2.0)
+    assert len(c.events) == 9, c.events
+    assert _blocks(torch.device("cuda"), torch.device("cpu"), True)
+    assert _blocks(torch.device("cpu"), torch.device("cuda"), False)
+    assert not _blocks(torch.device("cpu"), torch.device("cuda"), True)
     with SyncCounter() as c:  # none of these waits for the device
         torch.nonzero_static(x > 0, size=3)
-        x[torch.tensor([0, 2])]
-        torch.zeros(3).index_add_(0, torch.tensor([0, 0, 1]), x)
+        x[ids]
+        torch.zeros(3).index_add_(0, reps.repeat(2)[:3] - 1, x)
         torch.isfinite(x).all()
+        torch.full((), 2.0)
         len(x)
     assert c.events == []
 
