@@ -189,11 +189,17 @@ def step_syncs(cfg) -> list[list[tuple[str, str]]]:
     return per_step
 
 
-def test_a_training_step_waits_for_the_device_once(corpus, tmp_path):
+@pytest.mark.parametrize("sections", [
+    {},
+    {"train": {"mode": "fast"}, "mim": {"policy": "random"}},
+    {"mim": {"row_fraction": 0.5}, "mlm": {"policy": "random", "row_fraction": 0.5},
+     "loss": {"cl_targets": "labels"}},
+], ids=["default", "fast", "row_subsets"])
+def test_a_training_step_waits_for_the_device_once(corpus, tmp_path, sections):
     """Between log steps a step reads one value on the host: the non-finite check's flag
     (before this change: 57 per step here, from the metric log, the loss checks, the MLM
-    positions and BERT's padding test)."""
-    per_step = step_syncs(sync_cfg(corpus, tmp_path / "run"))
+    positions, BERT's padding test and the MLM token count)."""
+    per_step = step_syncs(sync_cfg(corpus, tmp_path / "run", **sections))
     assert len(per_step) == 3
     for events in per_step:
         assert len(events) <= 1, Counter(events)
