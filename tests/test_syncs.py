@@ -197,7 +197,7 @@ def step_syncs(cfg) -> list[list[tuple[str, str]]]:
 ], ids=["default", "fast", "row_subsets"])
 def test_a_training_step_waits_for_the_device_once(corpus, tmp_path, sections):
     """Between log steps a step reads one value on the host: the non-finite check's flag
-    (before this change: 57 per step here, from the metric log, the loss checks, the MLM
+    (before this change: 59 per step here, from the metric log, the loss checks, the MLM
     positions, BERT's padding test and the MLM token count)."""
     per_step = step_syncs(sync_cfg(corpus, tmp_path / "run", **sections))
     assert len(per_step) == 3
