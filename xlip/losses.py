@@ -110,7 +110,9 @@ class MLMLoss(nn.Module):
         ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (M,)
         per = torch.zeros(batch, device=ce.device).index_add_(0, rows, ce)
         count = torch.zeros(batch, device=ce.device).index_add_(0, rows, torch.ones_like(ce))
-        return mean_over_ranks(ce.sum(), ce.new_tensor(float(ce.numel()))), per / count.clamp(min=1)
+        # the count made on the device (a tensor of a Python number is a blocking copy)
+        n = torch.full((), float(ce.numel()), dtype=ce.dtype, device=ce.device)
+        return mean_over_ranks(ce.sum(), n), per / count.clamp(min=1)
 
 
 class XLIPLoss(nn.Module):

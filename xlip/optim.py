@@ -86,8 +86,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
             for k, v in batch.items()}
 
 
-def _alone(flag: bool) -> bool:
-    return flag
+def _alone(flags: Tensor) -> Tensor:
+    return flags
 
 
 def _no_fix(what: str) -> str:
@@ -99,9 +99,10 @@ class TrainSteps:
     """Optimisation steps over a stream of batches; the callers' extras are hooks.
 
     A step: ``grad_accum`` times [next batch → device → ``forward(batch, step, micro)`` under
-    autocast → the sum of the ``*_loss`` terms, each checked finite on every process → backward
-    of the sum / ``grad_accum`` → ``on_micro``]; the gradient norm clipped to ``clip_grad`` (0:
-    measured, not clipped) and checked finite; optimizer step; ``after_update``; scheduler step;
+    autocast → the sum of the ``*_loss`` terms → backward of the sum / ``grad_accum`` →
+    ``on_micro``]; the gradient norm clipped to ``clip_grad`` (0: measured, not clipped); every
+    loss term and the gradient norm checked finite on every process (the step's one
+    host-device sync, :meth:`check_finite`); optimizer step; ``after_update``; scheduler step;
     gradients cleared; ``on_step(steps done, grad norm)``, which stops the loop by returning
     True; the progress bar moves on. A non-finite loss or gradient norm raises
     :class:`NonFiniteLossError` before the optimizer step, with the message ``diverged(what)``.
@@ -120,27 +121,28 @@ class TrainSteps:
     after_update: Optional[Callable[[], None]] = None  # between optimizer and scheduler step
     on_step: Optional[Callable[[int, Tensor], Optional[bool]]] = None
     diverged: Callable[[str], str] = _no_fix  # the message: what happened, what is kept, fix
-    any_rank: Callable[[bool], bool] = _alone  # a flag set on any process (DDP: all stop)
+    # flags (a device tensor) at their largest over the processes, on the device (DDP: all stop)
+    any_rank: Callable[[Tensor], Tensor] = _alone
 
     def run(self, batches: Iterator[Batch], start: int, steps: int, bar=None) -> int:
         """Steps ``start`` … ``steps - 1``; returns the number of steps done by then (fewer
         when ``on_step`` stops the loop)."""
         done = start
         for step in range(start, steps):
+            terms = []  # each micro-batch's loss terms, detached, for the finiteness check
             for micro in range(self.grad_accum):
                 batch = to_device(next(batches), self.device)
                 with autocast(self.precision, self.device):
                     losses, out = self.forward(batch, step, micro)
                 total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-                self.check_finite(losses, step)
-                (total / self.grad_accum).backward()
+                terms.append({k: v.detach() for k, v in losses.items() if k.endswith("_loss")})
+                if torch.is_tensor(total) and total.requires_grad:  # a constant: nothing to learn
+                    (total / self.grad_accum).backward()
                 if self.on_micro is not None:
                     self.on_micro(losses, out, batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.clip_grad if self.clip_grad > 0 else 1e12)
-            if not torch.isfinite(grad_norm):  # before the step: the weights stay as they were
-                raise NonFiniteLossError(self.diverged(f"the gradient norm is {float(grad_norm)} "
-                                                       f"at step {step + 1}"))
+            self.check_finite(terms, grad_norm, step)  # before the step: weights stay as they were
             self.opt.step()
             if self.after_update is not None:
                 self.after_update()
@@ -154,11 +156,26 @@ class TrainSteps:
                 break
         return done
 
-    def check_finite(self, losses: dict[str, Tensor], step: int) -> None:
-        """Stop on a NaN or infinite loss term, on every process together (a process's MIM or
-        MLM term may be non-finite on its own rows only)."""
-        bad = {k: float(v.detach()) for k, v in losses.items()
-               if k.endswith("_loss") and not torch.isfinite(v)}
-        if self.any_rank(bool(bad)):
+    def check_finite(self, terms: list[dict[str, Tensor]], grad_norm: Tensor, step: int) -> None:
+        """Stop on a NaN or infinite loss term (``terms``: one dict per micro-batch) or gradient
+        norm, on every process together (a process's MIM or MLM term may be non-finite on its
+        own rows only).
+
+        The step's one host-device sync: the checks make one flag on the device (2: a loss
+        term is non-finite, 1: only the gradient norm is, 0: all is well), reduced over the
+        processes there (``any_rank``) and read once. The values named in the message are
+        read only once the flag is set."""
+        values = [v.float() for t in terms for v in t.values()]
+        loss_bad = (~torch.isfinite(torch.stack(values)).all() if values
+                    else torch.zeros((), dtype=torch.bool, device=grad_norm.device))
+        flag = 2.0 * loss_bad.float().to(grad_norm.device) + (~torch.isfinite(grad_norm)).float()
+        code = self.any_rank(flag.reshape(1)).item()
+        if code >= 2:
+            bad = next(({k: float(v) for k, v in t.items() if not math.isfinite(float(v))}
+                        for t in terms if not all(math.isfinite(float(v)) for v in t.values())),
+                       {})
             what = f"{bad}" if bad else "on another process"
             raise NonFiniteLossError(self.diverged(f"non-finite loss at step {step + 1}: {what}"))
+        if code:
+            raise NonFiniteLossError(self.diverged(f"the gradient norm is {float(grad_norm)} "
+                                                   f"at step {step + 1}"))

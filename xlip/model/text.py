@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
@@ -57,7 +58,14 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Token states (B, L, H); ``pooled`` (B, H) is the [CLS] state or the mean over the
         non-padding tokens (``text.pool``)."""
-        states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # (B, 1, 1, L) additive, 0 on tokens and the lowest float on padding, as transformers
+        # builds it: given a 2-D mask, transformers first asks whether any token is padding
+        # (``mask.all()``), which makes the host wait for the GPU in every step
+        dtype = self.bert.get_input_embeddings().weight.dtype  # that of the embedding output
+        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+        bias = bias.masked_fill(attention_mask == 0, torch.finfo(bias.dtype).min)
+        states = self.bert(input_ids=input_ids,
+                           attention_mask=bias[:, None, None, :]).last_hidden_state
         if self.pool == "cls":
             pooled = states[:, 0]
         else:

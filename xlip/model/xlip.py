@@ -7,7 +7,9 @@
 - AttMIM: ``mim_pred`` (Bm, N, C·p·p), ``mim_mask`` (Bm, N), ``mim_images``, ``mim_scores``, ``mim_rows``,
   ``mim_guide_fallback`` (Bm,) rows guided by all their content tokens (no finding present);
   Bm = Bi, or the ``mim.row_fraction`` share of the image rows drawn for this step
-- EntMLM: ``mlm_logits`` (M, V), ``mlm_labels`` (M,), ``mlm_rows`` (M,), ``mlm_batch``
+- EntMLM: ``mlm_logits`` (M, V), ``mlm_labels`` (M,), ``mlm_rows`` (M,), ``mlm_batch``; the M
+  scored positions come from the batch's ``mlm_positions`` (:func:`add_mlm_positions`), or
+  are found in the forward when it has none
 
 ``*_rows`` index the batch rows each output belongs to (for per-source logging).
 """
@@ -25,6 +27,21 @@ from xlip.masking import attention_masking, random_masking
 from xlip.model.decoders import MAEDecoder, MultimodalDecoder
 from xlip.model.text import TextEncoder
 from xlip.model.vision import VisionTransformer, load_timm_weights
+
+
+def mlm_positions(labels: Tensor) -> Tensor:
+    """(Bm, L) MLM labels (-100: not scored) → (M,) the flat indices (row · L + token) of the
+    scored positions, row by row. Its length M depends on the labels: computed on the GPU the
+    host must wait for it, so the training batches carry it from the CPU (``mlm_positions``)."""
+    return torch.nonzero(labels.flatten() != -100).squeeze(1)
+
+
+def add_mlm_positions(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` with its ``mlm_positions`` (:func:`mlm_positions`), computed where the batch
+    is made (the data loader's workers)."""
+    if "mlm_labels" in batch:
+        batch["mlm_positions"] = mlm_positions(batch["mlm_labels"])
+    return batch
 
 
 class XLIPModel(nn.Module):
@@ -104,10 +121,12 @@ class XLIPModel(nn.Module):
             ctx, gate = self._image_context(enc, has_image, rows, mtxt)
             states = self.mm_decoder(mtxt, batch["mlm_attention_mask"].bool(), ctx, gate)
             labels = batch["mlm_labels"]  # (Bm, L)
-            sel = labels != -100
-            out["mlm_logits"] = self.mm_decoder.logits(states[sel])  # (M, V)
-            out["mlm_labels"] = labels[sel]
-            out["mlm_rows"] = rows[:, None].expand_as(labels)[sel]
+            pos = batch.get("mlm_positions")  # (M,); found here, the host waits for the GPU
+            pos = mlm_positions(labels) if pos is None else pos
+            L = labels.shape[1]
+            out["mlm_logits"] = self.mm_decoder.logits(states.flatten(0, 1)[pos])  # (M, V)
+            out["mlm_labels"] = labels.flatten()[pos]
+            out["mlm_rows"] = rows[pos // L]
             out["mlm_batch"] = has_image.shape[0]
         return out
 

@@ -174,29 +174,42 @@ def wrap_for_training(model: nn.Module, info: DistInfo, compile_model: bool = Fa
     return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def reduce_sums(sums: Mapping[str, float], counts: Mapping[str, float], keys: Sequence[str],
+def reduce_sums(sums: Mapping[str, float | torch.Tensor],
+                counts: Mapping[str, float | torch.Tensor], keys: Sequence[str],
                 device: torch.device) -> dict[str, tuple[float, float]]:
     """(sum, count) of each of ``keys`` summed over all ranks, in one all-reduce.
 
     ``keys`` is a fixed list that every rank passes alike (a rank may lack some of them, e.g.
-    a batch without MLM rows: it adds zeros). The tensor lives on ``device``, the training
-    device, since NCCL refuses CPU tensors.
+    a batch without MLM rows: it adds zeros). The values are floats or 0-d tensors on
+    ``device`` (sums kept there between log steps, so that the steps never wait to read
+    them); the tensor reduced lives on ``device``, the training device, since NCCL refuses CPU
+    tensors. Its values are read once, here.
     """
-    t = torch.tensor([[float(sums.get(k, 0.0)), float(counts.get(k, 0.0))] for k in keys],
-                     dtype=torch.float64, device=device)  # (K, 2)
+    host = torch.zeros(len(keys), 2, dtype=torch.float64)  # (K, 2)
+    where, parts = [], []  # flat indices into the (K, 2) table, and their device values
+    for i, k in enumerate(keys):
+        for j, v in enumerate((sums.get(k, 0.0), counts.get(k, 0.0))):
+            if torch.is_tensor(v):
+                where.append(2 * i + j)
+                parts.append(v.detach().to(device, torch.float64).reshape(()))
+            else:
+                host[i, j] = float(v)
+    t = host.to(device)
+    if parts:
+        t.view(-1).index_put_((torch.tensor(where, device=device),), torch.stack(parts),
+                              accumulate=True)
     if dist.is_initialized():
         dist.all_reduce(t)
     return {k: (s, c) for k, (s, c) in zip(keys, t.tolist())}
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is true on any rank (every rank must call this alike): a rank that
-    stops alone would leave the others waiting in the next collective."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """``flags`` (a tensor on the training device; nonzero: set) at its largest over all ranks,
+    reduced on the device (every rank must call this alike): a rank that stops alone would
+    leave the others waiting in the next collective. Nothing is read on the host here."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
 
 
 def barrier() -> None:

@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +26,7 @@ from xlip.data.stream import ShardStream, streamed
 from xlip.files import writable_dir
 from xlip.losses import XLIPLoss
 from xlip.model.weights import load_weights, save_text_files, save_weights
-from xlip.model.xlip import XLIPModel
+from xlip.model.xlip import XLIPModel, add_mlm_positions
 # NonFiniteLossError, lr_lambda and param_groups are also imported from here (ablate, tests)
 from xlip.optim import (NonFiniteLossError, TrainSteps, adamw, lr_lambda,  # noqa: F401
                         param_groups)
@@ -52,6 +53,9 @@ class MetricLog:
 
     The keys are fixed up front (every term × every source), so that all ranks reduce the same
     list in one call whatever their batches held; terms no rank saw are left out of the row.
+    Between log lines the sums stay on the training device (0-d tensors, per-source sums as
+    one (S, 2) table per term, S the number of sources): adding to them never makes the host
+    wait for the GPU. :meth:`flush` reduces and reads them, at log steps only.
     """
 
     def __init__(self, names: list[str], terms: Sequence[str]) -> None:
@@ -62,8 +66,10 @@ class MetricLog:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, float] = defaultdict(float)
+        # key → float or 0-d device tensor
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
+        self.counts: dict[str, float | torch.Tensor] = defaultdict(float)
+        self.by_source: dict[str, torch.Tensor] = {}  # term → (S, 2) (sum, count) per source
         self.t0 = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
@@ -71,29 +77,42 @@ class MetricLog:
         self.sums["samples"] += int(batch["has_image"].shape[0])
         self.counts["samples"] = 1.0  # one per rank: the reduced count is the world size
         if "mim_guide_fallback" in out:
-            self.sums["guide_fallback"] += float(out["mim_guide_fallback"].float().sum())
+            self.sums["guide_fallback"] += out["mim_guide_fallback"].detach().double().sum()
             self.counts["guide_fallback"] += len(out["mim_guide_fallback"])
         for key, value in losses.items():
             if key.endswith("_loss"):
-                self.sums[key] += float(value.detach())
+                self.sums[key] += value.detach().double()
                 self.counts[key] += 1
             elif key.endswith("_per_sample"):
-                term = key[: -len("_per_sample")]
-                rows = out[f"{term}_rows"]
-                if term == "mlm":  # per-sample vector is over all rows; keep rows with tokens
-                    rows = rows.unique()
-                    value = value[rows]
-                src = batch["source"][rows]
-                for s in src.unique().tolist():
-                    sel = value[src == s].detach().float()
-                    name = f"{term}_loss/{self.names[s]}"
-                    self.sums[name] += float(sel.sum())
-                    self.counts[name] += len(sel)
+                self._add_by_source(key[: -len("_per_sample")], value.detach(), out,
+                                    batch["source"])
+
+    def _add_by_source(self, term: str, value: torch.Tensor, out: dict[str, torch.Tensor],
+                       source: torch.Tensor) -> None:
+        """Per-source sums of a per-sample loss: an index_add over the sources' ids (S fixed),
+        so no shape depends on the data."""
+        rows = out[f"{term}_rows"]  # (n,) the batch rows of ``value``
+        if term == "mlm":  # value (B,) is over all rows: keep the rows with scored tokens
+            weight = torch.zeros_like(value, dtype=torch.float64).index_add_(
+                0, rows, torch.ones_like(rows, dtype=torch.float64)).clamp(max=1)  # (B,)
+            value = torch.where(weight > 0, value.double(), 0.0)
+            src = source
+        else:
+            weight = torch.ones_like(value, dtype=torch.float64)  # (n,)
+            src = source[rows]
+        if term not in self.by_source:
+            self.by_source[term] = torch.zeros(len(self.names), 2, dtype=torch.float64,
+                                               device=value.device)
+        self.by_source[term].index_add_(0, src, torch.stack([value.double(), weight], 1))
 
     def flush(self, device: torch.device) -> dict[str, float]:
         """Means over every rank's steps and rows; ``samples_per_s`` summed over ranks."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        reduced = reduce_sums(self.sums, self.counts, self.keys, device)
+        sums, counts = dict(self.sums), dict(self.counts)
+        for term, table in self.by_source.items():
+            for s, name in enumerate(self.names):
+                sums[f"{term}_loss/{name}"], counts[f"{term}_loss/{name}"] = table[s]
+        reduced = reduce_sums(sums, counts, self.keys, device)
         samples = reduced.pop("samples")[0]
         row = {k: s / c for k, (s, c) in reduced.items() if c > 0}
         row["samples_per_s"] = samples / elapsed
@@ -101,16 +120,25 @@ class MetricLog:
         return row
 
 
+def collate_for_training(collate: Collator, samples) -> dict:
+    """A training batch: the collator's, with the EntMLM positions found on the CPU
+    (:func:`~xlip.model.xlip.add_mlm_positions`) so that the model need not find them on the
+    GPU. A module-level function: the loader's worker processes pickle it."""
+    return add_mlm_positions(collate(samples))
+
+
 def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Collator,
                  start_step: int, info: DistInfo, position: dict | None = None) -> DataLoader:
-    """The batches of steps ``start_step`` … ``train.steps - 1`` of this rank; ``position``: a
-    checkpoint's stream position, checked against the run (streamed sources)."""
+    """The batches of steps ``start_step`` … ``train.steps - 1`` of this rank, made by
+    ``collate`` and :func:`collate_for_training`; ``position``: a checkpoint's stream position,
+    checked against the run (streamed sources)."""
     tr = cfg.train
+    make = partial(collate_for_training, collate)
     if isinstance(dataset, ShardStream):
         dataset.start, dataset.stop = start_step * tr.grad_accum, tr.steps * tr.grad_accum
         if position is not None:
             dataset.check_position(position, dataset.start)
-        return DataLoader(dataset, batch_size=None, collate_fn=collate,
+        return DataLoader(dataset, batch_size=None, collate_fn=make,
                           num_workers=cfg.data.num_workers, persistent_workers=False,
                           prefetch_factor=4 if cfg.data.num_workers else None,
                           pin_memory=info.device.type == "cuda")
@@ -119,7 +147,7 @@ def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Coll
                                 seed=tr.seed, start_step=start_step * tr.grad_accum,
                                 steps=tr.steps * tr.grad_accum, rank=info.rank,
                                 world_size=info.world_size)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=make,
                       num_workers=cfg.data.num_workers, persistent_workers=False,
                       prefetch_factor=4 if cfg.data.num_workers else None,
                       # page-locked batches: the step's non_blocking copies overlap the GPU
@@ -236,8 +264,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     TrainSteps(model, opt, sched, forward, info.device, tr.precision, tr.grad_accum,
                tr.clip_grad, on_micro=log.add, after_update=model.clamp_logit_scale,
                on_step=after_step, diverged=lambda what: diverged(what, out_dir),
-               any_rank=lambda flag: any_rank(flag, info.device)).run(batches, start, tr.steps,
-                                                                       bar)
+               any_rank=any_rank).run(batches, start, tr.steps, bar)
     if bar is not None:
         bar.close()
     tracker.close()
