@@ -128,6 +128,9 @@ def test_batched_masks_equal_the_per_row_reference(tok, policy, separate):
     assert unk.any() and not (batch["mlm_labels"] != -100)[unk].any()  # [UNK] never a label
     masked = batch["mlm_labels"] != -100
     assert masked.any(dim=1).all()  # at least one word per row
+    L = masked.shape[1]  # the scored positions, row by row, as flat indices into (Bm, L)
+    assert [(int(p) // L, int(p) % L) for p in batch["mlm_positions"]] == \
+        [tuple(x) for x in masked.nonzero().tolist()]
     if policy == "entity":  # the negated "pleural effusion" is masked like any entity
         text = batch["mlm_input_ids"][0][masked[0]]
         assert (text == tok.mask_token_id).any()

@@ -209,9 +209,11 @@ def test_a_training_step_waits_for_the_device_once(corpus, tmp_path, sections):
 def test_the_step_count_sees_mlm_positions_found_on_the_device(corpus, tmp_path, monkeypatch):
     """The control: batches without ``mlm_positions`` (the model then finds them itself) add
     a nonzero per micro-batch; the counter sees them."""
-    import xlip.train.loop as loop
+    from xlip.data.collate import Collator
 
-    monkeypatch.setattr(loop, "add_mlm_positions", lambda batch: batch)
+    collate = Collator.__call__
+    monkeypatch.setattr(Collator, "__call__", lambda self, samples: {
+        k: v for k, v in collate(self, samples).items() if k != "mlm_positions"})
     per_step = step_syncs(sync_cfg(corpus, tmp_path / "run"))
     assert all(Counter(op for op, _ in events)["aten.nonzero.default"] == 2
                for events in per_step)
@@ -287,7 +289,7 @@ def test_metric_rows_equal_those_of_the_host_side_log(corpus, tmp_path, monkeypa
 
 
 def test_mlm_outputs_from_positions_equal_the_boolean_mask_selection(cfg):
-    """``mlm_positions`` (from the loader) pick the same logits, labels and rows as the
+    """``mlm_positions`` (from the collator) pick the same logits, labels and rows as the
     boolean mask ``labels != -100`` did, in the same order."""
     from tests.conftest import VOCAB, random_batch
     from xlip.model.xlip import XLIPModel, add_mlm_positions

@@ -40,6 +40,7 @@ from xlip.errors import InputError
 from xlip.files import writable_dir, writable_file, write_atomic
 from xlip.flops import StepShape, step_flops
 from xlip.losses import XLIPLoss
+from xlip.masking import mlm_positions
 from xlip.model.xlip import XLIPModel
 from xlip.optim import adamw
 from xlip.precision import autocast, cpu_has_fast_bf16, resolve_precision
@@ -104,7 +105,7 @@ def synthetic_batch(cfg: Config, batch: int, length: int, vocab: int) -> dict[st
             "labels": torch.zeros(batch, len(CANONICAL_FINDINGS)),
             "source": torch.zeros(batch, dtype=torch.long), "mlm_rows": torch.arange(batch),
             "mlm_input_ids": ids, "mlm_attention_mask": torch.ones_like(ids),
-            "mlm_labels": labels}
+            "mlm_labels": labels, "mlm_positions": mlm_positions(labels)}
 
 
 def batch_shape(batch: dict[str, torch.Tensor], vocab: int) -> StepShape:

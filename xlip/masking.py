@@ -159,3 +159,10 @@ def mask_tokens(input_ids: Tensor, chosen: Tensor, draw: Tensor, random_ids: Ten
     ids = torch.where(chosen & (draw < 0.8), mask_id, input_ids)
     ids = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, ids)
     return ids, labels
+
+
+def mlm_positions(labels: Tensor) -> Tensor:
+    """(Bm, L) MLM labels (-100: not scored) → (M,) the flat indices (row · L + token) of the
+    scored positions, row by row. Its length M depends on the labels: found on a GPU, the host
+    would wait for it, so the collator computes it on the CPU (the batch's ``mlm_positions``)."""
+    return torch.nonzero(labels.flatten() != -100).squeeze(1)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from xlip.config import Config
 from xlip.hashing import hash_int
-from xlip.masking import mask_tokens, seeded_uniform, select_mlm_words
+from xlip.masking import mask_tokens, mlm_positions, seeded_uniform, select_mlm_words
 from xlip.text.labels import CANONICAL_FINDINGS
 from xlip.text.ner import entities_and_guides
 from xlip.text.prompts import label_prompt
@@ -216,6 +216,7 @@ class Collator:
             "mlm_input_ids": mlm_ids,
             "mlm_attention_mask": mlm_mask,
             "mlm_labels": mlm_labels,
+            "mlm_positions": mlm_positions(mlm_labels),  # here, not on the device: see its doc
         }
 
     def mask_rows(self, enc, rows: list[int], spans: list[TextSpans], seeds: list[int],

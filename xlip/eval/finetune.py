@@ -291,7 +291,7 @@ def train_classifier(model, cfg: Config, opt: FinetuneOptions, train: Sequence[s
                                                                batch["labels"])}, {}
 
     def add_loss(losses: dict[str, torch.Tensor], out: dict, batch: dict) -> None:
-        loss_sum[0] += float(losses["bce_loss"].detach())
+        loss_sum[0] = loss_sum[0] + losses["bce_loss"].detach()  # on the device: read at checks
         loss_sum[1] += 1
 
     def validate(done: int, grad_norm: torch.Tensor) -> bool:
@@ -299,7 +299,7 @@ def train_classifier(model, cfg: Config, opt: FinetuneOptions, train: Sequence[s
             return False
         score = validation_auc(net, val_images, yva, cfg)
         curve.append({"step": done, "val_mean_auc": score,
-                      "train_loss": loss_sum[0] / max(loss_sum[1], 1),
+                      "train_loss": float(loss_sum[0]) / max(loss_sum[1], 1),
                       "lr": sched.get_last_lr()[0]})
         loss_sum[:] = [0.0, 0]
         stop = stopper.update(score, done, net)

@@ -8,8 +8,8 @@
   ``mim_guide_fallback`` (Bm,) rows guided by all their content tokens (no finding present);
   Bm = Bi, or the ``mim.row_fraction`` share of the image rows drawn for this step
 - EntMLM: ``mlm_logits`` (M, V), ``mlm_labels`` (M,), ``mlm_rows`` (M,), ``mlm_batch``; the M
-  scored positions come from the batch's ``mlm_positions`` (:func:`add_mlm_positions`), or
-  are found in the forward when it has none
+  scored positions come from the batch's ``mlm_positions`` (the collator's), or are found in
+  the forward when it has none
 
 ``*_rows`` index the batch rows each output belongs to (for per-source logging).
 """
@@ -23,22 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xlip.config import Config
-from xlip.masking import attention_masking, random_masking
+from xlip.masking import attention_masking, mlm_positions, random_masking
 from xlip.model.decoders import MAEDecoder, MultimodalDecoder
 from xlip.model.text import TextEncoder
 from xlip.model.vision import VisionTransformer, load_timm_weights
 
 
-def mlm_positions(labels: Tensor) -> Tensor:
-    """(Bm, L) MLM labels (-100: not scored) → (M,) the flat indices (row · L + token) of the
-    scored positions, row by row. Its length M depends on the labels: computed on the GPU the
-    host must wait for it, so the training batches carry it from the CPU (``mlm_positions``)."""
-    return torch.nonzero(labels.flatten() != -100).squeeze(1)
-
-
 def add_mlm_positions(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``batch`` with its ``mlm_positions`` (:func:`mlm_positions`), computed where the batch
-    is made (the data loader's workers)."""
+    """``batch`` with its ``mlm_positions`` (:func:`xlip.masking.mlm_positions`): for batches
+    not made by the collator, which adds them itself (benchmarks, tests)."""
     if "mlm_labels" in batch:
         batch["mlm_positions"] = mlm_positions(batch["mlm_labels"])
     return batch

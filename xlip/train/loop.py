@@ -10,7 +10,6 @@ import random
 import sys
 import time
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +25,7 @@ from xlip.data.stream import ShardStream, streamed
 from xlip.files import writable_dir
 from xlip.losses import XLIPLoss
 from xlip.model.weights import load_weights, save_text_files, save_weights
-from xlip.model.xlip import XLIPModel, add_mlm_positions
+from xlip.model.xlip import XLIPModel
 # NonFiniteLossError, lr_lambda and param_groups are also imported from here (ablate, tests)
 from xlip.optim import (NonFiniteLossError, TrainSteps, adamw, lr_lambda,  # noqa: F401
                         param_groups)
@@ -120,25 +119,17 @@ class MetricLog:
         return row
 
 
-def collate_for_training(collate: Collator, samples) -> dict:
-    """A training batch: the collator's, with the EntMLM positions found on the CPU
-    (:func:`~xlip.model.xlip.add_mlm_positions`) so that the model need not find them on the
-    GPU. A module-level function: the loader's worker processes pickle it."""
-    return add_mlm_positions(collate(samples))
-
-
 def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Collator,
                  start_step: int, info: DistInfo, position: dict | None = None) -> DataLoader:
     """The batches of steps ``start_step`` … ``train.steps - 1`` of this rank, made by
-    ``collate`` and :func:`collate_for_training`; ``position``: a checkpoint's stream position,
-    checked against the run (streamed sources)."""
+    ``collate``; ``position``: a checkpoint's stream position, checked against the run
+    (streamed sources)."""
     tr = cfg.train
-    make = partial(collate_for_training, collate)
     if isinstance(dataset, ShardStream):
         dataset.start, dataset.stop = start_step * tr.grad_accum, tr.steps * tr.grad_accum
         if position is not None:
             dataset.check_position(position, dataset.start)
-        return DataLoader(dataset, batch_size=None, collate_fn=make,
+        return DataLoader(dataset, batch_size=None, collate_fn=collate,
                           num_workers=cfg.data.num_workers, persistent_workers=False,
                           prefetch_factor=4 if cfg.data.num_workers else None,
                           pin_memory=info.device.type == "cuda")
@@ -147,7 +138,7 @@ def build_loader(cfg: Config, dataset: MixedDataset | ShardStream, collate: Coll
                                 seed=tr.seed, start_step=start_step * tr.grad_accum,
                                 steps=tr.steps * tr.grad_accum, rank=info.rank,
                                 world_size=info.world_size)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=make,
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                       num_workers=cfg.data.num_workers, persistent_workers=False,
                       prefetch_factor=4 if cfg.data.num_workers else None,
                       # page-locked batches: the step's non_blocking copies overlap the GPU
