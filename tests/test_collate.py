@@ -147,6 +147,13 @@ def test_same_seeds_same_batch_in_any_company(tok):
     L = alone["input_ids"].shape[1]
     for key in ("guide_mask", "mlm_input_ids", "mlm_labels"):
         assert torch.equal(alone[key][0], first[key][2][:L]), key
+    # MIM's numbers: one (2, N) draw per image row (row 2 has none), whatever the company
+    n = config().vision.grid ** 2
+    assert first["mim_noise"].shape == (6, 2, n) and alone["mim_noise"].shape == (0, 2, n)
+    solo = Collator(config(), tok, findings=FINDINGS)([rows[3]])["mim_noise"]
+    assert torch.equal(solo[0], first["mim_noise"][2])  # rows[3] is the third image row
+    assert 0 <= first["mim_noise"].min() and first["mim_noise"].max() < 1
+    assert "mim_noise" not in Collator(config(), tok, train=False, findings=FINDINGS)(rows)
     # another seed draws other words
     other = samples()
     for s in other:

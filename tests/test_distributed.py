@@ -32,7 +32,9 @@ def corpus(tmp_path_factory):
                         vocab_size=300)
 
 
-def cl_mlm_cfg(corpus, out, batch_size):
+def cl_mlm_cfg(corpus, out, batch_size, mim="none"):
+    """CL + EntMLM; with ``mim="attention"`` the full XLIP loss (AttMIM masks drawn from each
+    sample's seed, so the same on one or two processes)."""
     manifest, tok = corpus
     return tiny_config(
         data={"sources": [{"manifest": str(manifest), "kind": "paired", "weight": 0.5},
@@ -41,8 +43,8 @@ def cl_mlm_cfg(corpus, out, batch_size):
               "batch_size": batch_size, "num_workers": 0, "prompt_negatives": 2},
         text={"tokenizer": str(tok), "max_length": 64, "dropout": 0.0},
         vision={"stem": "linear"},
-        mim={"policy": "none"}, mlm={"policy": "entity", "text_only": True},
-        loss={"w_mim": 0.0},
+        mim={"policy": mim}, mlm={"policy": "entity", "text_only": True},
+        loss={"w_mim": 0.0 if mim == "none" else 1.0},
         # adam_eps 1e-6: Adam's first step moves every weight by ~lr * g / (|g| + eps), so with
         # the default 1e-8 a weight whose gradient is near 0 moves by +lr or -lr depending on the
         # sign of float round-off, which differs between one and two processes (and between
@@ -52,9 +54,10 @@ def cl_mlm_cfg(corpus, out, batch_size):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
-    one = pretrain(cl_mlm_cfg(corpus, tmp_path / "one", batch_size=8), progress=False)
-    cfg2 = cl_mlm_cfg(corpus, tmp_path / "two", batch_size=4)
+@pytest.mark.parametrize("mim", ["none", "attention"])
+def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path, mim):
+    one = pretrain(cl_mlm_cfg(corpus, tmp_path / "one", batch_size=8, mim=mim), progress=False)
+    cfg2 = cl_mlm_cfg(corpus, tmp_path / "two", batch_size=4, mim=mim)
     save_config(cfg2, tmp_path / "two.yaml")
     torchrun_pretrain(tmp_path / "two.yaml")
 
@@ -64,6 +67,8 @@ def test_two_processes_train_like_one_with_the_global_batch(corpus, tmp_path):
     for a, b in zip(m1, m2):  # the same global loss, step by step
         assert b["cl_loss"] == pytest.approx(a["cl_loss"], rel=1e-4, abs=1e-5)
         assert b["mlm_loss"] == pytest.approx(a["mlm_loss"], rel=1e-4, abs=1e-5)
+        if mim != "none":
+            assert b["mim_loss"] == pytest.approx(a["mim_loss"], rel=1e-4, abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     w1 = load_file(str(one / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "model.safetensors"))

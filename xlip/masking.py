@@ -35,20 +35,25 @@ def num_masked(num_patches: int, ratio: float) -> int:
 
 def random_masking(batch: int, num_patches: int, ratio: float,
                    generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-    """MAE masking: a uniformly random ``ratio`` of patches removed per sample."""
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
+                   device: torch.device | str = "cpu",
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE masking: a uniformly random ``ratio`` of patches removed per sample; ``noise``
+    (batch, num_patches) uniform numbers to rank the patches by (else drawn here)."""
+    if noise is None:
+        noise = torch.rand(batch, num_patches, generator=generator, device=device)
     n_keep = num_patches - num_masked(num_patches, ratio)
     return _ids_from_order(noise.argsort(dim=1), n_keep)
 
 
 def attention_masking(scores: Tensor, ratio: float, high_share: float,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      generator: torch.Generator | None = None,
+                      noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """AttMIM selection from patch scores (B, N).
 
     ``round(N·ratio)`` patches are masked: ``round(masked·high_share)`` drawn uniformly from
     the top half of patches by score, the rest uniformly from the bottom half. Ties in score
     are broken at random (an all-equal map, e.g. an empty guide, masks like random masking).
+    ``noise``: (B, 2, N) uniform numbers for the tie-break and the draws (else drawn here).
     """
     B, N = scores.shape
     n_mask = num_masked(N, ratio)
@@ -58,15 +63,16 @@ def attention_masking(scores: Tensor, ratio: float, high_share: float,
     if n_low > N - n_top:  # bottom half too small: take the rest from the top half
         n_high, n_low = n_mask - (N - n_top), N - n_top
     # rank by score in a random patch order, so that ties fall at random
-    shuffle = torch.rand(B, N, generator=generator, device=scores.device).argsort(dim=1)
+    if noise is None:
+        noise = torch.rand(B, 2, N, generator=generator, device=scores.device)
+    shuffle = noise[:, 0].argsort(dim=1)
     by_score = torch.argsort(scores.float().gather(1, shuffle), dim=1, descending=True,
                              stable=True)
     rank = shuffle.gather(1, by_score)  # (B, N) patch ids, best first
     in_top = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
     in_top.scatter_(1, rank[:, :n_top], True)
-    noise = torch.rand(B, N, generator=generator, device=scores.device)
     # sort key: top-half patches first (in random order), then bottom-half ones
-    order = torch.argsort(noise + (~in_top).float() * 2.0, dim=1)  # (B, N)
+    order = torch.argsort(noise[:, 1] + (~in_top).float() * 2.0, dim=1)  # (B, N)
     top_part, low_part = order[:, :n_top], order[:, n_top:]
     masked = torch.cat([top_part[:, :n_high], low_part[:, :n_low]], dim=1)
     kept = torch.cat([top_part[:, n_high:], low_part[:, n_low:]], dim=1)

@@ -121,10 +121,13 @@ class Collator:
     identity (identical reports, or prompts of the same present findings, share a key),
     ``labels`` (B, F) multi-hot findings (zeros when unknown), ``guide_mask`` (B, L) AttMIM
     guiding tokens, ``guide_fallback`` (B,) rows with no present finding, guided by all their
-    content tokens instead, ``mlm_*`` masked reports of the rows in ``mlm_rows``, ``source`` (B,).
+    content tokens instead, ``mlm_*`` masked reports of the rows in ``mlm_rows``, ``source`` (B,),
+    and in training with MIM ``mim_noise`` (Bi, 2, N) the uniform numbers its masks are drawn
+    from.
 
     Randomness comes from each sample's ``seed`` (prompt wording, the MLM row draw, the words
-    masked and their replacement): a row's prompt and masks are the same in any batch. The
+    masked and their replacement, the MIM draws): a row's prompt and masks are the same in any
+    batch, so on any rank. The
     :class:`TextSpans` of the last ``cache_size`` distinct texts are kept, about 1.5 KB each
     with the text (reports repeat across epochs; a corpus larger than the cache gains little
     from it); each DataLoader worker holds its own.
@@ -202,7 +205,7 @@ class Collator:
                 for s, t, p in zip(samples, texts, prompt)]
         attention = enc["attention_mask"][:B]
         mlm_mask = enc["attention_mask"][B:] if separate else attention[rows]
-        return {
+        batch = {
             "images": torch.stack(images) if images else torch.zeros(0, 1, 1, 1),
             "has_image": has_image,
             "input_ids": enc["input_ids"][:B],
@@ -218,6 +221,12 @@ class Collator:
             "mlm_labels": mlm_labels,
             "mlm_positions": mlm_positions(mlm_labels),  # here, not on the device: see its doc
         }
+        if self.train and cfg.mim.policy != "none":  # MIM's draws, from each image's seed
+            n = cfg.vision.grid ** 2
+            seeds = [s.seed for s in samples if s.image is not None]
+            batch["mim_noise"] = (seeded_uniform(seeds, 2 * n, 4).float().reshape(-1, 2, n)
+                                  if seeds else torch.zeros(0, 2, n))
+        return batch
 
     def mask_rows(self, enc, rows: list[int], spans: list[TextSpans], seeds: list[int],
                   content: Tensor) -> tuple[Tensor, Tensor]:

@@ -168,18 +168,21 @@ class XLIPModel(nn.Module):
         sub = self._mim_subset(len(img_rows), generator, images.device)  # image rows → MIM
         rows = img_rows[sub]  # (Bm,) the batch rows MIM takes
         mim_images, text_tokens = images[sub], txt["tokens"][sub]
+        # the collator's per-sample draws: a row's mask is the same on any rank
+        noise = batch["mim_noise"][sub] if "mim_noise" in batch else None  # (Bm, 2, N)
         guide = batch["guide_mask"][rows]  # (Bm, L) bool
         if cfg.mim.policy == "attention":
             text_mask = batch["attention_mask"][rows].bool()
             scores = self.mm_decoder.patch_scores(text_tokens.detach(), text_mask, guide,
                                                   full["tokens"][sub].detach())  # (Bm, N)
             keep, mask, restore = attention_masking(scores, cfg.mim.ratio, cfg.mim.high_share,
-                                                    generator)
+                                                    generator, noise)
             out["mim_scores"] = scores
             out["mim_guide_fallback"] = batch["guide_fallback"][rows]
         else:
             keep, mask, restore = random_masking(len(rows), self.vision.num_patches,
-                                                 cfg.mim.ratio, generator, images.device)
+                                                 cfg.mim.ratio, generator, images.device,
+                                                 None if noise is None else noise[:, 1])
         visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
         out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, text_tokens, guide)
         out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, mim_images, rows
