@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import VOCAB, random_batch, tiny_config
-from xlip.bench import BenchOptions, PeakMemory, machine_kind
+from xlip.bench import BenchOptions, PeakMemory, machine_kind, run_bench
 from xlip.cli import main
 from xlip.errors import InputError
 from xlip.flops import StepShape, step_flops
@@ -196,6 +196,13 @@ def test_bench_refuses_bad_options(tmp_path):
         BenchOptions(presets=("huge",))
     (tmp_path / "file").write_text("")
     assert main(["bench", "--out", str(tmp_path / "file" / "F.json")]) == 2
+    with pytest.raises(InputError, match="--steps -1: give a positive number"):
+        BenchOptions(steps=-1)
+    with pytest.raises(InputError, match="--batch-size -2: give a positive number"):
+        BenchOptions(batch_size=-2)
+    # refused before any step is timed (a step of the tiny preset would take seconds)
+    with pytest.raises(InputError, match="mim.row_fraction=0.5: xlip bench counts"):
+        run_bench(BenchOptions(overrides=("mim.row_fraction=0.5",), progress=False))
 
 
 def test_peak_memory_sees_an_allocation():

@@ -315,12 +315,15 @@ def test_mlm_outputs_from_positions_equal_the_boolean_mask_selection(cfg):
         assert torch.equal(found[k], out[k])
 
 
+@pytest.mark.parametrize("four_d", [True, False], ids=["4d", "transformers4_2d"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_the_text_encoder_mask_equals_transformers_own(impl):
+def test_the_text_encoder_mask_equals_transformers_own(impl, four_d, monkeypatch):
     """The 4-D padding bias the text encoder passes gives BERT's outputs for the 2-D mask,
-    with padding and without."""
+    with padding and without; so does the 2-D path kept for transformers 4.x."""
+    from xlip.model import text
     from xlip.model.text import TextEncoder
 
+    monkeypatch.setattr(text, "_TAKES_4D_MASK", four_d)
     torch.manual_seed(0)
     cfg = tiny_config(text={"attn_impl": impl, "dropout": 0.0}).text
     enc = TextEncoder(cfg, 50).eval()

@@ -43,7 +43,7 @@ from xlip.losses import XLIPLoss
 from xlip.masking import mlm_positions
 from xlip.model.xlip import XLIPModel
 from xlip.optim import adamw
-from xlip.precision import autocast, cpu_has_fast_bf16, resolve_precision
+from xlip.precision import autocast, cpu_has_fast_bf16, resolve_precision, set_tf32
 from xlip.text.labels import CANONICAL_FINDINGS
 from xlip.text.tokenizer import train_wordpiece
 from xlip.train.distributed import DistInfo
@@ -314,6 +314,9 @@ class BenchOptions:
                              "sections (vision:, text:, ...)")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is visible; use --device cpu")
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
+            if value < 0:
+                raise InputError(f"{flag} {value}: give a positive number (0: the preset's)")
 
 
 def preset_config(name: str, opts: BenchOptions, overrides: list[str]) -> Config:
@@ -337,6 +340,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Measure every (preset, precision, variant); returns the JSON-ready result."""
     torch.set_flush_denormal(True)
     device = torch.device(opts.device)
+    for name in opts.presets:  # a config the FLOP count cannot follow: before any timing
+        if preset_config(name, opts, []).mim.row_fraction < 1:
+            raise InputError(f"mim.row_fraction={preset_config(name, opts, []).mim.row_fraction}"
+                             ": xlip bench counts the FLOPs of MIM on every image row; leave it "
+                             "at 1")
+    # as training sets it (train.tf32, CUDA only): the peak and the steps under one setting
+    tf32 = preset_config(opts.presets[0], opts, []).train.tf32
+    set_tf32(tf32, device)
     precs = precisions(opts.group, device)
     peak = {"fp32": matmul_peak(device, torch.float32),
             "bf16": matmul_peak(device, torch.bfloat16) if "bf16" in precs else None}
@@ -365,6 +376,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     rows.append(row)
     result: dict[str, Any] = {
         "group": opts.group, "machine": machine(device), "matmul_peak_flops_per_s": peak,
+        "tf32": tf32 if device.type == "cuda" else None,
         "memory_measure": memory.method, "rows": rows}
     if opts.group == "steps":
         result.update(step_summary(rows, device))

@@ -165,10 +165,13 @@ class TrainSteps:
         term is non-finite, 1: only the gradient norm is, 0: all is well), reduced over the
         processes there (``any_rank``) and read once. The values named in the message are
         read only once the flag is set."""
-        values = [v.float() for t in terms for v in t.values()]
+        # on the training device: with no gradient anywhere, clip_grad_norm_ returns a CPU
+        # zero, and NCCL refuses CPU tensors
+        values = [v.float().to(self.device) for t in terms for v in t.values()]
         loss_bad = (~torch.isfinite(torch.stack(values)).all() if values
-                    else torch.zeros((), dtype=torch.bool, device=grad_norm.device))
-        flag = 2.0 * loss_bad.float().to(grad_norm.device) + (~torch.isfinite(grad_norm)).float()
+                    else torch.zeros((), dtype=torch.bool, device=self.device))
+        flag = (2.0 * loss_bad.float()
+                + (~torch.isfinite(grad_norm.to(self.device))).float())
         code = self.any_rank(flag.reshape(1)).item()
         if code >= 2:
             bad = next(({k: float(v) for k, v in t.items() if not math.isfinite(float(v))}
