@@ -197,6 +197,8 @@ else
 fi
 
 # --- 6. bench -----------------------------------------------------------------------------------
+# an earlier run's file must not pass for this run's (the summary names it when it exists)
+rm -f "$RESULTS/bench_cpu.json" "$RESULTS/bench_gpu.json"
 if [[ $CPU_MODE == 1 ]]; then
     step bench 120 note "$PY" -m xlip bench --preset tiny --out "$RESULTS/bench_cpu.json"
 else
