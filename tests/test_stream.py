@@ -1,6 +1,7 @@
 """Streaming shard folders: every row once per epoch across ranks x workers, seeded shuffles,
 exact resume (stream and training), one-line errors for damaged folders."""
 
+import copy
 import json
 import shutil
 from collections import Counter
@@ -157,6 +158,24 @@ def test_position_is_saved_and_checked(corpus):
         ShardStream(stream_cfg(corpus, workers=1), 0, 2).check_position(pos, 10)
     with pytest.raises(ConfigError, match="world_size 2 → 1"):
         ShardStream(cfg, 0, 1).check_position(pos, 10)
+    # epochs cut otherwise: rows would be drawn twice or never
+    with pytest.raises(ConfigError, match=r"source paired: .*\(quota 3 → 6\).*data.batch_size"):
+        ShardStream(stream_cfg(corpus, batch_size=8), 0, 2).check_position(pos, 10)
+    with pytest.raises(ConfigError, match=r"shuffle_buffer 4 → 8"):
+        ShardStream(stream_cfg(corpus, shuffle_buffer=8), 0, 2).check_position(pos, 10)
+    grown = copy.deepcopy(pos)  # the shard folder was rebuilt with more rows since
+    grown["sources"]["paired"]["usable_rows"] -= 5
+    with pytest.raises(ConfigError, match=r"usable_rows \d+ → \d+"):
+        stream.check_position(grown, 10)
+    moved = copy.deepcopy(pos)
+    moved["sources"]["image_only"]["shards_sha"] += 1
+    with pytest.raises(ConfigError, match=r"source image_only: .*\(rows per shard\)"):
+        stream.check_position(moved, 10)
+    old = copy.deepcopy(pos)  # a checkpoint from before these keys: checked as it can be
+    for src in old["sources"].values():
+        for key in ("usable_rows", "quota", "shuffle_buffer", "shards_sha"):
+            del src[key]
+    stream.check_position(old, 10)
 
 
 def run_cfg(corpus, out, workers):

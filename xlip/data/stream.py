@@ -434,8 +434,17 @@ class ShardStream(IterableDataset):
                 parts.append(list(self.source_stream(s, c).locate(made * q)))
             out["sources"][self.names[s]] = {"epoch": min(e for e, _ in parts),
                                              "rows": batches * q * self.world_size,
-                                             "consumers": parts}
+                                             "consumers": parts, **self.layout(s)}
         return out
+
+    def layout(self, s: int) -> dict[str, Any]:
+        """What source ``s``'s parts of an epoch depend on besides ranks and workers: its
+        usable rows, their spread over the shards, its rows per batch, the shuffle buffer."""
+        index = self.index[s]
+        return {"usable_rows": index.rows, "quota": self.quota[s],
+                "shuffle_buffer": self.cfg.data.shuffle_buffer,
+                "shards_sha": hash_int(";".join(f"{a}:{n}" for a, n in
+                                                zip(index.shards, index.counts)))}
 
     def check_position(self, saved: dict[str, Any], batches: int) -> None:
         """Refuse to resume a position saved with other ranks, workers or batches."""
@@ -447,6 +456,17 @@ class ShardStream(IterableDataset):
                               " each (rank, worker) streams its own part of every epoch, so "
                               "resume with the checkpoint's number of processes and "
                               "data.num_workers")
+        for s, name in enumerate(self.names):
+            was = saved.get("sources", {}).get(name, {})
+            diff = {k: (was[k], v) for k, v in self.layout(s).items() if k in was and was[k] != v}
+            if diff:
+                shown = ", ".join(f"{k} {a} → {b}" for k, (a, b) in diff.items()
+                                  if k != "shards_sha") or "rows per shard"
+                raise ConfigError(f"source {name}: the stream's epochs are cut differently from "
+                                  f"the checkpoint's ({shown}): its rows would be drawn twice "
+                                  "or never. Resume with the shard folder and data.batch_size, "
+                                  "weights and shuffle_buffer the checkpoint was trained with, "
+                                  "or start a new run")
 
 
 def streamed(cfg: Config) -> bool:
