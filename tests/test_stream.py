@@ -298,3 +298,34 @@ def test_a_corrupt_shard_in_a_worker_is_one_line_naming_the_file_and_the_fix(cor
     with pytest.raises(ShardError, match=r"shard index .*shard-000001.json is damaged") as err:
         ShardStream(cfg)
     one_line(err)
+
+
+def test_parts_and_positions_in_closed_form_equal_the_count():
+    """part_bounds and SourceStream.locate, in closed form (a checkpoint calls them for every
+    consumer), against counting row by row and epoch by epoch."""
+    from types import SimpleNamespace
+
+    from xlip.data.stream import Consumer, SourceStream, part_bounds
+
+    def bounds(n, C, c, e):
+        base, extra = divmod(n, C)
+        size = [base + ((i - e) % C < extra) for i in range(C)]
+        return sum(size[:c]), sum(size[:c + 1])
+
+    for n in range(0, 30):
+        for C in range(1, 7):
+            for c in range(C):
+                for e in range(12):
+                    assert part_bounds(n, C, c, e) == bounds(n, C, c, e), (n, C, c, e)
+    cfg = SimpleNamespace(train=SimpleNamespace(seed=0))
+    for n, C in ((23, 5), (7, 7), (5, 8), (40, 3)):
+        for c in range(C):
+            stream = SourceStream(None, 0, SimpleNamespace(rows=n), cfg, Consumer(c, C))
+            epoch, into = 0, 0
+            while into >= (size := stream.part_size(epoch)):  # a first part may be empty
+                epoch, into = epoch + 1, into - size
+            for draws in range(4 * n + 3):
+                assert stream.locate(draws) == (epoch, into), (n, C, c, draws)
+                into += 1
+                while into >= (size := stream.part_size(epoch)):  # empty parts skipped
+                    epoch, into = epoch + 1, into - size

@@ -211,9 +211,13 @@ def part_bounds(n: int, consumers: int, c: int, epoch: int) -> tuple[int, int]:
     """[start, stop) of consumer ``c``'s part of an epoch of ``n`` rows (see the module
     docstring: n // C each, the n % C extra rows to consumers (c - epoch) mod C < n % C)."""
     base, extra = divmod(n, consumers)
-    size = lambda i: base + ((i - epoch) % consumers < extra)  # noqa: E731
-    start = sum(size(i) for i in range(c))
-    return start, start + size(c)
+    # the extra rows go to the cyclic window [epoch, epoch + extra) mod C: count its members
+    # below c in closed form (no sum over the consumers: checkpoints call this for each one)
+    first = epoch % consumers
+    windows = ((first, first + extra), (first - consumers, first + extra - consumers))
+    below = sum(max(0, min(c, hi) - max(0, lo)) for lo, hi in windows)
+    start = c * base + below
+    return start, start + base + ((c - epoch) % consumers < extra)
 
 
 def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
@@ -285,7 +289,13 @@ class SourceStream:
 
     def locate(self, draws: int) -> tuple[int, int]:
         """(epoch, rows into its part) after ``draws`` draws of this consumer."""
+        # every C epochs a consumer draws C·base + extra rows (its extra row once per
+        # extra epochs of the C): whole periods at once, then at most C epochs one by one
+        C = self.who.count
+        period = self.index.rows  # = C·(n // C) + n % C
         epoch = 0
+        if period:
+            epoch, draws = (draws // period) * C, draws % period
         while draws >= (size := self.part_size(epoch)):
             draws -= size
             epoch += 1
