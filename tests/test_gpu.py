@@ -160,8 +160,11 @@ def test_compiled_training_matches_eager(tmp_path):
     eager, compiled = run("eager", False), run("compiled", True)
     assert [r["step"] for r in compiled] == [1, 2]
     for a, b in zip(eager, compiled):
-        for k in ("cl_loss", "mim_loss", "mlm_loss", "grad_norm"):
+        for k in ("cl_loss", "mim_loss", "mlm_loss"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+        # the gradient norm sums every parameter's squared gradient, whose fused kernels add
+        # in another order: 2.2e-4 apart in one clean-clone run (as in the 2-process test)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     assert eager[1]["cl_loss"] != eager[0]["cl_loss"]  # the weights moved between the steps
 
 
