@@ -24,6 +24,12 @@ def _model_and_manifest(args: argparse.Namespace):
     return m, manifest
 
 
+def _encoder(m, args: argparse.Namespace):
+    """The model whose image encoder is evaluated: the pre-trained one, or with ``--init
+    random`` the same architecture untrained (seeded by ``--seed``)."""
+    return m.model if args.init == "pretrained" else m.untrained(args.seed).model
+
+
 def _zeroshot(args: argparse.Namespace) -> int:
     from xlip.eval.zeroshot import ZeroShotOptions, run_zeroshot, write_zeroshot
 
@@ -84,7 +90,7 @@ def _probe(args: argparse.Namespace) -> int:
                        tuple(args.findings or ()), args.seed)
     out = writable_dir(args.out or Path(args.model) / f"probe_{args.init}_{args.fraction:g}",
                        "--out")
-    model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
+    model = _encoder(m, args)
     result = linear_probe(model, m.cfg, opt, progress=True)
     result["model"] = str(args.model)
     js, md = write_probe(result, out)
@@ -107,7 +113,7 @@ def _finetune(args: argparse.Namespace) -> int:
                           args.test_split, args.fraction, args.init, tuple(args.findings or ()),
                           args.seed, **training)
     out = writable_dir(args.out, "--out")
-    model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
+    model = _encoder(m, args)
     result = finetune(model, m.cfg, opt, out / "finetune.safetensors", progress=not args.quiet)
     result["model"] = str(args.model)
     js, md = write_finetune(result, out)
@@ -143,7 +149,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     evaluable(get_benchmark(args.name))  # and an unsupported benchmark before loading the model
     out = writable_dir(args.out, "--out")
     m = XLIP.from_pretrained(args.model)
-    model = m.model if args.init == "pretrained" else m.untrained(args.seed).model
+    model = _encoder(m, args)
     result = run_benchmark(model, m.tokenizer, m.cfg, opt, out, str(args.model))
     print(markdown(result))
     print(f"written: {out / 'benchmark.json'} {out / 'benchmark.md'} "
