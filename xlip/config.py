@@ -38,6 +38,7 @@ BERT_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "base": (768, 12, 12, 3072),
 }
 MIM_POLICIES = ("attention", "random", "none")
+MIM_TARGETS = ("pixels", "features")
 MLM_POLICIES = ("entity", "random", "none")
 KINDS = ("paired", "image_only", "text_only")
 
@@ -120,6 +121,10 @@ class MIMConfig:
     ratio: float = 0.5
     high_share: float = 0.75  # share of masked patches drawn from the top half by score
     norm_pix: bool = True
+    # what the MAE decoder predicts at masked patches: pixels (MAE; normalised per patch with
+    # norm_pix) | features (the full-image pass's patch tokens, layer-normed and detached: a
+    # masked feature target as in MaskCLIP/data2vec, with the online encoder as teacher)
+    target: str = "pixels"
     # share of each batch's image rows that are masked and reconstructed (drawn at random each
     # step); below 1 the visible-patch pass, the MAE decoder and AttMIM scoring run on fewer
     # rows, so a step costs less. CL always sees every row.
@@ -346,6 +351,7 @@ def _check_model(m: ModelConfig) -> None:
 
 def _check_mim(m: MIMConfig) -> None:
     _choice("mim.policy", m.policy, MIM_POLICIES)
+    _choice("mim.target", m.target, MIM_TARGETS)
     for name in ("ratio", "high_share"):
         x = getattr(m, name)
         if not 0.0 < x < 1.0:
@@ -475,6 +481,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.mode=fast encodes only the visible patches of a masked image; "
                           "it needs mim.policy=attention or random (mim.policy=none: use "
                           "train.mode=default)")
+    if (cfg.mim.target == "features" and cfg.train.mode == "fast"
+            and cfg.mim.policy == "random"):
+        raise ConfigError("mim.target=features predicts the full-image pass's patch tokens, "
+                          "which train.mode=fast with mim.policy=random never computes: use "
+                          "mim.target=pixels, mim.policy=attention or train.mode=default")
     if cfg.train.mode == "fast" and cfg.mim.row_fraction < 1.0:
         raise ConfigError(f"train.mode=fast trains CL on the masked images, so every row must "
                           f"be masked: mim.row_fraction={cfg.mim.row_fraction} needs "

@@ -94,9 +94,16 @@ class MIMLoss(nn.Module):
             t = (t - mean) / (var + 1e-6).sqrt()
         return t
 
-    def forward(self, pred: Tensor, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """pred: (B, N, C·p·p); images: (B, C, H, W); mask: (B, N) 1 = masked."""
-        err = ((pred.float() - self.target(images)) ** 2).mean(dim=-1)  # (B, N)
+    def forward(self, pred: Tensor, images: Tensor, mask: Tensor,
+                features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """pred: (B, N, C·p·p), or (B, N, D) with ``features``; images: (B, C, H, W); mask:
+        (B, N) 1 = masked. features: (B, N, D) teacher patch tokens (``mim.target=features``),
+        compared after a LayerNorm without affine parameters, instead of the pixels."""
+        if features is None:
+            target = self.target(images)
+        else:
+            target = F.layer_norm(features.float(), features.shape[-1:])
+        err = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, N)
         per = (err * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
         return mean_over_ranks((err * mask).sum(), mask.sum().float()), per
 
@@ -132,7 +139,8 @@ class XLIPLoss(nn.Module):
                                 out["cl_text_key"], out.get("cl_labels"))
             losses["cl_loss"], losses["cl_per_sample"] = self.w.w_cl * loss, per
         if "mim_pred" in out:
-            loss, per = self.mim(out["mim_pred"], out["mim_images"], out["mim_mask"])
+            loss, per = self.mim(out["mim_pred"], out["mim_images"], out["mim_mask"],
+                                 out.get("mim_target"))
             losses["mim_loss"], losses["mim_per_sample"] = self.w.w_mim * loss, per
         if "mlm_logits" in out:
             loss, per = self.mlm(out["mlm_logits"], out["mlm_labels"], out["mlm_rows"],

@@ -54,10 +54,11 @@ class XLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
         self.mae_decoder = None
         if cfg.mim.policy != "none":
-            patch_pixels = cfg.vision.in_chans * cfg.vision.patch_size ** 2
+            out_dim = (vdim if cfg.mim.target == "features"
+                       else cfg.vision.in_chans * cfg.vision.patch_size ** 2)
             self.mae_decoder = MAEDecoder(vdim, tdim, m.mae_decoder_width, m.mae_decoder_depth,
                                           m.mae_decoder_heads, self.vision.num_patches,
-                                          patch_pixels)
+                                          out_dim)
         # the multimodal decoder serves EntMLM and scores patches for AttMIM
         self.mm_decoder = None
         if cfg.mlm.policy != "none" or cfg.mim.policy == "attention":
@@ -186,6 +187,8 @@ class XLIPModel(nn.Module):
         visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
         out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, text_tokens, guide)
         out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, mim_images, rows
+        if cfg.mim.target == "features":  # the teacher: the full pass, no gradient through it
+            out["mim_target"] = full["tokens"][sub].detach()
         return visible if fast else full
 
     def _mim_subset(self, n: int, generator: torch.Generator | None,
