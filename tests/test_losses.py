@@ -69,6 +69,27 @@ def test_mim_loss_only_masked_patches_normalised_target():
     assert not torch.allclose(raw, target)
 
 
+def test_mim_feature_target_matches_naive_layer_normed_mse():
+    """mim.target=features: the prediction is compared with each teacher token after a
+    LayerNorm without affine parameters, on masked patches only."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 16, 16)
+    feats, pred = torch.randn(2, 4, 6) * 3 + 1, torch.randn(2, 4, 6)
+    mask = torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]])
+    loss, per = MIMLoss(patch_size=8)(pred, images, mask, feats)
+    errs = [[0.0] * 4 for _ in range(2)]
+    for b in range(2):
+        for n in range(4):
+            f = feats[b, n]
+            t = (f - f.mean()) / (f.var(unbiased=False) + 1e-5).sqrt()
+            errs[b][n] = float(((pred[b, n] - t) ** 2).mean())
+    naive = [sum(e * float(m) for e, m in zip(errs[b], mask[b])) / float(mask[b].sum())
+             for b in range(2)]
+    assert torch.allclose(per, torch.tensor(naive), atol=1e-5)
+    total = sum(errs[b][n] * float(mask[b, n]) for b in range(2) for n in range(4)) / 4
+    assert torch.isclose(loss, torch.tensor(total), atol=1e-5)
+
+
 def test_mlm_loss_matches_cross_entropy():
     torch.manual_seed(0)
     logits = torch.randn(5, 11)

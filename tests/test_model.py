@@ -18,9 +18,14 @@ def total_loss(model, cfg, batch, seed=0):
     ("attention", "entity", "linear", "default"), ("random", "random", "conv", "default"),
     ("none", "entity", "linear", "default"), ("random", "none", "linear", "default"),
     ("none", "none", "linear", "default"), ("attention", "entity", "hybrid", "default"),
-    ("attention", "entity", "hybrid", "fast"), ("random", "entity", "linear", "fast")])
+    ("attention", "entity", "hybrid", "fast"), ("random", "entity", "linear", "fast"),
+    ("attention", "entity", "hybrid", "features"), ("random", "entity", "linear", "features")])
 def test_every_parameter_gets_a_gradient(mim, mlm, stem, mode):
-    cfg = tiny_config(mim={"policy": mim}, mlm={"policy": mlm}, vision={"stem": stem},
+    target = "pixels"
+    if mode == "features":  # mim.target=features, train.mode=default
+        mode, target = "default", "features"
+    cfg = tiny_config(mim={"policy": mim, "target": target}, mlm={"policy": mlm},
+                      vision={"stem": stem},
                       train={"mode": mode}, loss={"w_mim": float(mim != "none"),
                                                   "w_mlm": float(mlm != "none")})
     torch.manual_seed(0)
@@ -32,6 +37,43 @@ def test_every_parameter_gets_a_gradient(mim, mlm, stem, mode):
     assert missing == []
     assert ("mim_loss" in losses) == (mim != "none")
     assert ("mlm_loss" in losses) == (mlm != "none")
+
+
+@pytest.mark.parametrize("mode", ["default", "fast"])
+def test_mim_feature_target_is_the_full_pass_and_takes_no_gradient(mode):
+    """mim.target=features: the MAE decoder predicts the full-image pass's patch tokens of
+    the same rows; the target is detached, so MIM's gradient reaches the encoder only through
+    the visible-patch pass (the teacher side of a self-distillation)."""
+    cfg = tiny_config(vision={"stem": "linear"}, mim={"target": "features"},
+                      train={"mode": mode})
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB)
+    full = []
+    model.vision.register_forward_hook(
+        lambda m, args, output: full.append(output) if len(args) == 1 else None)
+    batch = random_batch(cfg)
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert out["mim_pred"].shape == out["mim_target"].shape
+    assert out["mim_target"].shape[-1] == model.vision.width
+    assert torch.equal(out["mim_target"], full[0]["tokens"].detach())
+    assert not out["mim_target"].requires_grad
+    # MIM alone: no gradient into the full pass (in default mode CL's, with gradients),
+    # but some into the vision encoder's weights, through the visible pass
+    loss = XLIPLoss(cfg)(out, batch)["mim_loss"]
+    tokens = full[0]["tokens"]
+    if mode == "default":
+        assert tokens.requires_grad
+        assert torch.autograd.grad(loss, tokens, retain_graph=True, allow_unused=True) == (None,)
+    weight = model.vision.blocks[0].attn.qkv.weight
+    assert torch.autograd.grad(loss, weight)[0].abs().sum() > 0
+
+
+def test_mim_feature_target_needs_a_full_pass():
+    from xlip.config import ConfigError
+    with pytest.raises(ConfigError, match="mim.target=features"):
+        tiny_config(mim={"policy": "random", "target": "features"}, train={"mode": "fast"})
+    with pytest.raises(ConfigError, match="mim.target"):
+        tiny_config(mim={"target": "latent"})
 
 
 def test_output_shapes(cfg):
