@@ -135,13 +135,26 @@ def test_metrics_reduce_over_ranks_whose_keys_differ(tmp_path):
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1",
             "MASTER_PORT": "29500"}
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-         "MASTER_ADDR": "node01", "MASTER_PORT": "29400"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
+         "SLURM_LOCALID": "1", "MASTER_ADDR": "node01", "MASTER_PORT": "29400"}
 
 
 def test_no_launcher_is_one_process():
     assert launch_from_env({}) == Launch(0, 1, 0, "single", "")
     assert launch_from_env({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == Launch()
+    # srun -n 1 inside an allocation of 8 tasks: the step has one task
+    assert launch_from_env({**SLURM, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) == Launch()
+
+
+def test_a_batch_script_of_several_tasks_that_runs_python_itself_is_refused():
+    """sbatch --ntasks 8 with a plain `python -m xlip pretrain`: one process, no srun step
+    (SLURM_NTASKS=8, SLURM_PROCID=0, no SLURM_STEP_NUM_TASKS). Joining a group of 8 would
+    wait forever; the error says to use srun."""
+    batch = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "MASTER_ADDR": "node01", "MASTER_PORT": "29400"}
+    with pytest.raises(LaunchError, match=r"SLURM_NTASKS=8 but this process was not started "
+                                          r"by srun.*srun python -m xlip pretrain"):
+        launch_from_env(batch)
 
 
 def test_torchrun_variables():
@@ -155,11 +168,11 @@ def test_slurm_variables():
 
 
 @pytest.mark.parametrize("env, message", [
-    ({**SLURM, "MASTER_ADDR": ""}, r"SLURM_NTASKS=8 but MASTER_ADDR is not set.*scontrol show "
+    ({**SLURM, "MASTER_ADDR": ""}, r"SLURM_STEP_NUM_TASKS=8 but MASTER_ADDR is not set.*scontrol show "
                                    r"hostnames"),
     ({k: v for k, v in SLURM.items() if not k.startswith("MASTER")},
      r"MASTER_ADDR and MASTER_PORT are not set"),
-    ({**SLURM, "SLURM_PROCID": "8"}, r"SLURM_PROCID=8 is outside 0\.\.7 \(SLURM_NTASKS=8\)"),
+    ({**SLURM, "SLURM_PROCID": "8"}, r"SLURM_PROCID=8 is outside 0\.\.7 \(SLURM_STEP_NUM_TASKS=8\)"),
     ({**SLURM, "MASTER_PORT": "auto"}, r"MASTER_PORT='auto' is not an integer"),
     ({k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"}, r"SLURM_LOCALID is not set"),
     ({**TORCHRUN, "RANK": "4"}, r"RANK=4 is outside 0\.\.3 \(WORLD_SIZE=4\)"),
@@ -196,13 +209,14 @@ def test_pretrain_reports_a_bad_launch_in_one_line(tmp_path, monkeypatch, capsys
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_LOCALID", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("xlip: error: SLURM_NTASKS=2 but MASTER_ADDR and MASTER_PORT are not "
+    assert err.startswith("xlip: error: SLURM_STEP_NUM_TASKS=2 but MASTER_ADDR and MASTER_PORT are not "
                           "set") and err.count("\n") == 1
 
 
@@ -224,7 +238,8 @@ def test_two_srun_processes_join_one_group(tmp_path):
     script.write_text(SLURM_WORKER)
     base = {k: v for k, v in os.environ.items()
             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
+    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
+                MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=free_port(), CUDA_VISIBLE_DEVICES="")
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{r}.json")],
                               env=dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),

@@ -5,9 +5,13 @@ Who a process is comes from its environment, read by the pure function :func:`la
 
 - ``torchrun`` (also ``torchrun`` inside a SLURM job): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``;
   it sets ``MASTER_ADDR`` / ``MASTER_PORT`` itself.
-- ``srun`` without ``torchrun``: ``SLURM_PROCID`` (rank), ``SLURM_NTASKS`` (world size),
-  ``SLURM_LOCALID`` (local rank); ``MASTER_ADDR`` and ``MASTER_PORT`` must be exported by the job
-  script (the first node of the allocation and a free port).
+- ``srun`` without ``torchrun``: ``SLURM_PROCID`` (rank), ``SLURM_STEP_NUM_TASKS`` (world size:
+  the tasks of this job step, which ``srun -n`` may set below the allocation's
+  ``SLURM_NTASKS``), ``SLURM_LOCALID`` (local rank); ``MASTER_ADDR`` and ``MASTER_PORT`` must be
+  exported by the job script (the first node of the allocation and a free port). A batch script
+  of several tasks that runs ``python`` itself, not under ``srun``, has ``SLURM_NTASKS`` but no
+  step variables: that is refused with the fix, since its one process would wait for the
+  others forever.
 
 On GPUs each process takes ``cuda:LOCAL_RANK``, set before the group is joined.
 """
@@ -98,18 +102,26 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
         return _check(Launch(_int(env, "RANK"), _int(env, "WORLD_SIZE"),
                              _int(env, "LOCAL_RANK", 0), "torchrun"),
                       ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world = _int(env, "SLURM_NTASKS", 1)
-    if "SLURM_NTASKS" not in env or world == 1:
+    if "SLURM_STEP_NUM_TASKS" not in env:  # not an srun task
+        if _int(env, "SLURM_NTASKS", 1) > 1:
+            raise LaunchError(f"SLURM_NTASKS={env['SLURM_NTASKS']} but this process was not "
+                              "started by srun (SLURM_STEP_NUM_TASKS is not set), so it would "
+                              "wait for the other tasks forever; in the batch script run "
+                              "srun python -m xlip pretrain ... (or torchrun), or submit with "
+                              "--ntasks 1 to train in one process")
+        return Launch()
+    world = _int(env, "SLURM_STEP_NUM_TASKS")
+    if world == 1:
         return Launch()
     rank, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k, "").strip()]
     if missing:
-        raise LaunchError(f"SLURM_NTASKS={world} but {' and '.join(missing)} "
+        raise LaunchError(f"SLURM_STEP_NUM_TASKS={world} but {' and '.join(missing)} "
                           f"{'is' if len(missing) == 1 else 'are'} not set, so the processes "
                           f"cannot find each other; {SLURM_HINT}")
     port = _int(env, "MASTER_PORT")
     return _check(Launch(rank, world, local, "slurm", f"{env['MASTER_ADDR'].strip()}:{port}"),
-                  ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+                  ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
 
 
 def training_device(local_rank: int, cuda_count: int, launcher: str = "single") -> torch.device:
