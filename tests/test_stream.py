@@ -140,6 +140,42 @@ def test_a_stream_holds_the_member_indexes_of_few_shards(corpus):
     for _ in DataLoader(stream, batch_size=None, collate_fn=len):  # in this process
         held.append(sum(tar.startswith(folder) for tar in storage._INDEX))
     assert 0 < max(held) <= 3  # the shard being read and those of the 2 buffered rows
+    assert not any(tar.startswith(folder) for tar in storage._INDEX)  # all let go at the stop
+
+
+def test_two_sources_on_one_shard_keep_its_index_while_either_reads(tmp_path):
+    """The demo's layout: a paired and an image-only source on one shard folder. One source
+    done with a shard must not drop the index the other still reads from (a rebuild scans the
+    whole tar)."""
+    import tarfile
+
+    from xlip.data import storage
+    from xlip.data.manifest import Record
+    from xlip.data.stream import ShardRelease
+
+    tar = tmp_path / "shard-000000.tar"
+    with tarfile.open(tar, "w") as t:
+        for name in ("a.png", "b.png"):
+            (tmp_path / name).write_bytes(b"x" * 10)
+            t.add(tmp_path / name, arcname=name)
+    other = tmp_path / "shard-000001.tar"
+    other.write_bytes(tar.read_bytes())
+    rows = [Record(row=i + 1, image=f"{t}#{m}", text="", labels=(), split="train",
+                   patient_id="p", study_id=str(i), view="PA", source="s") for i, (t, m) in enumerate(
+        [(tar, "a.png"), (tar, "b.png"), (other, "a.png")])]
+    paired, image_only = ShardRelease(), ShardRelease()
+    taken = {}
+    for name, rel in (("paired", paired), ("image_only", image_only)):
+        taken[name] = list(rel.entering(rows[:2]))  # both read shard 0
+    assert storage.read_shard_member(rows[0].image) == b"x" * 10
+    for rec in taken["paired"]:
+        paired.drawn(rec)
+    list(paired.entering(rows[2:]))  # paired moves on to shard 1: done with shard 0
+    assert str(tar) in storage._INDEX  # image_only still reads it
+    for rec in taken["image_only"]:
+        image_only.drawn(rec)
+    list(image_only.entering(rows[2:]))
+    assert str(tar) not in storage._INDEX  # the last holder let go
 
 
 def test_position_is_saved_and_checked(corpus):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 SEP = ".tar#"  # "<shard>.tar#<member>" names a member of a shard
@@ -37,10 +38,24 @@ def _tar_index(tar: str) -> dict[str, tuple[int, int]]:
     return hit[1]
 
 
+_HOLDERS: Counter[str] = Counter()
+"""Per-process count of the readers (stream sources) that hold each tar's index."""
+
+
+def hold_shard(tar: str | Path) -> None:
+    """A reader starts on ``tar``: its member index stays cached until every holder let go."""
+    _HOLDERS[str(tar)] += 1
+
+
 def forget_shard(tar: str | Path) -> None:
-    """Drop ``tar``'s member index from this process's cache (a stream done with the shard; a
-    later read rebuilds it)."""
-    _INDEX.pop(str(tar), None)
+    """A reader is done with ``tar``: the last holder to let go drops its member index from
+    this process's cache (two sources on one shard folder keep it while either still reads;
+    a later read rebuilds it)."""
+    tar = str(tar)
+    _HOLDERS[tar] -= 1
+    if _HOLDERS[tar] <= 0:
+        del _HOLDERS[tar]
+        _INDEX.pop(tar, None)
 
 
 def read_shard_member(path: str | Path) -> bytes:

@@ -57,7 +57,7 @@ from xlip.data.images import ImageError
 from xlip.data.manifest import Record
 from xlip.data.sampler import quotas
 from xlip.data.shards import FORMAT, PLAN, shard_name
-from xlip.data.storage import forget_shard, split_shard_path
+from xlip.data.storage import forget_shard, hold_shard, split_shard_path
 from xlip.errors import InputError, MissingFileError
 from xlip.hashing import hash_int
 from xlip.text.labels import UnknownLabelError, parse_labels
@@ -305,15 +305,18 @@ class SourceStream:
         """(epoch, row) of each draw from draw ``start`` on, without end."""
         epoch, skip = self.locate(start)
         release = ShardRelease()
-        while True:
-            rows = self.epoch_rows(epoch, release)
-            for _ in range(skip):  # replayed without opening an image
-                release.drawn(next(rows))
-            skip = 0
-            for rec in rows:
-                yield epoch, rec  # the caller loads its image before asking for the next
-                release.drawn(rec)
-            epoch += 1
+        try:
+            while True:
+                rows = self.epoch_rows(epoch, release)
+                for _ in range(skip):  # replayed without opening an image
+                    release.drawn(next(rows))
+                skip = 0
+                for rec in rows:
+                    yield epoch, rec  # the caller loads its image before asking for the next
+                    release.drawn(rec)
+                epoch += 1
+        finally:  # a stream stopped (or dropped) lets go of the shards it still held
+            release.close()
 
 
 class ShardRelease:
@@ -333,6 +336,8 @@ class ShardRelease:
                 done, self.reading = self.reading, tar
                 self._release(done)
             if tar:
+                if tar not in self.left:
+                    hold_shard(tar)
                 self.left[tar] += 1
             yield rec
 
@@ -341,6 +346,12 @@ class ShardRelease:
         if tar:
             self.left[tar] -= 1
             self._release(tar)
+
+    def close(self) -> None:
+        for tar in list(self.left):
+            forget_shard(tar)
+        self.left.clear()
+        self.reading = ""
 
     def _release(self, tar: str) -> None:
         if tar and tar != self.reading and self.left[tar] <= 0:
