@@ -170,3 +170,40 @@ def test_text_cache_is_bounded_and_changes_nothing(tok):
     for key, value in coll(rows).items():  # some texts from the cache, some again
         assert torch.equal(value, first[key]), key
     assert len(coll._spans) == 3
+
+
+def test_prompt_spans_from_cached_sentences_equal_those_of_the_whole_prompt():
+    """A label prompt's spans are joined from its sentences' (cached: the sentence bank is
+    finite). That must equal NER of the whole prompt, for every template of every finding and
+    in any sentence order, with the negated sentences the collator appends."""
+    from xlip.data.collate import joined_spans, text_spans
+    from xlip.text.labels import CANONICAL_FINDINGS
+    from xlip.text.prompts import (NEGATIVE_TEMPLATES, NO_FINDING_PROMPTS, POSITIVE_TEMPLATES,
+                                   _fill, label_prompt_sentences)
+
+    findings = [f for f in CANONICAL_FINDINGS if f != "No Finding"]
+    bank = list(NO_FINDING_PROMPTS) + [_fill(t, f, True) for t in POSITIVE_TEMPLATES
+                                       for f in findings]
+    bank += [_fill(t, f, False) for t in NEGATIVE_TEMPLATES for f in findings]
+    rng = random.Random(0)
+    drawn = [label_prompt_sentences(rng.sample(findings, rng.randint(0, 3)), rng)
+             for _ in range(200)]
+    for sentences in drawn + [rng.sample(bank, rng.randint(1, 6)) for _ in range(500)]:
+        whole = text_spans(" ".join(sentences))
+        joined = joined_spans([text_spans(x) for x in sentences], [len(x) for x in sentences])
+        assert (joined.n_guide, joined.n_entities) == (whole.n_guide, whole.n_entities)
+        assert joined.spans.tolist() == whole.spans.tolist(), sentences
+
+
+def test_prompt_rows_are_collated_as_before(tok):
+    """Spans from cached sentences leave a batch of prompt rows as whole-text NER gives it."""
+    from xlip.data.collate import text_spans
+
+    rows = [Sample(0, "image_only", "", tuple(random.Random(i).sample(FINDINGS, i % 3)),
+                   torch.zeros(1, 8, 8), 100 + i) for i in range(12)]
+    cfg = config()
+    fast = Collator(cfg, tok, findings=FINDINGS)(rows)
+    slow = Collator(cfg, tok, findings=FINDINGS)
+    slow.prompt_spans = lambda sentences: text_spans(" ".join(sentences))
+    for key, value in slow(rows).items():
+        assert torch.equal(value, fast[key]), key

@@ -21,7 +21,7 @@ from xlip.hashing import hash_int
 from xlip.masking import mask_tokens, mlm_positions, seeded_uniform, select_mlm_words
 from xlip.text.labels import CANONICAL_FINDINGS
 from xlip.text.ner import entities_and_guides
-from xlip.text.prompts import label_prompt
+from xlip.text.prompts import label_prompt_sentences
 
 
 @dataclass
@@ -85,6 +85,19 @@ def text_spans(text: str) -> TextSpans:
     edges = np.flatnonzero(np.diff(np.concatenate([[False], is_alnum, [False]]).astype(np.int8)))
     spans = [(e.start, e.end) for e in guides + ents] + edges.reshape(-1, 2).tolist()
     return TextSpans(np.array(spans, dtype=np.int32).reshape(-1, 2), len(guides), len(ents))
+
+
+def joined_spans(parts: Sequence[TextSpans], lengths: Sequence[int]) -> TextSpans:
+    """:class:`TextSpans` of ``" ".join(texts)`` from those of each text (``lengths``: their
+    lengths), for texts that each end a sentence (label prompts): NER reads sentence by
+    sentence, and no letter/digit run crosses the space."""
+    starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]], dtype=np.int32)
+    blocks = [[x.guide + o for x, o in zip(parts, starts)],
+              [x.entities + o for x, o in zip(parts, starts)],
+              [x.alnum + o for x, o in zip(parts, starts)]]
+    spans = np.concatenate([a for block in blocks for a in block]).reshape(-1, 2)
+    return TextSpans(spans.astype(np.int32), sum(x.n_guide for x in parts),
+                     sum(x.n_entities for x in parts))
 
 
 def pad_spans(spans: Sequence[np.ndarray]) -> Tensor:
@@ -154,20 +167,28 @@ class Collator:
             self._spans.move_to_end(text)
         return got
 
-    def text_for(self, s: Sample, rng: random.Random) -> tuple[str, bool]:
-        """(text, is_prompt)."""
+    def prompt_spans(self, sentences: Sequence[str]) -> TextSpans:
+        """:func:`text_spans` of a label prompt, from its sentences' (cached with the texts:
+        the sentence bank is finite, while random templates and negatives make almost every
+        whole prompt new)."""
+        return joined_spans([self.spans(x) for x in sentences], [len(x) for x in sentences])
+
+    def text_for(self, s: Sample, rng: random.Random) -> tuple[str, list[str] | None]:
+        """(text, its sentences when it is a label prompt, else None)."""
         if s.kind == "image_only":
             negatives: list[str] = []
             if self.cfg.data.prompt_negatives and self.train:
                 pool = [f for f in self.findings if f not in s.labels]
                 negatives = rng.sample(pool, min(len(pool), self.cfg.data.prompt_negatives))
-            return label_prompt(s.labels, rng if self.train else None, negatives), True
-        return s.text, False
+            sentences = label_prompt_sentences(s.labels, rng if self.train else None, negatives)
+            return " ".join(sentences), sentences
+        return s.text, None
 
     def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
         cfg = self.cfg
         rngs = [random.Random(s.seed ^ 0x5EED) for s in samples]
-        texts, prompt = zip(*(self.text_for(s, r) for s, r in zip(samples, rngs)))
+        texts, sentences = zip(*(self.text_for(s, r) for s, r in zip(samples, rngs)))
+        prompt = [x is not None for x in sentences]
         in_mlm = [cfg.mlm.policy != "none" and
                   (s.kind == "paired" or (s.kind == "text_only" and cfg.mlm.text_only) or
                    (p and cfg.mlm.prompts)) for s, p in zip(samples, prompt)]
@@ -190,7 +211,8 @@ class Collator:
         offsets = enc["offset_mapping"]  # (B + Bm', L, 2) characters of each token
         # word tokens: not [CLS]/[SEP]/padding (the tokens whose word id is not None)
         content = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
-        spans = [self.spans(t) for t in texts]
+        spans = [self.spans(t) if x is None else self.prompt_spans(x)
+                 for t, x in zip(texts, sentences)]
         guide = content[:B] & overlaps(offsets[:B], pad_spans([x.guide for x in spans]))
         fallback = ~guide.any(dim=1)  # nothing present: every content token guides
         guide = torch.where(fallback[:, None], content[:B], guide)

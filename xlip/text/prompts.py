@@ -152,7 +152,8 @@ def _canonical_set(labels: Sequence[str], what: str) -> list[str]:
 
 def label_prompt(labels: Sequence[str], rng: random.Random | None = None,
                  negatives: Sequence[str] = ()) -> str:
-    """A report-like prompt for an image's labels.
+    """A report-like prompt for an image's labels: :func:`label_prompt_sentences` joined by
+    spaces.
 
     Args:
         labels: the image's findings (canonical names or known dataset spellings). Empty, or only
@@ -165,6 +166,13 @@ def label_prompt(labels: Sequence[str], rng: random.Random | None = None,
         UnknownLabelError: a label or negative that is not a known finding.
         ValueError: ``No Finding`` among the negatives, or a finding both present and negative.
     """
+    return " ".join(label_prompt_sentences(labels, rng, negatives))
+
+
+def label_prompt_sentences(labels: Sequence[str], rng: random.Random | None = None,
+                           negatives: Sequence[str] = ()) -> list[str]:
+    """The sentences of :func:`label_prompt` (same arguments, same draws from ``rng``), each
+    drawn from a finite bank (templates x findings), so per-sentence work can be cached."""
     present = _canonical_set(labels, "label_prompt labels")
     absent = _canonical_set(negatives, "label_prompt negatives")
     if NO_FINDING in absent:
@@ -181,7 +189,7 @@ def label_prompt(labels: Sequence[str], rng: random.Random | None = None,
     if rng is not None:
         rng.shuffle(sentences)
         rng.shuffle(negative_sentences)
-    return " ".join(sentences + negative_sentences)
+    return sentences + negative_sentences
 
 
 @dataclass(frozen=True)
