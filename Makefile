@@ -11,7 +11,8 @@ export TRANSFORMERS_OFFLINE := 1
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# a venv left half-built by an interrupted make (python but no pip) is made again
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-test.txt
