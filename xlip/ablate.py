@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                         "CL + EntMLM + random masking"),
     "xlip": (["mim.policy=attention", "mlm.policy=entity"],
              "CL + EntMLM + AttMIM (the scorer trained by MLM)"),
+    "xlip_feat": (["mim.policy=attention", "mlm.policy=entity", "mim.target=features"],
+                  "XLIP whose MAE decoder predicts the full pass's patch tokens, not pixels"),
     "xlip_random_mlm": (["mim.policy=attention", "mlm.policy=random"],
                         "CL + BERT-style random MLM + AttMIM"),
     "xlip-no_prompts": (["mim.policy=attention", "mlm.policy=entity"],
