@@ -22,11 +22,13 @@ config (``xlip/configs/demo.yaml``: batch 64, 64 px, hybrid stem, AttMIM + EntML
     step + loader the steps fed by that loader, and the share of time spent waiting for it
 
 samples/s of each, side by side; ``loader / step`` >= 1 means the loader keeps up (given cores
-for its workers besides the step's).
+for its workers besides the step's). ``--stream-preset base`` runs the same at the sizes of
+``xlip bench --preset base`` (ViT-B/16 at 224 px, BERT-base, the default decoders, batch 8,
+64 tokens) over the same shards (stored at 256 px, decoded and resized to 224 per draw).
 
     python benchmarks/shard_throughput.py [--manifest PATH] [--size 256] [--image-size 224]
         [--limit N] [--repeat 3] [--dicom 20] [--stream-rows 512] [--stream-workers 1]
-        [--stream-batches 10] [--steps 4] [--out results.json]
+        [--stream-batches 10] [--steps 4] [--stream-preset demo|base] [--out results.json]
 """
 
 from __future__ import annotations
@@ -157,7 +159,23 @@ def demo_stream_config(tmp: Path, rows: int, workers: int):
     return cfg.validate(), load_tokenizer(str(tmp / "tokenizer"))
 
 
-def measure_stream(rows: int, workers: int, batches: int, steps: int, tmp: Path) -> dict:
+def at_preset(cfg, preset: str):
+    """``cfg`` with the model sizes, batch and text length of an ``xlip bench`` preset (the
+    demo's own sizes for ``demo``)."""
+    if preset == "demo":
+        return cfg
+    from xlip.bench import PRESETS
+    from xlip.config import Config, from_dict
+
+    pre, d, default = PRESETS[preset], cfg.to_dict(), Config().to_dict()
+    for section in ("vision", "text", "model"):  # the preset on the defaults, not the demo's
+        d[section] = {**default[section], **pre.config.get(section, {})}
+    d["data"]["batch_size"], d["text"]["max_length"] = pre.batch, pre.length
+    return from_dict(d).validate()
+
+
+def measure_stream(rows: int, workers: int, batches: int, steps: int, tmp: Path,
+                   preset: str = "demo") -> dict:
     """samples/s of the streaming loader, of the training step, and of the two together."""
     from torch.utils.data import DataLoader
 
@@ -168,6 +186,7 @@ def measure_stream(rows: int, workers: int, batches: int, steps: int, tmp: Path)
     from xlip.precision import resolve_precision
 
     cfg, tok = demo_stream_config(tmp, rows, workers)
+    cfg = at_preset(cfg, preset)
     B = cfg.data.batch_size
 
     def loader(n: int):
@@ -214,7 +233,8 @@ def measure_stream(rows: int, workers: int, batches: int, steps: int, tmp: Path)
     train.run(timed(fed), 2 + steps, 2 + 2 * steps)
     both_s = time.perf_counter() - start
     loader_sps, step_sps = batches * B / loader_s, steps * B / step_s
-    return {"rows": rows, "batch_size": B, "image_size": cfg.vision.image_size,
+    return {"preset": preset, "rows": rows, "batch_size": B,
+            "image_size": cfg.vision.image_size,
             "precision": resolve_precision(cfg.train.precision, torch.device("cpu")),
             "workers": workers, "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "loader_batches": batches, "steps": steps,
@@ -224,17 +244,23 @@ def measure_stream(rows: int, workers: int, batches: int, steps: int, tmp: Path)
             "loader_wait_share": waited[0] / both_s}
 
 
+def _sps(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2f}"
+
+
 def stream_table(res: dict) -> str:
     r = res["samples_per_s"]
     w = res["workers"]
-    lines = [f"### streaming loader vs training step: demo config, batch {res['batch_size']}, "
+    what = ("demo config" if res.get("preset", "demo") == "demo"
+            else f"`xlip bench` preset {res['preset']}")
+    lines = [f"### streaming loader vs training step: {what}, batch {res['batch_size']}, "
              f"{res['image_size']} px, {res['precision']}, {res['cpu_count']} CPU cores", "",
              "| what | samples/s |", "|---|---|",
              f"| loader: ShardStream + Collator, {w} DataLoader worker{'s' * (w != 1)} | "
-             f"{r['loader']:.0f} |",
+             f"{_sps(r['loader'])} |",
              f"| training step ({res['torch_threads']} torch threads), batch repeated | "
-             f"{r['step']:.0f} |",
-             f"| training steps fed by the loader | {r['step_fed_by_loader']:.0f} |", "",
+             f"{_sps(r['step'])} |",
+             f"| training steps fed by the loader | {_sps(r['step_fed_by_loader'])} |", "",
              f"loader / step: **{res['loader_over_step']:.2f}x**; time the fed steps waited "
              f"for the loader: {100 * res['loader_wait_share']:.0f} %"]
     return "\n".join(lines)
@@ -255,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="DataLoader workers of the streaming loader (the demo's 1)")
     ap.add_argument("--stream-batches", type=int, default=10, help="loader batches timed")
     ap.add_argument("--steps", type=int, default=4, help="training steps timed")
+    ap.add_argument("--stream-preset", choices=("demo", "base"), default="demo",
+                    help="model sizes of the streaming table: the demo's, or xlip bench's base")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
     raw = Path(args.manifest).is_file()
@@ -268,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.stream_rows:
             stream = measure_stream(args.stream_rows, args.stream_workers, args.stream_batches,
-                                    args.steps, Path(tmp) / "stream")
+                                    args.steps, Path(tmp) / "stream", args.stream_preset)
         torch.set_num_threads(1)  # one data-loader worker
         records = [r for r in load_manifest(args.manifest, verify_images=False, skip_bad=True)
                    if r.image] if raw else []

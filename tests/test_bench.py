@@ -216,3 +216,27 @@ def test_peak_memory_sees_an_allocation():
         del x
     assert mem.bytes >= 60 * 2 ** 20, mem.method
     assert re.fullmatch(r"cpu_\d+core_[a-z0-9]+", machine_kind(torch.device("cpu")))
+
+
+def test_shard_throughput_base_preset_takes_the_bench_sizes(tmp_path):
+    """benchmarks/shard_throughput.py --stream-preset base: the streaming loader and the step
+    at xlip bench's base sizes (ViT-B/16 at 224 px, BERT-base, batch 8, 64 tokens), nothing of
+    the demo's small model left; `demo` leaves the demo config alone."""
+    import importlib.util
+    from pathlib import Path
+
+    from xlip.demo import demo_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shard_throughput.py"
+    spec = importlib.util.spec_from_file_location("shard_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    demo = demo_config(tmp_path, [])
+    assert mod.at_preset(demo, "demo") is demo
+    base = mod.at_preset(demo, "base")
+    v, t = base.vision, base.text
+    assert (v.preset, v.resolved()[:2], v.image_size, v.patch_size) == ("base", (768, 12), 224, 16)
+    assert (t.preset, t.resolved()[:2]) == ("base", (768, 12))
+    assert (base.data.batch_size, t.max_length) == (8, 64)
+    assert base.model.mae_decoder_depth == 4 and base.model.embed_dim == 256  # the defaults
+    assert base.mim.policy == demo.mim.policy and base.data.sources == demo.data.sources
