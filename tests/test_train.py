@@ -197,6 +197,14 @@ def test_resume_refuses_changed_settings_and_applies_them_on_request(corpus, tmp
     assert main(["pretrain", "--resume", str(ck), "--quiet", "vision.width=64",
                  "--resume-override"]) == 2
     assert "vision.width: 32 → 64" in capsys.readouterr().err
+    # the MAE decoder predicts other things (another output size), or is dropped: refused
+    for change, shown in (("mim.target=features", "mim.target: 'pixels' → 'features'"),
+                          ("mim.policy=none", "mim.policy: 'attention' → 'none'")):
+        extra = ["loss.w_mim=0"] if change == "mim.policy=none" else []
+        assert main(["pretrain", "--resume", str(ck), "--quiet", change, *extra,
+                     "--resume-override"]) == 2
+        err = capsys.readouterr().err
+        assert shown in err and "these change its parameters" in err, err
     # with --resume-override the new lr truly applies: the schedule restarts from it at step 2
     assert main(["pretrain", "--resume", str(ck), "--quiet", "--resume-override",
                  "train.lr=5e-2"]) == 0

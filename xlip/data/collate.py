@@ -91,6 +91,8 @@ def joined_spans(parts: Sequence[TextSpans], lengths: Sequence[int]) -> TextSpan
     """:class:`TextSpans` of ``" ".join(texts)`` from those of each text (``lengths``: their
     lengths), for texts that each end a sentence (label prompts): NER reads sentence by
     sentence, and no letter/digit run crosses the space."""
+    if not parts:
+        return TextSpans(np.zeros((0, 2), dtype=np.int32), 0, 0)
     starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]], dtype=np.int32)
     blocks = [[x.guide + o for x, o in zip(parts, starts)],
               [x.entities + o for x, o in zip(parts, starts)],
@@ -218,7 +220,8 @@ class Collator:
         guide = torch.where(fallback[:, None], content[:B], guide)
         mlm_ids, mlm_labels = self.mask_rows(
             enc, [B + j for j in range(len(mlm_rows))] if separate else mlm_rows,
-            [self.spans(t) for t in mlm_texts] if separate else [spans[b] for b in mlm_rows],
+            [spans[b] if not samples[b].mlm_text else self.spans(t)  # a prompt: its spans
+             for b, t in zip(mlm_rows, mlm_texts)] if separate else [spans[b] for b in mlm_rows],
             [samples[b].seed for b in mlm_rows], content)
         rows = torch.tensor(mlm_rows, dtype=torch.long)
         has_image = torch.tensor([s.image is not None for s in samples])

@@ -52,6 +52,8 @@ def forget_shard(tar: str | Path) -> None:
     this process's cache (two sources on one shard folder keep it while either still reads;
     a later read rebuilds it)."""
     tar = str(tar)
+    if tar not in _HOLDERS:  # never held: nobody else's hold to take away
+        return
     _HOLDERS[tar] -= 1
     if _HOLDERS[tar] <= 0:
         del _HOLDERS[tar]

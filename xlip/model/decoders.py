@@ -9,11 +9,12 @@ from xlip.model.layers import FusionBlock, init_weights, sincos_2d
 
 
 class MAEDecoder(nn.Module):
-    """Visible tokens + mask tokens + positions → per-patch pixels, cross-attending to text.
+    """Visible tokens + mask tokens + positions → per-patch pixels (or, with
+    ``mim.target=features``, per-patch encoder features), cross-attending to text.
 
     Args:
         enc_dim: ViT width. text_dim: text hidden size. width/depth/heads: decoder size.
-        num_patches: N. patch_pixels: C·p·p.
+        num_patches: N. patch_pixels: the output per patch: C·p·p, or the ViT width.
     """
 
     def __init__(self, enc_dim: int, text_dim: int, width: int, depth: int, heads: int,
@@ -34,7 +35,8 @@ class MAEDecoder(nn.Module):
     def forward(self, visible: Tensor, restore_ids: Tensor, text: Tensor,
                 text_mask: Tensor) -> Tensor:
         """visible: (B, K, D) encoder tokens in keep order; restore_ids: (B, N);
-        text: (B, L, H) guiding token states; text_mask: (B, L) bool. Returns (B, N, C·p·p)."""
+        text: (B, L, H) guiding token states; text_mask: (B, L) bool. Returns (B, N, C·p·p)
+        (or (B, N, D) with mim.target=features)."""
         x = self.embed(visible)  # (B, K, W)
         B, K, W = x.shape
         N = restore_ids.shape[1]

@@ -33,6 +33,7 @@ __all__ = [
     "finding_phrase",
     "get_prompt_set",
     "label_prompt",
+    "label_prompt_sentences",
     "zeroshot_prompts",
 ]
 

@@ -21,7 +21,8 @@ SAFE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.thr
                 "vision.grad_checkpointing", "text.grad_checkpointing", "data.num_workers",
                 "data.verify_images", "data.eval_manifest", "data.eval_split", "eval.")
 # the parameters' names and shapes: no override can carry a checkpoint across these
-SHAPE_KEYS = ("vision.", "text.", "model.")
+# (mim.target: the MAE decoder's output is pixels or encoder features)
+SHAPE_KEYS = ("vision.", "text.", "model.", "mim.target")
 NOT_SHAPE = ("vision.attn_impl", "vision.pretrained", "vision.grad_checkpointing",
              "text.attn_impl", "text.dropout", "text.grad_checkpointing",
              "text.pretrained", "text.tokenizer", "model.init_temperature",
@@ -48,6 +49,11 @@ def _on(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
 
 
+def _decoders(cfg: Config) -> tuple[bool, bool]:
+    """Which decoders the model has: (MAE decoder, multimodal decoder)."""
+    return (cfg.mim.policy != "none", cfg.mlm.policy != "none" or cfg.mim.policy == "attention")
+
+
 def check_resume(old: Config, new: Config, checkpoint: str, override: bool) -> list[str]:
     """Refuse changes a resume cannot honour; return the changed keys that will apply."""
     changes = config_changes(old, new)
@@ -56,6 +62,8 @@ def check_resume(old: Config, new: Config, checkpoint: str, override: bool) -> l
         changes.pop("data.pixel_mean", None)
     shown = lambda keys: ", ".join(f"{k}: {changes[k][0]!r} → {changes[k][1]!r}" for k in keys)
     shape = [k for k in changes if _on(k, SHAPE_KEYS) and not _on(k, NOT_SHAPE)]
+    if _decoders(old) != _decoders(new):  # a policy switched on or off adds or drops a decoder
+        shape += [k for k in ("mim.policy", "mlm.policy") if k in changes]
     if shape:
         raise ConfigError(f"--resume {checkpoint}: the model was trained with other settings of "
                           f"{shown(shape)}; these change its parameters, so the checkpoint "
