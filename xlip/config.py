@@ -272,6 +272,18 @@ class Config:
         d = self.data
         return (d.pixel_mean, d.pixel_std) if d.normalize == "dataset" else None
 
+    def decoders(self) -> tuple[bool, bool]:
+        """Which decoders the model has: (MAE decoder, multimodal decoder). The multimodal one
+        serves EntMLM and scores patches for AttMIM."""
+        return (self.mim.policy != "none",
+                self.mlm.policy != "none" or self.mim.policy == "attention")
+
+    def mae_output_dim(self) -> int:
+        """What the MAE decoder predicts per patch: C·p·p pixels, or the ViT width
+        (``mim.target=features``)."""
+        v = self.vision
+        return v.resolved()[0] if self.mim.target == "features" else v.in_chans * v.patch_size ** 2
+
     def validate(self) -> "Config":
         validate(self)
         return self

@@ -201,8 +201,7 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
         led.add("mae_decoder/embed", linear(Bi * K, width, W), True)
         for _ in range(m.mae_decoder_depth):
             fusion_block(led, "mae_decoder/blocks", Bi, N, W, L, hidden, True, ctx_grad=True)
-        out_dim = width if cfg.mim.target == "features" else v.in_chans * v.patch_size ** 2
-        led.add("mae_decoder/pred", linear(Bi * N, W, out_dim), True)
+        led.add("mae_decoder/pred", linear(Bi * N, W, cfg.mae_output_dim()), True)
     # CL: projections and the two logit matrices (image·textᵀ, text·imageᵀ)
     led.add("cl/proj", linear(Bi, width, E) + linear(Bi, hidden, E), True)
     led.add("cl/logits", 2 * linear(Bi, E, Bi), True)

@@ -82,10 +82,11 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
         keep, mask, restore = attention_masking(scores, cfg.mim.ratio, cfg.mim.high_share, gen)
     else:
         keep, mask, restore = random_masking(1, model.vision.num_patches, cfg.mim.ratio, gen)
-    visible = model.vision(images, keep)["tokens"]
-    pred = model.mae_decoder(visible, restore, txt["tokens"], batch["guide_mask"])  # (1, N, P)
-    recon = (reconstruction(images, pred.float(), mask, cfg.vision.patch_size)
-             if cfg.mim.target == "pixels" else None)  # mim.target=features: no pixels
+    recon = None  # mim.target=features predicts encoder features: no pixels to show
+    if cfg.mim.target == "pixels":
+        visible = model.vision(images, keep)["tokens"]
+        pred = model.mae_decoder(visible, restore, txt["tokens"], batch["guide_mask"])  # (1,N,P)
+        recon = reconstruction(images, pred.float(), mask, cfg.vision.patch_size)
     words = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["guide_mask"][0]])
     phrase_map = None
     if phrase and model.mm_decoder is not None:

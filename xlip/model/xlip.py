@@ -52,16 +52,15 @@ class XLIPModel(nn.Module):
         self.image_proj = nn.Linear(vdim, m.embed_dim, bias=False)
         self.text_proj = nn.Linear(tdim, m.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
+        has_mae, has_mm = cfg.decoders()
         self.mae_decoder = None
-        if cfg.mim.policy != "none":
-            out_dim = (vdim if cfg.mim.target == "features"
-                       else cfg.vision.in_chans * cfg.vision.patch_size ** 2)
+        if has_mae:
             self.mae_decoder = MAEDecoder(vdim, tdim, m.mae_decoder_width, m.mae_decoder_depth,
                                           m.mae_decoder_heads, self.vision.num_patches,
-                                          out_dim)
+                                          cfg.mae_output_dim())
         # the multimodal decoder serves EntMLM and scores patches for AttMIM
         self.mm_decoder = None
-        if cfg.mlm.policy != "none" or cfg.mim.policy == "attention":
+        if has_mm:
             heads = self.text.bert.config.num_attention_heads
             self.mm_decoder = MultimodalDecoder(tdim, vdim, m.mm_decoder_depth, heads,
                                                 self.text.bert.config.vocab_size)

@@ -49,11 +49,6 @@ def _on(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
 
 
-def _decoders(cfg: Config) -> tuple[bool, bool]:
-    """Which decoders the model has: (MAE decoder, multimodal decoder)."""
-    return (cfg.mim.policy != "none", cfg.mlm.policy != "none" or cfg.mim.policy == "attention")
-
-
 def check_resume(old: Config, new: Config, checkpoint: str, override: bool) -> list[str]:
     """Refuse changes a resume cannot honour; return the changed keys that will apply."""
     changes = config_changes(old, new)
@@ -62,7 +57,7 @@ def check_resume(old: Config, new: Config, checkpoint: str, override: bool) -> l
         changes.pop("data.pixel_mean", None)
     shown = lambda keys: ", ".join(f"{k}: {changes[k][0]!r} → {changes[k][1]!r}" for k in keys)
     shape = [k for k in changes if _on(k, SHAPE_KEYS) and not _on(k, NOT_SHAPE)]
-    if _decoders(old) != _decoders(new):  # a policy switched on or off adds or drops a decoder
+    if old.decoders() != new.decoders():  # a policy switched on or off adds or drops a decoder
         shape += [k for k in ("mim.policy", "mlm.policy") if k in changes]
     if shape:
         raise ConfigError(f"--resume {checkpoint}: the model was trained with other settings of "
