@@ -72,8 +72,11 @@ def test_hand_count_one_block_vit_one_layer_bert():
     {"vision": {"stem": "conv"}},
     {"loss": {"cl_targets": "labels"}},
     {"vision": {"grad_checkpointing": True}, "text": {"grad_checkpointing": True}},
+    {"mim": {"mask_at": "tokens"}},
+    {"vision": {"stem": "hybrid"}, "mim": {"mask_at": "tokens", "policy": "random"}},
 ], ids=["default", "fast", "fast-random", "clip", "hybrid", "hybrid-fast",
-        "hybrid-fast-random", "conv-stem", "label-targets", "checkpointing"])
+        "hybrid-fast-random", "conv-stem", "label-targets", "checkpointing", "tokens-mask",
+        "hybrid-tokens-mask-random"])
 def test_step_flops_equal_torch_flop_counter(sections):
     """Every matmul, convolution and attention product of the real step, forward and backward
     (no-grad passes, inputs without gradients and checkpoint recomputation included)."""

@@ -19,12 +19,16 @@ def total_loss(model, cfg, batch, seed=0):
     ("none", "entity", "linear", "default"), ("random", "none", "linear", "default"),
     ("none", "none", "linear", "default"), ("attention", "entity", "hybrid", "default"),
     ("attention", "entity", "hybrid", "fast"), ("random", "entity", "linear", "fast"),
-    ("attention", "entity", "hybrid", "features"), ("random", "entity", "linear", "features")])
+    ("attention", "entity", "hybrid", "features"), ("random", "entity", "linear", "features"),
+    ("attention", "entity", "hybrid", "tokens"), ("random", "entity", "conv", "tokens")])
 def test_every_parameter_gets_a_gradient(mim, mlm, stem, mode):
-    target = "pixels"
+    target, mask_at = "pixels", "image"
     if mode == "features":  # mim.target=features, train.mode=default
         mode, target = "default", "features"
-    cfg = tiny_config(mim={"policy": mim, "target": target}, mlm={"policy": mlm},
+    if mode == "tokens":  # mim.mask_at=tokens, train.mode=default
+        mode, mask_at = "default", "tokens"
+    cfg = tiny_config(mim={"policy": mim, "target": target, "mask_at": mask_at},
+                      mlm={"policy": mlm},
                       vision={"stem": stem},
                       train={"mode": mode}, loss={"w_mim": float(mim != "none"),
                                                   "w_mlm": float(mlm != "none")})
@@ -74,6 +78,42 @@ def test_mim_feature_target_needs_a_full_pass():
         tiny_config(mim={"policy": "random", "target": "features"}, train={"mode": "fast"})
     with pytest.raises(ConfigError, match="mim.target"):
         tiny_config(mim={"target": "latent"})
+
+
+@pytest.mark.parametrize("policy", ["attention", "random"])
+def test_mim_tokens_mask_decodes_the_full_pass_kept_tokens(policy):
+    """mim.mask_at=tokens: the image is encoded once; the MAE decoder gets that pass's tokens
+    at exactly the kept patches (none at a masked one), and MIM's gradient reaches the encoder
+    through that pass."""
+    cfg = tiny_config(vision={"stem": "hybrid"}, mim={"policy": policy, "mask_at": "tokens"})
+    torch.manual_seed(0)
+    model = XLIPModel(cfg, VOCAB)
+    passes, decoded = [], []
+    model.vision.register_forward_hook(lambda m, args, output: passes.append((args, output)))
+    model.mae_decoder.register_forward_hook(lambda m, args, output: decoded.append(args[0]))
+    batch = random_batch(cfg)
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert len(passes) == 1 and len(passes[0][0]) == 1  # one pass, over whole images
+    tokens = passes[0][1]["tokens"]  # (B, N, D)
+    mask = out["mim_mask"].bool()
+    K = int((~mask[0]).sum())
+    assert decoded[0].shape == (tokens.shape[0], K, tokens.shape[-1])
+    for b in range(tokens.shape[0]):
+        kept = torch.nonzero(~mask[b]).flatten()
+        # the decoder's order is the keep order; as a set it is exactly the unmasked patches
+        rows = [int(torch.nonzero((tokens[b] == v).all(-1)).flatten()[0]) for v in decoded[0][b]]
+        assert sorted(rows) == kept.tolist()
+    loss = XLIPLoss(cfg)(out, batch)["mim_loss"]
+    grad = torch.autograd.grad(loss, tokens, retain_graph=True)[0]
+    assert grad[~mask].abs().sum() > 0 and grad[mask].abs().sum() == 0
+
+
+def test_mim_tokens_mask_config():
+    from xlip.config import ConfigError
+    with pytest.raises(ConfigError, match="mim.mask_at=tokens"):
+        tiny_config(mim={"mask_at": "tokens"}, train={"mode": "fast"})
+    with pytest.raises(ConfigError, match="mim.mask_at"):
+        tiny_config(mim={"mask_at": "latent"})
 
 
 def test_output_shapes(cfg):

@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
              "CL + EntMLM + AttMIM (the scorer trained by MLM)"),
     "xlip_feat": (["mim.policy=attention", "mlm.policy=entity", "mim.target=features"],
                   "XLIP whose MAE decoder predicts the full pass's patch tokens, not pixels"),
+    "xlip_tokens": (["mim.policy=attention", "mlm.policy=entity", "mim.mask_at=tokens"],
+                    "XLIP masking the full pass's patch tokens (the paper's wording), not the "
+                    "image: no second encoder pass"),
     "xlip_random_mlm": (["mim.policy=attention", "mlm.policy=random"],
                         "CL + BERT-style random MLM + AttMIM"),
     "xlip-no_prompts": (["mim.policy=attention", "mlm.policy=entity"],

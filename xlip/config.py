@@ -39,6 +39,7 @@ BERT_PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 MIM_POLICIES = ("attention", "random", "none")
 MIM_TARGETS = ("pixels", "features")
+MIM_MASK_AT = ("image", "tokens")
 MLM_POLICIES = ("entity", "random", "none")
 KINDS = ("paired", "image_only", "text_only")
 
@@ -125,6 +126,12 @@ class MIMConfig:
     # norm_pix) | features (the full-image pass's patch tokens, layer-normed and detached: a
     # masked feature target as in MaskCLIP/data2vec, with the online encoder as teacher)
     target: str = "pixels"
+    # where the mask applies: image (MAE: the encoder sees only the visible patches, a second
+    # encoder pass) | tokens (the paper's "masks a portion of the image features": the full
+    # pass's patch tokens at the masked positions are dropped before the MAE decoder, so no
+    # second pass; the visible tokens have attended to the masked patches in the encoder, so
+    # the task is to carry each region's content into its neighbours' tokens and the text)
+    mask_at: str = "image"
     # share of each batch's image rows that are masked and reconstructed (drawn at random each
     # step); below 1 the visible-patch pass, the MAE decoder and AttMIM scoring run on fewer
     # rows, so a step costs less. CL always sees every row.
@@ -364,6 +371,7 @@ def _check_model(m: ModelConfig) -> None:
 def _check_mim(m: MIMConfig) -> None:
     _choice("mim.policy", m.policy, MIM_POLICIES)
     _choice("mim.target", m.target, MIM_TARGETS)
+    _choice("mim.mask_at", m.mask_at, MIM_MASK_AT)
     for name in ("ratio", "high_share"):
         x = getattr(m, name)
         if not 0.0 < x < 1.0:
@@ -498,6 +506,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mim.target=features predicts the full-image pass's patch tokens, "
                           "which train.mode=fast with mim.policy=random never computes: use "
                           "mim.target=pixels, mim.policy=attention or train.mode=default")
+    if cfg.train.mode == "fast" and cfg.mim.mask_at == "tokens":
+        raise ConfigError("mim.mask_at=tokens masks the full-image pass's tokens, which "
+                          "train.mode=fast runs without gradients: use train.mode=default "
+                          "(the tokens mask then costs no second encoder pass) or "
+                          "mim.mask_at=image")
     if cfg.train.mode == "fast" and cfg.mim.row_fraction < 1.0:
         raise ConfigError(f"train.mode=fast trains CL on the masked images, so every row must "
                           f"be masked: mim.row_fraction={cfg.mim.row_fraction} needs "

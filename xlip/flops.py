@@ -196,7 +196,8 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
             led.add("scores/image_proj", linear(Bi * N, width, hidden), False)
             led.add("scores/k", linear(Bi * N, hidden, hidden), False)
             led.add("scores/qk", 2 * Bi * L * N * hidden, False)
-        vit(led, "vision.visible", cfg, Bi, K, grad=True)
+        if cfg.mim.mask_at == "image":  # tokens: the full pass's tokens, no second pass
+            vit(led, "vision.visible", cfg, Bi, K, grad=True)
         W = m.mae_decoder_width
         led.add("mae_decoder/embed", linear(Bi * K, width, W), True)
         for _ in range(m.mae_decoder_depth):

@@ -75,7 +75,9 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
     txt = model.text(batch["input_ids"], batch["attention_mask"])
     gen = torch.Generator().manual_seed(seed)
     scores = None
-    full = model.vision(images) if cfg.mim.policy == "attention" or phrase else None
+    tokens_mask = cfg.mim.mask_at == "tokens"  # MIM masks the full pass's tokens
+    full = (model.vision(images) if cfg.mim.policy == "attention" or phrase or tokens_mask
+            else None)
     if cfg.mim.policy == "attention":
         scores = model.mm_decoder.patch_scores(txt["tokens"], batch["attention_mask"].bool(),
                                                batch["guide_mask"], full["tokens"])
@@ -84,7 +86,11 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
         keep, mask, restore = random_masking(1, model.vision.num_patches, cfg.mim.ratio, gen)
     recon = None  # mim.target=features predicts encoder features: no pixels to show
     if cfg.mim.target == "pixels":
-        visible = model.vision(images, keep)["tokens"]
+        if tokens_mask:
+            t = full["tokens"]
+            visible = torch.gather(t, 1, keep[:, :, None].expand(-1, -1, t.shape[-1]))
+        else:
+            visible = model.vision(images, keep)["tokens"]
         pred = model.mae_decoder(visible, restore, txt["tokens"], batch["guide_mask"])  # (1,N,P)
         recon = reconstruction(images, pred.float(), mask, cfg.vision.patch_size)
     words = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["guide_mask"][0]])

@@ -152,7 +152,8 @@ class XLIPModel(nn.Module):
         Returns the encoding that CL and MLM's image context use: ``pooled`` (Bi, D) and
         ``tokens`` (Bi, N or K, D). ``train.mode=default``: the full image, with gradients
         (AttMIM scores it; the visible patches are encoded a second time for MIM).
-        ``train.mode=fast`` (FLIP-style): the visible patches only; the full image is encoded
+        With ``mim.mask_at=tokens`` MIM takes the full pass's tokens at the kept patches
+        instead of a second, visible-patch pass. ``train.mode=fast`` (FLIP-style): the visible patches only; the full image is encoded
         without gradients, and only to score patches for AttMIM (skipped with random masking).
         """
         cfg, images = self.cfg, batch["images"]
@@ -183,7 +184,12 @@ class XLIPModel(nn.Module):
             keep, mask, restore = random_masking(len(rows), self.vision.num_patches,
                                                  cfg.mim.ratio, generator, images.device,
                                                  None if noise is None else noise[:, 1])
-        visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
+        if cfg.mim.mask_at == "tokens":  # the full pass's tokens at the kept patches
+            tokens = full["tokens"][sub]  # (Bm, N, D), with gradients
+            visible = {"tokens": torch.gather(tokens, 1,
+                                              keep[:, :, None].expand(-1, -1, tokens.shape[-1]))}
+        else:
+            visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
         out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, text_tokens, guide)
         out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, mim_images, rows
         if cfg.mim.target == "features":  # the teacher: the full pass, no gradient through it
