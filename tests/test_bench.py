@@ -171,7 +171,7 @@ def test_bench_writes_the_issue_keys(bench_result):
     assert result["mfu_fp32_base"] is None and "base" in result["mfu_fp32_base_reason"]
     assert result["mfu_bf16_base"] is None and result["mfu_bf16_base_reason"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["clip", "xlip", "xlip_fast"]
+    assert list(rows) == ["clip", "xlip", "xlip_fast", "xlip_tokens"]
     for r in rows.values():
         assert r["precision"] == "fp32" and r["batch_size"] == 8 and r["timed_steps"] == 1
         for key in ("s_per_step", "samples_per_s", "flops_step", "achieved_flops_per_s", "mfu"):
@@ -181,17 +181,24 @@ def test_bench_writes_the_issue_keys(bench_result):
         assert r["peak_memory_bytes"] >= 0
         assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"]
                                          / result["matmul_peak_flops_per_s"]["fp32"])
-    clip, xlip, fast = rows["clip"], rows["xlip"], rows["xlip_fast"]
+    clip, xlip, fast, tokens = (rows[v] for v in ("clip", "xlip", "xlip_fast", "xlip_tokens"))
     assert result["xlip_fast_over_clip"] == pytest.approx(fast["s_per_step"] / clip["s_per_step"])
+    assert result["xlip_tokens_over_clip"] == pytest.approx(
+        tokens["s_per_step"] / clip["s_per_step"])
     time_ratio = xlip["s_per_step"] / clip["s_per_step"]
     flop_ratio = xlip["flops_step"] / clip["flops_step"]
     assert result["xlip_default_over_flop_prediction"] == pytest.approx(time_ratio / flop_ratio)
     assert xlip["time_ratio_to_first"] == pytest.approx(time_ratio)
     # the arithmetic the figures rest on: XLIP costs more than CLIP, fast mode less than XLIP
     assert clip["flops_step"] < fast["flops_step"] < xlip["flops_step"]
+    # masking the full pass's tokens saves exactly the visible-patch encoder pass
+    assert clip["flops_step"] < tokens["flops_step"] < xlip["flops_step"]
+    assert "vision.visible" in xlip["flops_by_part"]
+    assert "vision.visible" not in tokens["flops_by_part"]
     assert result["loader"]["tiny"]["samples_per_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| tiny | fp32 | xlip_fast | 8 |" in md and "XLIP fast / CLIP" in md
+    assert "mim.mask_at=tokens" in md
 
 
 def test_bench_refuses_bad_options(tmp_path):

@@ -51,7 +51,8 @@ from xlip.train.loop import build_loader
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 GROUPS: dict[str, list[tuple[str, list[str]]]] = {
-    "steps": [("clip", CLIP), ("xlip", []), ("xlip_fast", ["train.mode=fast"])],
+    "steps": [("clip", CLIP), ("xlip", []), ("xlip_fast", ["train.mode=fast"]),
+              ("xlip_tokens", ["mim.mask_at=tokens"])],
     "attention": [("explicit", ["vision.attn_impl=explicit"]),
                   ("sdpa", ["vision.attn_impl=sdpa"])],
     "precision": [("fp32", ["train.precision=fp32"]), ("bf16", ["train.precision=bf16"])],
@@ -412,9 +413,12 @@ def _pick(rows: list[dict], preset: str, prec: str, variant: str) -> dict | None
 
 
 def preset_ratios(rows: list[dict], preset: str, prec: str) -> dict[str, float]:
-    clip, xlip, fast = (_pick(rows, preset, prec, v) for v in ("clip", "xlip", "xlip_fast"))
+    clip, xlip, fast, tokens = (_pick(rows, preset, prec, v)
+                                for v in ("clip", "xlip", "xlip_fast", "xlip_tokens"))
     out = {}
-    for name, row in (("xlip_default", xlip), ("xlip_fast", fast)):
+    for name, row in (("xlip_default", xlip), ("xlip_fast", fast), ("xlip_tokens", tokens)):
+        if row is None:  # xlip_tokens: not in result files written before it existed
+            continue
         time_ratio = row["s_per_step"] / clip["s_per_step"]
         flop_ratio = row["flops_step"] / clip["flops_step"]
         out[f"{name}_over_clip"] = time_ratio
@@ -436,6 +440,7 @@ def step_summary(rows: list[dict], device: torch.device) -> dict[str, Any]:
         "xlip_fast_over_clip": head["xlip_fast_over_clip"],
         "xlip_default_over_clip": head["xlip_default_over_clip"],
         "xlip_default_over_flop_prediction": head["xlip_default_over_flop_prediction"],
+        "xlip_tokens_over_clip": head.get("xlip_tokens_over_clip"),
         "ratios": by_preset}
     for prec in ("fp32", "bf16"):
         row = _pick(rows, "base", prec, "xlip")
@@ -495,6 +500,9 @@ def markdown(result: dict[str, Any], command: str = "") -> str:
                   f"CLIP {result['xlip_default_over_clip']:.2f}×, which is "
                   f"**{result['xlip_default_over_flop_prediction']:.2f}×** its FLOP "
                   "prediction (target 1 ± 0.1)."]
+        if result.get("xlip_tokens_over_clip") is not None:
+            lines.append(f"XLIP with `mim.mask_at=tokens` (no second encoder pass) / CLIP: "
+                         f"{result['xlip_tokens_over_clip']:.2f}×.")
         for prec in ("fp32", "bf16"):
             v = result[f"mfu_{prec}_base"]
             lines.append(f"MFU {prec} at base: " + (
