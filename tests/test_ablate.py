@@ -1,5 +1,6 @@
 """`xlip ablate` (variants side by side, resume, equal time) and `xlip visualize`."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -154,6 +155,10 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
         ablate.run_ablation(spec, progress=False, log=lambda s: None)
     assert list(seen.values()) == [160]  # clip first: 40 xlip steps x 0.2 s / 0.05 s
     assert ablate.step_budget(spec, lambda s: None) == {"clip": 160, "xlip": 40}
+    # another seed, run by its own invocation, shares the measurement (it used to calibrate
+    # again and, on a loaded machine, give its seed other step counts)
+    other_seed = dataclasses.replace(spec, seeds=[1])
+    assert ablate.step_budget(other_seed, lambda s: None) == {"clip": 160, "xlip": 40}
     # a measurement made under another config (here: another lr) is not reused
     other = load_config(cfg, ["train.lr=1e-4"]).to_dict()
     (out / "calibration.json").write_text(json.dumps(

@@ -248,6 +248,9 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
     return summary
 
 
+CALIBRATION_SEED = 0
+
+
 def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int]:
     """Steps per variant: the config's for equal steps; for equal time, the budget divided by
     each variant's seconds per step, measured by short runs (cached in calibration.json)."""
@@ -267,7 +270,9 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int
     for name in names:
         overrides = spec.variants.get(name) or variant_overrides([spec.reference])[name]
         run = spec.out / "calibration" / name
-        cfg = variant_config(spec.base, name, overrides, spec.seeds[0], run,
+        # always seed 0: the seeds of one ablation, run by separate invocations (one seed
+        # each, side by side), then share one measurement, so every seed gets the same steps
+        cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED, run,
                              spec.calibrate_steps)
         digest = config_digest(cfg)
         cfg.train.log_every = max(1, spec.calibrate_steps // 3)
