@@ -24,7 +24,7 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import Record, load_manifest
 from xlip.errors import XlipError
 from xlip.masking import attention_masking, random_masking
-from xlip.model.vision import patchify, unpatchify
+from xlip.model.vision import patchify, take_tokens, unpatchify
 from xlip.text.sections import select_text
 
 
@@ -87,8 +87,7 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
     recon = None  # mim.target=features predicts encoder features: no pixels to show
     if cfg.mim.target == "pixels":
         if tokens_mask:
-            t = full["tokens"]
-            visible = torch.gather(t, 1, keep[:, :, None].expand(-1, -1, t.shape[-1]))
+            visible = take_tokens(full["tokens"], keep)
         else:
             visible = model.vision(images, keep)["tokens"]
         pred = model.mae_decoder(visible, restore, txt["tokens"], batch["guide_mask"])  # (1,N,P)

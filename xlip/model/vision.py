@@ -147,6 +147,11 @@ def running_bn_stats(module: nn.Module):
             m.train(mode)
 
 
+def take_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """(B, N, D) tokens → (B, K, D): the tokens at (B, K) patch indices, in that order."""
+    return torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
 def blank_patches(images: Tensor, keep_ids: Tensor, p: int) -> Tensor:
     """Zero every pixel outside the kept patches (images are normalised to zero mean)."""
     B, _, H, W = images.shape
@@ -201,7 +206,7 @@ class VisionTransformer(nn.Module):
                 return self.patch_embed(images)
             with running_bn_stats(self.patch_embed):
                 x = self.patch_embed(blank_patches(images, keep_ids, self.patch_size))
-            return torch.gather(x, 1, keep_ids[:, :, None].expand(-1, -1, x.shape[-1]))
+            return take_tokens(x, keep_ids)
         patches = patchify(images, self.patch_size)  # (B, N, C, p, p)
         if keep_ids is not None:
             idx = keep_ids[:, :, None, None, None].expand(-1, -1, *patches.shape[2:])
@@ -212,7 +217,7 @@ class VisionTransformer(nn.Module):
         B = images.shape[0]
         pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
         if keep_ids is not None:
-            pos = torch.gather(pos, 1, keep_ids[:, :, None].expand(-1, -1, pos.shape[-1]))
+            pos = take_tokens(pos, keep_ids)
         x = self.embed(images, keep_ids) + pos  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)

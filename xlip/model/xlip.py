@@ -26,7 +26,7 @@ from xlip.config import Config
 from xlip.masking import attention_masking, mlm_positions, random_masking
 from xlip.model.decoders import MAEDecoder, MultimodalDecoder
 from xlip.model.text import TextEncoder
-from xlip.model.vision import VisionTransformer, load_timm_weights
+from xlip.model.vision import VisionTransformer, load_timm_weights, take_tokens
 
 
 def add_mlm_positions(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -185,9 +185,7 @@ class XLIPModel(nn.Module):
                                                  cfg.mim.ratio, generator, images.device,
                                                  None if noise is None else noise[:, 1])
         if cfg.mim.mask_at == "tokens":  # the full pass's tokens at the kept patches
-            tokens = full["tokens"][sub]  # (Bm, N, D), with gradients
-            visible = {"tokens": torch.gather(tokens, 1,
-                                              keep[:, :, None].expand(-1, -1, tokens.shape[-1]))}
+            visible = {"tokens": take_tokens(full["tokens"][sub], keep)}  # with gradients
         else:
             visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
         out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, text_tokens, guide)
