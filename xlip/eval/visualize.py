@@ -24,7 +24,7 @@ from xlip.data.images import prepare_image
 from xlip.data.manifest import Record, load_manifest
 from xlip.errors import XlipError
 from xlip.masking import attention_masking, random_masking
-from xlip.model.vision import patchify, take_tokens, unpatchify
+from xlip.model.vision import patchify, unpatchify
 from xlip.text.sections import select_text
 
 
@@ -75,9 +75,9 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
     txt = model.text(batch["input_ids"], batch["attention_mask"])
     gen = torch.Generator().manual_seed(seed)
     scores = None
-    tokens_mask = cfg.mim.mask_at == "tokens"  # MIM masks the full pass's tokens
-    full = (model.vision(images) if cfg.mim.policy == "attention" or phrase or tokens_mask
-            else None)
+    # the full pass: AttMIM's scores, the phrase map, or MIM's kept tokens (mim.mask_at=tokens)
+    need_full = cfg.mim.policy == "attention" or phrase or cfg.mim.mask_at == "tokens"
+    full = model.vision(images) if need_full else None
     if cfg.mim.policy == "attention":
         scores = model.mm_decoder.patch_scores(txt["tokens"], batch["attention_mask"].bool(),
                                                batch["guide_mask"], full["tokens"])
@@ -86,10 +86,7 @@ def compute_views(model, tokenizer, cfg: Config, image_path: str, record: Record
         keep, mask, restore = random_masking(1, model.vision.num_patches, cfg.mim.ratio, gen)
     recon = None  # mim.target=features predicts encoder features: no pixels to show
     if cfg.mim.target == "pixels":
-        if tokens_mask:
-            visible = take_tokens(full["tokens"], keep)
-        else:
-            visible = model.vision(images, keep)["tokens"]
+        visible = model.mim_visible(images, keep, full)["tokens"]
         pred = model.mae_decoder(visible, restore, txt["tokens"], batch["guide_mask"])  # (1,N,P)
         recon = reconstruction(images, pred.float(), mask, cfg.vision.patch_size)
     words = tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["guide_mask"][0]])

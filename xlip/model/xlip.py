@@ -153,7 +153,8 @@ class XLIPModel(nn.Module):
         ``tokens`` (Bi, N or K, D). ``train.mode=default``: the full image, with gradients
         (AttMIM scores it; the visible patches are encoded a second time for MIM).
         With ``mim.mask_at=tokens`` MIM takes the full pass's tokens at the kept patches
-        instead of a second, visible-patch pass. ``train.mode=fast`` (FLIP-style): the visible patches only; the full image is encoded
+        instead of a second, visible-patch pass (:meth:`mim_visible`).
+        ``train.mode=fast`` (FLIP-style): the visible patches only; the full image is encoded
         without gradients, and only to score patches for AttMIM (skipped with random masking).
         """
         cfg, images = self.cfg, batch["images"]
@@ -184,15 +185,23 @@ class XLIPModel(nn.Module):
             keep, mask, restore = random_masking(len(rows), self.vision.num_patches,
                                                  cfg.mim.ratio, generator, images.device,
                                                  None if noise is None else noise[:, 1])
-        if cfg.mim.mask_at == "tokens":  # the full pass's tokens at the kept patches
-            visible = {"tokens": take_tokens(full["tokens"][sub], keep)}  # with gradients
-        else:
-            visible = self.vision(mim_images, keep)  # tokens (Bm, K, D)
+        visible = self.mim_visible(mim_images, keep, full, sub)  # tokens (Bm, K, D)
         out["mim_pred"] = self.mae_decoder(visible["tokens"], restore, text_tokens, guide)
         out["mim_mask"], out["mim_images"], out["mim_rows"] = mask, mim_images, rows
         if cfg.mim.target == "features":  # the teacher: the full pass, no gradient through it
             out["mim_target"] = full["tokens"][sub].detach()
         return visible if fast else full
+
+    def mim_visible(self, images: Tensor, keep: Tensor, full: dict[str, Tensor] | None,
+                    rows: Tensor | slice = slice(None)) -> dict[str, Tensor]:
+        """The encoding of the kept patches that the MAE decoder rebuilds the image from:
+        ``tokens`` (B, K, D). ``mim.mask_at=image``: a pass over the visible patches of
+        ``images`` (B, C, H, W), its whole output (fast mode's CL uses its ``pooled``);
+        ``tokens``: the full pass's tokens at the kept patches of its ``rows`` (with their
+        gradients), no second pass."""
+        if self.cfg.mim.mask_at == "tokens":
+            return {"tokens": take_tokens(full["tokens"][rows], keep)}
+        return self.vision(images, keep)
 
     def _mim_subset(self, n: int, generator: torch.Generator | None,
                     device: torch.device) -> Tensor | slice:
