@@ -315,3 +315,20 @@ def test_table_shows_the_step_range_when_seeds_got_different_budgets():
     assert "| clip | 714–737 |" in ablate.markdown(summary)
     row["seeds"] = [seed(0, 560), seed(1, 560)]
     assert "| clip | 560 |" in ablate.markdown(summary)
+
+
+def test_clip_variant_of_a_config_that_tunes_mim_and_mlm(tmp_path):
+    # the base config's MIM/MLM options would be refused as unused under mim/mlm.policy=none;
+    # the CLIP variant (and bench's CLIP row) switch the tasks off, options included
+    from xlip.bench import BenchOptions, preset_config
+
+    base = load_config(None, ["data.sources=[{manifest: m.csv, kind: paired}]",
+                              "mim.mask_at=tokens", "mlm.prompts=true"]).to_dict()
+    clip = ablate.variant_config(base, "clip", ablate.variant_overrides(["clip"])["clip"], 0,
+                                 tmp_path)
+    assert (clip.mim.policy, clip.mim.mask_at, clip.mlm.prompts) == ("none", "image", False)
+    xlip = ablate.variant_config(base, "xlip", ablate.variant_overrides(["xlip"])["xlip"], 0,
+                                 tmp_path)
+    assert (xlip.mim.mask_at, xlip.mlm.prompts) == ("tokens", True)
+    row = preset_config("tiny", BenchOptions(base=base), ablate.CLIP)
+    assert (row.mim.policy, row.mim.mask_at) == ("none", "image")

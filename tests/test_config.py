@@ -147,3 +147,41 @@ def test_a_saved_run_config_from_before_the_unused_weight_rule_still_loads(tmp_p
         load_config(tmp_path / "config.yaml")  # a config a user writes: refused
     cfg = load_config(tmp_path / "config.yaml", saved=True)  # a run's own: read as it ran
     assert cfg.mim.policy == "none" and cfg.loss.w_mim == 0.0 and cfg.loss.w_mlm == 1.0
+
+
+CLIP_OFF = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    # each was silently ignored before: the run trained as if the key were not set
+    (["mim.mask_at=tokens"], r"mim.policy=none, so mim.mask_at=tokens would be ignored: "
+                             "remove it, or switch mim on"),
+    (["mim.target=features", "mim.row_fraction=0.5"],
+     r"mim.target=features, mim.row_fraction=0.5 would be ignored: remove them"),
+    (["mlm.prompts=true"], r"mlm.policy=none, so mlm.prompts=True would be ignored"),
+    (["mlm.text_policy=findings_impression"], r"mlm.text_policy=findings_impression would be"),
+    (["mlm.row_fraction=0.25"], r"mlm.row_fraction=0.25 would be ignored"),
+])
+def test_options_of_a_switched_off_task_are_refused(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, CLIP_OFF + extra)
+    load_config(None, extra)  # the same options with the task on (the defaults): fine
+
+
+def test_switching_a_task_off_drops_its_options(tmp_path):
+    from xlip.config import drop_unused_options, merge
+
+    tuned = load_config(None, ["mim.mask_at=tokens", "mim.target=features",
+                               "mlm.prompts=true", "mlm.row_fraction=0.5"]).to_dict()
+    cfg = from_dict(drop_unused_options(merge(tuned, CLIP_OFF)))
+    assert (cfg.mim.mask_at, cfg.mim.target, cfg.mlm.prompts, cfg.mlm.row_fraction) == \
+        ("image", "pixels", False, 1.0)
+    kept = from_dict(drop_unused_options(merge(tuned, [])))  # tasks on: nothing dropped
+    assert (kept.mim.mask_at, kept.mlm.prompts) == ("tokens", True)
+    # a run saved before the rule (its options never had an effect) still loads
+    data = load_config(None, CLIP_OFF).to_dict()
+    data["mim"]["mask_at"] = "tokens"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="mim.mask_at=tokens would be ignored"):
+        load_config(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", saved=True).mim.mask_at == "image"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from xlip.config import Config, ConfigError, from_dict, merge
+from xlip.config import Config, ConfigError, drop_unused_options, from_dict, merge
 from xlip.errors import InputError
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
@@ -110,7 +110,8 @@ def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict
 
 def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: int,
                    out_dir: Path, steps: int | None = None) -> Config:
-    data = merge(base, overrides + [f"train.seed={seed}", f"train.out_dir={out_dir}"])
+    data = drop_unused_options(
+        merge(base, overrides + [f"train.seed={seed}", f"train.out_dir={out_dir}"]))
     drop = {"image_only"} if name.endswith("no_prompts") else set()
     if data.get("mlm", {}).get("policy") == "none":  # text-only reports only train EntMLM
         drop.add("text_only")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from xlip.config import Config, from_dict, merge
+from xlip.config import Config, drop_unused_options, from_dict, merge
 from xlip.data.collate import Collator
 from xlip.data.dataset import MixedDataset
 from xlip.data.manifest import load_manifest
@@ -327,7 +327,7 @@ def preset_config(name: str, opts: BenchOptions, overrides: list[str]) -> Config
     for section, values in PRESETS[name].config.items():
         base[section] = {**values, **(base.get(section) or {})}
     base.pop("data", None)
-    return from_dict(merge(base, [*opts.overrides, *overrides]))
+    return from_dict(drop_unused_options(merge(base, [*opts.overrides, *overrides])))
 
 
 def precisions(group: str, device: torch.device) -> list[str]:

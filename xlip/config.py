@@ -41,6 +41,9 @@ MIM_POLICIES = ("attention", "random", "none")
 MIM_TARGETS = ("pixels", "features")
 MIM_MASK_AT = ("image", "tokens")
 MLM_POLICIES = ("entity", "random", "none")
+#: options that only mean something while their task is on (``policy`` other than none)
+TASK_OPTIONS = {"mim": ("target", "mask_at", "row_fraction"),
+                "mlm": ("prompts", "text_policy", "row_fraction")}
 KINDS = ("paired", "image_only", "text_only")
 
 
@@ -523,6 +526,15 @@ def validate(cfg: Config) -> None:
         if w > 0 and policy == "none":
             raise ConfigError(f"loss.w_{term}={w} but {term}.policy=none, so the weight is "
                               f"never used: set loss.w_{term}=0, or switch {term} on")
+    for task, keys in TASK_OPTIONS.items():
+        section = getattr(cfg, task)
+        default = type(section)()
+        unused = [f"{task}.{k}={getattr(section, k)}" for k in keys
+                  if section.policy == "none" and getattr(section, k) != getattr(default, k)]
+        if unused:
+            raise ConfigError(f"{task}.policy=none, so {', '.join(unused)} would be ignored: "
+                              f"remove {'it' if len(unused) == 1 else 'them'}, or switch "
+                              f"{task} on")
     if cfg.mim.policy == "attention" and cfg.mlm.policy == "none":
         raise ConfigError("mim.policy=attention scores patches with the cross-attention that "
                           "EntMLM trains, but mlm.policy=none; use mim.policy=random or "
@@ -658,9 +670,24 @@ def merge(base: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def drop_unused_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Remove the :data:`TASK_OPTIONS` of a task switched off (``policy: none``) from a config
+    dict, so that they take their defaults: for switching a task off on top of a config that
+    tunes it (an ablation's or a benchmark's CLIP row), where :func:`validate` would otherwise
+    refuse the options as unused."""
+    for task, keys in TASK_OPTIONS.items():
+        section = data.get(task) if isinstance(data, dict) else None
+        if isinstance(section, dict) and section.get("policy") == "none":
+            for k in keys:
+                section.pop(k, None)
+    return data
+
+
 def saved_run_compat(data: dict[str, Any]) -> dict[str, Any]:
     """A run's saved config under today's rules: runs saved before xlip required a switched-off
-    task's loss weight to be 0 kept the default weight (1, never used); it is set to 0."""
+    task's loss weight to be 0 kept the default weight (1, never used); it is set to 0. Options
+    of a switched-off task (refused since) are dropped: they never had an effect."""
+    drop_unused_options(data)
     loss = data.setdefault("loss", {}) if isinstance(data, dict) else {}
     for term in ("mim", "mlm"):
         section = data.get(term) or {}
