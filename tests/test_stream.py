@@ -365,3 +365,41 @@ def test_parts_and_positions_in_closed_form_equal_the_count():
                 into += 1
                 while into >= (size := stream.part_size(epoch)):  # empty parts skipped
                     epoch, into = epoch + 1, into - size
+
+
+def _hold_and_let_go_in_child(tar, queue):
+    from xlip.data import storage
+
+    held_at_fork = dict(storage._HOLDERS)
+    storage.hold_shard(tar)  # the worker's own stream reads the shard, then is done with it
+    storage.read_shard_member(f"{tar}#a.png")
+    storage.forget_shard(tar)
+    queue.put((held_at_fork, tar in storage._INDEX))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_worker_does_not_inherit_the_parents_holds(tmp_path):
+    """A DataLoader worker forked while the main process holds a shard (e.g. a stream it
+    read itself) kept that hold's count, so its own copy of the index was never dropped."""
+    import multiprocessing
+    import tarfile
+
+    from xlip.data import storage
+
+    tar = tmp_path / "shard-000000.tar"
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "a.png", arcname="a.png")
+    storage.hold_shard(tar)
+    try:
+        assert storage.read_shard_member(f"{tar}#a.png") == b"x" * 10
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_hold_and_let_go_in_child, args=(str(tar), queue))
+        child.start()
+        held_at_fork, kept = queue.get(timeout=60)
+        child.join(timeout=60)
+        assert held_at_fork == {} and not kept  # the child's last holder let go: dropped
+        assert storage._HOLDERS[str(tar)] == 1 and str(tar) in storage._INDEX  # parent's intact
+    finally:
+        storage.forget_shard(tar)

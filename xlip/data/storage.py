@@ -42,6 +42,16 @@ _HOLDERS: Counter[str] = Counter()
 """Per-process count of the readers (stream sources) that hold each tar's index."""
 
 
+def _forget_parents_holds() -> None:
+    """In a forked child (a DataLoader worker): the parent's readers do not run here, so their
+    holds must not keep this process's copies of the indexes alive once its own readers let go."""
+    _HOLDERS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; spawned children start with empty caches anyway
+    os.register_at_fork(after_in_child=_forget_parents_holds)
+
+
 def hold_shard(tar: str | Path) -> None:
     """A reader starts on ``tar``: its member index stays cached until every holder let go."""
     _HOLDERS[str(tar)] += 1
