@@ -168,6 +168,13 @@ def test_options_of_a_switched_off_task_are_refused(extra, match):
     load_config(None, extra)  # the same options with the task on (the defaults): fine
 
 
+def test_norm_pix_off_with_the_feature_target_is_refused():
+    with pytest.raises(ConfigError, match="mim.norm_pix=false only applies to mim.target=pixels"):
+        load_config(None, ["mim.target=features", "mim.norm_pix=false"])
+    load_config(None, ["mim.target=pixels", "mim.norm_pix=false"])
+    load_config(None, ["mim.target=features"])
+
+
 def test_switching_a_task_off_drops_its_options(tmp_path):
     from xlip.config import drop_unused_options, merge
 

@@ -124,7 +124,7 @@ class MIMConfig:
     policy: str = "attention"  # attention | random | none
     ratio: float = 0.5
     high_share: float = 0.75  # share of masked patches drawn from the top half by score
-    norm_pix: bool = True
+    norm_pix: bool = True  # pixel target only (the feature target is layer-normed)
     # what the MAE decoder predicts at masked patches: pixels (MAE; normalised per patch with
     # norm_pix) | features (the full-image pass's patch tokens, layer-normed and detached: a
     # masked feature target as in MaskCLIP/data2vec, with the online encoder as teacher)
@@ -509,6 +509,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mim.target=features predicts the full-image pass's patch tokens, "
                           "which train.mode=fast with mim.policy=random never computes: use "
                           "mim.target=pixels, mim.policy=attention or train.mode=default")
+    if cfg.mim.target == "features" and not cfg.mim.norm_pix:
+        raise ConfigError("mim.norm_pix=false only applies to mim.target=pixels (the feature "
+                          "target is always layer-normed), so it would be ignored: remove it, "
+                          "or set mim.target=pixels")
     if cfg.train.mode == "fast" and cfg.mim.mask_at == "tokens":
         raise ConfigError("mim.mask_at=tokens masks the full-image pass's tokens, which "
                           "train.mode=fast runs without gradients: use train.mode=default "
