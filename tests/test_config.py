@@ -192,3 +192,7 @@ def test_switching_a_task_off_drops_its_options(tmp_path):
     with pytest.raises(ConfigError, match="mim.mask_at=tokens would be ignored"):
         load_config(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml", saved=True).mim.mask_at == "image"
+    data = load_config(None, ["mim.target=features"]).to_dict()
+    data["mim"]["norm_pix"] = False  # ignored by the feature target before the rule
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_config(tmp_path / "config.yaml", saved=True).mim.target == "features"

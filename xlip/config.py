@@ -690,8 +690,12 @@ def drop_unused_options(data: dict[str, Any]) -> dict[str, Any]:
 def saved_run_compat(data: dict[str, Any]) -> dict[str, Any]:
     """A run's saved config under today's rules: runs saved before xlip required a switched-off
     task's loss weight to be 0 kept the default weight (1, never used); it is set to 0. Options
-    of a switched-off task (refused since) are dropped: they never had an effect."""
+    of a switched-off task (refused since) are dropped, as is ``mim.norm_pix`` with the feature
+    target: they never had an effect."""
     drop_unused_options(data)
+    mim = data.get("mim") if isinstance(data, dict) else None
+    if isinstance(mim, dict) and mim.get("target") == "features":
+        mim.pop("norm_pix", None)
     loss = data.setdefault("loss", {}) if isinstance(data, dict) else {}
     for term in ("mim", "mlm"):
         section = data.get(term) or {}
