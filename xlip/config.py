@@ -532,9 +532,11 @@ def validate(cfg: Config) -> None:
                               f"never used: set loss.w_{term}=0, or switch {term} on")
     for task, keys in TASK_OPTIONS.items():
         section = getattr(cfg, task)
+        if section.policy != "none":
+            continue
         default = type(section)()
         unused = [f"{task}.{k}={getattr(section, k)}" for k in keys
-                  if section.policy == "none" and getattr(section, k) != getattr(default, k)]
+                  if getattr(section, k) != getattr(default, k)]
         if unused:
             raise ConfigError(f"{task}.policy=none, so {', '.join(unused)} would be ignored: "
                               f"remove {'it' if len(unused) == 1 else 'them'}, or switch "
