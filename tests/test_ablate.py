@@ -169,6 +169,64 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
     assert [Path(p).name for p in seen] == ["clip"]  # clip is calibrated again
 
 
+def test_equal_flops_counts_each_variant_on_its_own_batches(corpus, tmp_path):
+    """--equal flops: each variant's FLOPs per step are what torch's FlopCounterMode counts on
+    the real model over the batches its loader gives, and its steps spend the reference's
+    compute (to within half a step)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xlip.data.collate import Collator
+    from xlip.data.dataset import MixedDataset
+    from xlip.losses import XLIPLoss
+    from xlip.model.xlip import XLIPModel
+    from xlip.text.tokenizer import load_tokenizer
+    from xlip.train.distributed import DistInfo
+    from xlip.train.loop import build_loader
+
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=tmp_path / "abl",
+                               variants=ablate.variant_overrides(["clip", "clip+entmlm", "xlip"]),
+                               equal="flops")
+    flops = ablate.flops_per_step(spec)
+    assert ablate.flops_per_step(spec) == flops  # counted, not timed: no noise
+    tok = load_tokenizer(corpus[1])
+    for name in ("clip", "xlip"):
+        c = ablate.variant_config(spec.base, name, spec.variants[name], 0, tmp_path / name,
+                                  ablate.FLOP_BATCHES)
+        dataset = MixedDataset(c, train=True)
+        loader = build_loader(c, dataset, Collator(c, tok, train=True,
+                                                   findings=dataset.findings()), 0, DistInfo())
+        model, crit, seen = XLIPModel(c, len(tok)).train(), XLIPLoss(c), []
+        for batch in loader:
+            with FlopCounterMode(display=False) as counter:
+                losses = crit(model(batch), batch)
+                sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+            seen.append(counter.get_total_flops())
+        assert len(seen) == ablate.FLOP_BATCHES
+        assert flops[name] == pytest.approx(np.mean(seen), rel=1e-9)
+    assert flops["clip"] < flops["clip+entmlm"] < flops["xlip"]
+    steps = ablate.step_budget(spec, lambda s: None, flops)
+    assert steps["xlip"] == 40 and steps["clip"] > steps["clip+entmlm"] > 40
+    for name, n in steps.items():
+        assert abs(n * flops[name] - 40 * flops["xlip"]) <= flops[name] / 2
+    summary = ablate.summarise(spec, steps, flops)
+    assert summary["budget"]["flops_per_step"] == flops
+    assert summary["budget"]["reference"] == "xlip"
+
+
+def test_equal_flops_refuses_what_it_cannot_count(corpus, tmp_path, capsys):
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    assert main(["ablate", "--config", str(cfg), "--variants", "clip,xlip_lite", "--equal",
+                 "flops", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "xlip_lite" in err and "row_fraction" in err and "--equal time" in err
+    assert main(["ablate", "--config", str(cfg), "--variants", "clip", "--equal", "flops",
+                 "--budget-s", "60", "--out", str(tmp_path / "b")]) == 2
+    assert "--budget-s" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "runs").exists() and not (tmp_path / "b" / "runs").exists()
+
+
 def test_ablation_refuses_unknown_variants_and_contradictions(corpus, tmp_path, capsys):
     cfg = write_cfg(corpus, tmp_path / "c.yaml")
     assert main(["ablate", "--config", str(cfg), "--variants", "clip,bogus", "--out",

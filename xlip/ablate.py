@@ -1,9 +1,11 @@
 """`xlip ablate`: pre-train variants of one config side by side and evaluate each.
 
 Every variant trains on the same data with the same seeds, and either the same number of steps
-(``equal="steps"``) or the same wall-clock budget (``equal="time"``: each variant's seconds per
+(``equal="steps"``), the same wall-clock budget (``equal="time"``: each variant's seconds per
 step are measured first, in the same run, and its steps set to fill the reference variant's
-budget). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/`` and is skipped when its
+budget) or the same compute (``equal="flops"``: each variant's FLOPs per step counted
+analytically by :mod:`xlip.flops` on its own first batches, so the budget is the same on any
+machine and under any load). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/`` and is skipped when its
 ``result.json`` exists, so an interrupted ablation resumes. ``OUT/ablation.json`` and
 ``OUT/ablation.md`` summarise: mean ± sd over seeds of the zero-shot mean AUC, each seed's
 95 % CI, per-finding AUCs, seconds per step and wall time.
@@ -70,8 +72,8 @@ BASELINE = "clip"
 @dataclass
 class AblationSpec:
     """What to run. ``base``: the config as a plain dict (paths resolved); ``variants``:
-    name → overrides; ``equal``: steps | time; ``reference``: the variant whose step count
-    sets the time budget."""
+    name → overrides; ``equal``: steps | time | flops; ``reference``: the variant whose step
+    count sets the time or FLOP budget."""
 
     base: dict[str, Any]
     out: Path
@@ -192,7 +194,8 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
 
         data = spec.base["data"]
         split_rows(ProbeOptions(data["eval_manifest"], test_split=data.get("eval_split", "test")))
-    steps = step_budget(spec, log)
+    flops = flops_per_step(spec) if spec.equal == "flops" else None
+    steps = step_budget(spec, log, flops)
     total = len(spec.variants) * len(spec.seeds)
     k = 0
     for name, overrides in spec.variants.items():
@@ -243,23 +246,35 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
                           overrides=overrides, config_digest=digest)
             run.mkdir(parents=True, exist_ok=True)
             (run / "result.json").write_text(json.dumps(result, indent=2))
-    summary = summarise(spec, steps)
+    summary = summarise(spec, steps, flops)
     (spec.out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (spec.out / "ablation.md").write_text(markdown(summary))
     return summary
 
 
 CALIBRATION_SEED = 0
+EQUAL = ("steps", "time", "flops")
+FLOP_BATCHES = 8  # equal=flops: a variant's FLOPs per step are the mean over its first batches
 
 
-def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int]:
+def step_budget(spec: AblationSpec, log: Callable[[str], None],
+                flops: dict[str, float] | None = None) -> dict[str, int]:
     """Steps per variant: the config's for equal steps; for equal time, the budget divided by
-    each variant's seconds per step, measured by short runs (cached in calibration.json)."""
+    each variant's seconds per step, measured by short runs (cached in calibration.json); for
+    equal FLOPs, divided by each variant's FLOPs per step (``flops``, else counted here)."""
     base_steps = spec.steps or int(spec.base.get("train", {}).get("steps", 1000))
     if spec.equal == "steps":
         return {name: base_steps for name in spec.variants}
-    if spec.equal != "time":
-        raise ConfigError(f"--equal {spec.equal!r}: choose steps or time")
+    if spec.equal not in EQUAL:
+        raise ConfigError(f"--equal {spec.equal!r}: choose one of {', '.join(EQUAL)}")
+    if spec.equal == "flops":
+        flops = flops or flops_per_step(spec)
+        budget = base_steps * flops[spec.reference]
+        out = {name: max(1, round(budget / flops[name])) for name in spec.variants}
+        log("equal FLOPs: " + ", ".join(f"{n} {s} steps ({flops[n] / 1e9:.2f} GFLOP/step)"
+                                        for n, s in out.items())
+            + f"; budget {budget / 1e12:.2f} TFLOP")
+        return out
     from xlip.train.loop import pretrain
 
     path = spec.out / "calibration.json"
@@ -292,6 +307,47 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, int
     out = {name: max(1, round(budget / sec[name])) for name in spec.variants}
     log("equal time: " + ", ".join(f"{n} {s} steps ({sec[n]:.3f} s/step)"
                                    for n, s in out.items()) + f"; budget {budget:.0f} s")
+    return out
+
+
+def flops_per_step(spec: AblationSpec) -> dict[str, float]:
+    """FLOPs of one training step (forward and backward, :func:`xlip.flops.step_flops`) of each
+    variant and of the reference: the mean over the first :data:`FLOP_BATCHES` batches that the
+    variant's own loader gives with seed 0 (its rows with an image, padded text length, MLM
+    rows and masked tokens are the data's). Counted, not timed: the same on every machine."""
+    from xlip.bench import batch_shape
+    from xlip.data.collate import Collator
+    from xlip.data.dataset import MixedDataset
+    from xlip.data.stream import ShardStream, streamed
+    from xlip.flops import step_flops
+    from xlip.text.tokenizer import load_tokenizer
+    from xlip.train.distributed import DistInfo
+    from xlip.train.loop import build_loader, tokenizer_dir
+
+    names = list(spec.variants)
+    if spec.budget_s:
+        raise ConfigError("--budget-s sets a wall-clock budget: use it with --equal time, not "
+                          "--equal flops")
+    if spec.reference not in names:
+        names.append(spec.reference)
+    out: dict[str, float] = {}
+    tok = None
+    for name in names:
+        overrides = spec.variants.get(name) or variant_overrides([spec.reference])[name]
+        cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED,
+                             spec.out / "calibration" / name, FLOP_BATCHES)
+        if cfg.mim.row_fraction < 1.0 or cfg.mlm.row_fraction < 1.0:
+            raise ConfigError(f"variant {name}: --equal flops counts whole-batch MIM and MLM "
+                              "only (mim.row_fraction and mlm.row_fraction 1); compare it with "
+                              "--equal time")
+        cfg.data.num_workers = 0
+        tok = tok or load_tokenizer(tokenizer_dir(cfg))
+        dataset = ShardStream(cfg, 0, 1, progress=False) if streamed(cfg) else MixedDataset(
+            cfg, train=True)
+        collate = Collator(cfg, tok, train=True, findings=dataset.findings())
+        counts = [step_flops(cfg, batch_shape(batch, len(tok))).total
+                  for batch in build_loader(cfg, dataset, collate, 0, DistInfo())]
+        out[name] = statistics.fmean(counts)
     return out
 
 
@@ -338,7 +394,8 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
+def summarise(spec: AblationSpec, steps: dict[str, int],
+              flops: dict[str, float] | None = None) -> dict[str, Any]:
     variants: dict[str, Any] = {}
     failed: list[dict[str, Any]] = []
     for name, overrides in spec.variants.items():
@@ -387,8 +444,9 @@ def summarise(spec: AblationSpec, steps: dict[str, int]) -> dict[str, Any]:
             "failed": failed,
             "config": spec.base,
             "budget": {"equal": spec.equal, "steps": steps,
-                       "reference": spec.reference if spec.equal == "time" else None,
-                       "budget_s": spec.budget_s or None},
+                       "reference": spec.reference if spec.equal != "steps" else None,
+                       "budget_s": spec.budget_s or None,
+                       "flops_per_step": flops},
             "seeds": spec.seeds,
             "evaluations": spec.evaluations}
 
@@ -435,7 +493,11 @@ def markdown(summary: dict[str, Any]) -> str:
               "their patients given in %; C chosen on held-out validation patients), mean ± sd "
               "over seeds." if probes else "") +
              (" i→t / t→i R@5: image-to-report and report-to-image Recall@5 on the evaluation "
-              "split (identical reports one target), mean over seeds." if retrieval else ""), "",
+              "split (identical reports one target), mean over seeds." if retrieval else "") +
+             (" Equal FLOPs: each variant's steps × its FLOPs per step (forward and backward, "
+              "`xlip.flops`, the mean over its first batches) equal the reference's (" +
+              ", ".join(f"{n} {f / 1e9:.1f} G" for n, f in budget["flops_per_step"].items()) +
+              ")." if budget.get("flops_per_step") else ""), "",
              "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
              "".join(f"probe {float(f) * 100:g} % | " for f in fractions or ["1"][:probes]) +
              "per seed (95 % CI) | " +

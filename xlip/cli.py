@@ -494,10 +494,11 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     ab.add_argument("--define", action="append", default=[], metavar="NAME=KEY=VALUE,...",
                     help="a custom variant, e.g. lr3=train.lr=3e-3,mim.ratio=0.6")
     ab.add_argument("--seeds", default="0", help="comma list of train.seed values")
-    ab.add_argument("--equal", choices=["steps", "time"], default="steps",
-                    help="same steps for every variant, or the same wall-clock budget")
+    ab.add_argument("--equal", choices=["steps", "time", "flops"], default="steps",
+                    help="same steps for every variant, the same wall-clock budget, or the "
+                    "same FLOPs (counted, not timed: the same on any machine)")
     ab.add_argument("--reference", default="xlip",
-                    help="--equal time: the variant whose steps set the budget")
+                    help="--equal time|flops: the variant whose steps set the budget")
     ab.add_argument("--budget-s", type=float, default=0.0,
                     help="--equal time: seconds per run instead of the reference's")
     ab.add_argument("--steps", type=int, help="train.steps for every variant")
