@@ -5,10 +5,10 @@ Every variant trains on the same data with the same seeds, and either the same n
 step are measured first, in the same run, and its steps set to fill the reference variant's
 budget) or the same compute (``equal="flops"``: each variant's FLOPs per step counted
 analytically by :mod:`xlip.flops` on its own first batches, so the budget is the same on any
-machine and under any load). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/`` and is skipped when its
-``result.json`` exists, so an interrupted ablation resumes. ``OUT/ablation.json`` and
-``OUT/ablation.md`` summarise: mean ± sd over seeds of the zero-shot mean AUC, each seed's
-95 % CI, per-finding AUCs, seconds per step and wall time.
+machine and under any load). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/``
+and is skipped when its ``result.json`` exists, so an interrupted ablation resumes.
+``OUT/ablation.json`` and ``OUT/ablation.md`` summarise: mean ± sd over seeds of the
+zero-shot mean AUC, each seed's 95 % CI, per-finding AUCs, seconds per step and wall time.
 """
 
 from __future__ import annotations
