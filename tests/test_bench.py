@@ -12,7 +12,7 @@ from conftest import VOCAB, random_batch, tiny_config
 from xlip.bench import BenchOptions, PeakMemory, machine_kind, run_bench
 from xlip.cli import main
 from xlip.errors import InputError
-from xlip.flops import StepShape, step_flops
+from xlip.flops import StepShape, batch_shape, step_flops
 from xlip.losses import XLIPLoss
 from xlip.model.xlip import XLIPModel
 
@@ -21,9 +21,7 @@ CLIP = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
 
 
 def shape_of(batch: dict) -> StepShape:
-    return StepShape(images=int(batch["has_image"].sum()), length=batch["input_ids"].shape[1],
-                     mlm_rows=len(batch["mlm_rows"]),
-                     mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=VOCAB)
+    return batch_shape(batch, VOCAB)
 
 
 def counted(cfg, seed: int = 0) -> tuple[int, int]:

@@ -315,11 +315,10 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
     variant and of the reference: the mean over the first :data:`FLOP_BATCHES` batches that the
     variant's own loader gives with seed 0 (its rows with an image, padded text length, MLM
     rows and masked tokens are the data's). Counted, not timed: the same on every machine."""
-    from xlip.bench import batch_shape
     from xlip.data.collate import Collator
     from xlip.data.dataset import MixedDataset
     from xlip.data.stream import ShardStream, streamed
-    from xlip.flops import step_flops
+    from xlip.flops import batch_shape, step_flops
     from xlip.text.tokenizer import load_tokenizer
     from xlip.train.distributed import DistInfo
     from xlip.train.loop import build_loader, tokenizer_dir

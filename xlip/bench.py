@@ -38,7 +38,7 @@ from xlip.data.manifest import load_manifest
 from xlip.data.synthetic import SynthConfig, synthesize
 from xlip.errors import InputError
 from xlip.files import writable_dir, writable_file, write_atomic
-from xlip.flops import StepShape, step_flops
+from xlip.flops import batch_shape, step_flops
 from xlip.losses import XLIPLoss
 from xlip.masking import mlm_positions
 from xlip.model.xlip import XLIPModel
@@ -107,12 +107,6 @@ def synthetic_batch(cfg: Config, batch: int, length: int, vocab: int) -> dict[st
             "source": torch.zeros(batch, dtype=torch.long), "mlm_rows": torch.arange(batch),
             "mlm_input_ids": ids, "mlm_attention_mask": torch.ones_like(ids),
             "mlm_labels": labels, "mlm_positions": mlm_positions(labels)}
-
-
-def batch_shape(batch: dict[str, torch.Tensor], vocab: int) -> StepShape:
-    return StepShape(images=int(batch["has_image"].sum()), length=batch["input_ids"].shape[1],
-                     mlm_rows=len(batch["mlm_rows"]),
-                     mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=vocab)
 
 
 # -- measuring -------------------------------------------------------------------------------

@@ -45,6 +45,14 @@ class StepShape:
     vocab: int
 
 
+def batch_shape(batch: dict, vocab: int) -> StepShape:
+    """The :class:`StepShape` of a collated training batch (:class:`~xlip.data.collate.Collator`'s
+    keys)."""
+    return StepShape(images=int(batch["has_image"].sum()), length=batch["input_ids"].shape[1],
+                     mlm_rows=len(batch["mlm_rows"]),
+                     mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=vocab)
+
+
 @dataclass
 class Term:
     name: str  # part/what, e.g. "vision.full/blocks"
