@@ -112,6 +112,42 @@ def test_a_probe_is_added_to_finished_runs_without_training_them_again(tmp_path,
     assert "| i→t R@5 | t→i R@5 |" in md and f" {ret['text_to_image']['R@5']:.3f} |" in md
 
 
+def test_finetuning_is_added_to_finished_runs_as_xlip_eval_finetune_scores_it(tmp_path,
+                                                                               monkeypatch):
+    corpus = build_corpus(tmp_path / "corpus", 240, 80, seed=3, size=32, vocab_size=400)
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=2)
+    out = tmp_path / "abl"
+    args = ["ablate", "--config", str(cfg), "--variants", "clip,xlip", "--seeds", "1", "--out",
+            str(out), "--quiet"]
+    assert main(args) == 0
+    monkeypatch.setattr("xlip.train.loop.pretrain",
+                        lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert main(args + ["--finetune", "--finetune-steps", "4"]) == 0
+    run = out / "runs" / "xlip" / "seed1"
+    res = json.loads((run / "result.json").read_text())["finetune"]
+    assert res["steps"] == 4 and set(res["fractions"]) == {"1", "0.1", "0.01"}
+    assert res["fractions"]["1"]["mean_auc"] == res["mean_auc"]
+    assert res["fractions"]["0.01"]["n_train"] < res["fractions"]["0.1"]["n_train"] < \
+        res["n_train"]
+    # the same rows, seed and budget as `xlip eval finetune` on that run: the same score
+    assert main(["eval", "finetune", "--model", str(run), "--fraction", "0.1", "--seed", "1",
+                 "--steps", "4", "--quiet", "--out", str(tmp_path / "ft")]) == 0
+    alone = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert alone["n_train"] == res["fractions"]["0.1"]["n_train"]
+    assert alone["mean_auc"] == pytest.approx(res["fractions"]["0.1"]["mean_auc"], abs=1e-6)
+    summary = json.loads((out / "ablation.json").read_text())
+    ft = summary["variants"]["xlip"]["finetune"]
+    assert ft["mean_auc"] == res["mean_auc"] and ft["steps"] == 4
+    md = (out / "ablation.md").read_text()
+    assert "| fine-tune 100 % | fine-tune 10 % | fine-tune 1 % |" in md
+    assert f" {ft['fractions']['0.01']['mean_auc']:.3f} |" in md and "4 steps at most" in md
+    # another fine-tuning budget fine-tunes again (and only that: the model is kept)
+    assert main(args + ["--finetune", "--finetune-steps", "5"]) == 0
+    again = json.loads((run / "result.json").read_text())
+    assert again["finetune"]["steps"] == 5 and "zeroshot" in again
+    assert main(args + ["--finetune", "--finetune-steps", "0"]) == 2
+
+
 def test_a_config_key_added_since_a_run_does_not_make_it_changed(tmp_path):
     import yaml
 

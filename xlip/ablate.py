@@ -63,8 +63,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("xlip_fast_random", "xlip_lite")]
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
-EVALUATIONS = ("zeroshot", "attmim", "probe", "retrieval")
+EVALUATIONS = ("zeroshot", "attmim", "probe", "finetune", "retrieval")
 PROBE_FRACTIONS = (1.0, 0.1, 0.01)  # label fractions of the probe (features computed once)
+FINETUNE_FRACTIONS = PROBE_FRACTIONS  # label fractions of fine-tuning (one training each)
 SMALL_FINDINGS = ("Nodule", "Pneumothorax")
 BASELINE = "clip"
 
@@ -85,6 +86,7 @@ class AblationSpec:
     steps: int = 0  # steps per run (equal=steps) or of the reference; 0: the config's
     calibrate_steps: int = 30
     evaluations: list[str] = field(default_factory=lambda: ["zeroshot"])
+    finetune_steps: int = 300  # evaluation "finetune": xlip eval finetune --steps
 
 
 def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict[str, list[str]]:
@@ -189,7 +191,10 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
     spec.out.mkdir(parents=True, exist_ok=True)
     for name, overrides in spec.variants.items():  # every variant validates before any work
         variant_config(spec.base, name, overrides, spec.seeds[0], spec.out / "check")
-    if "probe" in spec.evaluations:  # its splits, before hours of training
+    if spec.finetune_steps < 1:
+        raise ConfigError(f"--finetune-steps {spec.finetune_steps}: give at least 1 step, "
+                          "e.g. 300")
+    if {"probe", "finetune"} & set(spec.evaluations):  # their splits, before hours of training
         from xlip.eval.probe import ProbeOptions, split_rows
 
         data = spec.base["data"]
@@ -212,10 +217,12 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
                         f"overrides, steps or base config); use a new --out or delete the run")
                 missing = [e for e in spec.evaluations if e not in done and e != "attmim"
                            and "failed" not in done]
+                if "finetune" in done and done["finetune"]["steps"] != spec.finetune_steps:
+                    missing.append("finetune")  # fine-tuned for another budget: again
                 if missing:  # an evaluation added since (e.g. the probe): the model is kept
                     log(f"[{k}/{total}] {name} seed {seed}: trained; evaluating "
                         f"{', '.join(missing)}")
-                    done.update(evaluate_run(run, missing))
+                    done.update(evaluate_run(run, missing, spec.finetune_steps))
                     (run / "result.json").write_text(json.dumps(done, indent=2))
                 else:
                     log(f"[{k}/{total}] {name} seed {seed}: done already")
@@ -238,7 +245,7 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
                     log(f"    failed: {err}")
                 wall = time.perf_counter() - t0
             if "failed" not in result:
-                result.update(evaluate_run(run, spec.evaluations),
+                result.update(evaluate_run(run, spec.evaluations, spec.finetune_steps),
                               s_per_step=seconds_per_step(run))
                 log(f"    zero-shot mean AUC {result['zeroshot']['mean_auc']:.3f} "
                     f"({wall / 60:.1f} min)")
@@ -350,11 +357,14 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
     return out
 
 
-def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
+def evaluate_run(run: Path, evaluations: Sequence[str],
+                 finetune_steps: int = 300) -> dict[str, Any]:
     """The ``evaluations`` of one finished run (checked by :func:`run_ablation` before any
-    training: known names, a ``data.eval_manifest``)."""
+    training: known names, a ``data.eval_manifest``). The probe and fine-tuning draw their
+    label fractions' patients with the run's seed, so variants of one seed share their rows."""
     from xlip.api import XLIP
     from xlip.eval.attmim import lesion_mask_share
+    from xlip.eval.finetune import FinetuneOptions, finetune
     from xlip.eval.probe import ProbeOptions, linear_probes
     from xlip.eval.retrieval import evaluate_retrieval
     from xlip.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
@@ -385,6 +395,18 @@ def evaluate_run(run: Path, evaluations: Sequence[str]) -> dict[str, Any]:
                 f"{fr:g}": ({"error": r["error"]} if "error" in r else
                             {"mean_auc": r["mean_auc"], "n_train": r["n_train"], "C": r["C"]})
                 for fr, r in res.items()}
+        elif name == "finetune":  # the whole encoder and a head, once per label fraction
+            runs = {fr: finetune(model.model, cfg, FinetuneOptions(
+                cfg.data.eval_manifest, test_split=cfg.data.eval_split, seed=cfg.train.seed,
+                fraction=fr, steps=finetune_steps)) for fr in FINETUNE_FRACTIONS}
+            full = runs[1.0]
+            out["finetune"] = {k: full[k] for k in ("mean_auc", "mean_auc_ci95", "n_train",
+                                                    "steps", "validation")}
+            out["finetune"]["per_finding"] = {f: d["auc"] for f, d in full["per_finding"].items()}
+            out["finetune"]["fractions"] = {
+                f"{fr:g}": {k: r[k] for k in ("mean_auc", "n_train", "steps_done", "best_step",
+                                              "best_val_mean_auc", "wall_s")}
+                for fr, r in runs.items()}
         elif name == "retrieval":
             res = evaluate_retrieval(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
                                      cfg.data.eval_split)
@@ -423,7 +445,8 @@ def summarise(spec: AblationSpec, steps: dict[str, int],
             "lesion_mask_share": (statistics.fmean(r["attmim"]["masked_share"]
                                                    for r in results)
                                   if all("attmim" in r for r in results) else None),
-            "probe": _probe_summary(results),
+            "probe": _fractions_summary(results, "probe"),
+            "finetune": _fractions_summary(results, "finetune"),
             "retrieval": ({d: {m: statistics.fmean(r["retrieval"][d][m] for r in results)
                                for m in results[0]["retrieval"][d]}
                            for d in ("image_to_text", "text_to_image")}
@@ -450,21 +473,23 @@ def summarise(spec: AblationSpec, steps: dict[str, int],
             "evaluations": spec.evaluations}
 
 
-def _probe_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Linear-probe mean AUC over seeds, when every seed has one."""
-    if not results or not all("probe" in r for r in results):
+def _fractions_summary(results: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """Linear-probe or fine-tuning (``key``) mean AUC over seeds, per label fraction, when
+    every seed has one."""
+    if not results or not all(key in r for r in results):
         return None
-    aucs = [r["probe"]["mean_auc"] for r in results]
+    aucs = [r[key]["mean_auc"] for r in results]
     fractions = {}
-    for fr in results[0]["probe"].get("fractions", {}):
-        if all("mean_auc" in r["probe"].get("fractions", {}).get(fr, {}) for r in results):
-            v = [r["probe"]["fractions"][fr]["mean_auc"] for r in results]
+    for fr in results[0][key].get("fractions", {}):
+        if all("mean_auc" in r[key].get("fractions", {}).get(fr, {}) for r in results):
+            v = [r[key]["fractions"][fr]["mean_auc"] for r in results]
             fractions[fr] = {"mean_auc": statistics.fmean(v),
                              "sd": statistics.stdev(v) if len(v) > 1 else 0.0}
     return {"mean_auc": statistics.fmean(aucs),
             "sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-            "seeds": {str(r["seed"]): r["probe"]["mean_auc"] for r in results},
-            "fractions": fractions}
+            "seeds": {str(r["seed"]): r[key]["mean_auc"] for r in results},
+            "fractions": fractions,
+            **({"steps": results[0][key]["steps"]} if "steps" in results[0][key] else {})}
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -475,10 +500,11 @@ def markdown(summary: dict[str, Any]) -> str:
     lesions = any(r.get("lesion_mask_share") is not None for r in v.values())
     retrieval = any(r.get("retrieval") for r in v.values())
     paired = any("vs_clip" in r for r in v.values())
-    first = next((r["probe"] for r in v.values() if r.get("probe")), None)
-    fractions = sorted({f for r in v.values() if r.get("probe") for f in
-                        r["probe"].get("fractions", {})}, key=lambda f: -float(f))
-    probes = (len(fractions) or 1) if first else 0
+    # label-fraction columns: key → fractions present ("1" only for a summary without them)
+    columns = {key: sorted({f for r in v.values() if r.get(key)
+                            for f in r[key].get("fractions", {})}, key=lambda f: -float(f))
+               or ["1"] for key in ("probe", "finetune") if any(r.get(key) for r in v.values())}
+    probes = sum(len(fr) for fr in columns.values())
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed (sN: seed N) "
              "the AUC and its bootstrap 95 % CI." +
@@ -490,7 +516,11 @@ def markdown(summary: dict[str, Any]) -> str:
              (" Probe: linear-probe mean AUC (one logistic regression per finding on the "
               "frozen image features; training rows of the evaluation manifest, or the share of "
               "their patients given in %; C chosen on held-out validation patients), mean ± sd "
-              "over seeds." if probes else "") +
+              "over seeds." if "probe" in columns else "") +
+             (" Fine-tune: the whole image encoder and a linear head trained on the same rows "
+              "(`xlip eval finetune`, " + _finetune_steps(v) + " steps at most, stopped on the "
+              "validation patients' mean AUC), test mean AUC, mean ± sd over seeds."
+              if "finetune" in columns else "") +
              (" i→t / t→i R@5: image-to-report and report-to-image Recall@5 on the evaluation "
               "split (identical reports one target), mean over seeds." if retrieval else "") +
              (" Equal FLOPs: each variant's steps × its FLOPs per step (forward and backward, "
@@ -498,7 +528,8 @@ def markdown(summary: dict[str, Any]) -> str:
               ", ".join(f"{n} {f / 1e9:.1f} G" for n, f in budget["flops_per_step"].items()) +
               ")." if budget.get("flops_per_step") else ""), "",
              "| variant | steps | mean AUC | " + ("Δ clip (ahead) | " if paired else "") +
-             "".join(f"probe {float(f) * 100:g} % | " for f in fractions or ["1"][:probes]) +
+             "".join(f"{'fine-tune' if key == 'finetune' else key} {float(f) * 100:g} % | "
+                     for key, fr in columns.items() for f in fr) +
              "per seed (95 % CI) | " +
              " | ".join(small) + (" | " if small else "") +
              ("lesion masked | " if lesions else "") +
@@ -522,11 +553,12 @@ def markdown(summary: dict[str, Any]) -> str:
             d = r.get("vs_clip")
             delta = (f" {d['mean']:+.3f} ({d['ahead']}/{d['seeds']}) |"
                      if d and d["mean"] is not None and name != BASELINE else " – |")
-        pr = r.get("probe")
-        for f in fractions or ["1"][:probes]:
-            x = (pr.get("fractions") or {"1": pr}).get(f) if pr else None
-            delta += (f" {x['mean_auc']:.3f}" + (f" ± {x['sd']:.3f}" if len(r["seeds"]) > 1
-                                                  else "") + " |") if x else " – |"
+        for key, fr in columns.items():
+            pr = r.get(key)
+            for f in fr:
+                x = (pr.get("fractions") or {"1": pr}).get(f) if pr else None
+                delta += (f" {x['mean_auc']:.3f}" + (f" ± {x['sd']:.3f}" if len(r["seeds"]) > 1
+                                                      else "") + " |") if x else " – |"
         lo, hi = min(x["steps"] for x in r["seeds"]), max(x["steps"] for x in r["seeds"])
         steps = str(lo) if lo == hi else f"{lo}–{hi}"
         lines.append(f"| {name} | {steps} | **{r['mean_auc']:.3f}** {sd} |"
@@ -547,6 +579,12 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [f"- `{name}`: {r['description']} (`{' '.join(r['overrides']) or '-'}`)"
                   for name, r in v.items()]
     return "\n".join(lines) + "\n"
+
+
+def _finetune_steps(variants: dict[str, Any]) -> str:
+    """The fine-tuning step budget(s) of a summary's variants, e.g. "300"."""
+    return "/".join(sorted({str(r["finetune"]["steps"]) for r in variants.values()
+                            if r.get("finetune")}, key=int))
 
 
 def _ci(ci: Sequence[float]) -> str:

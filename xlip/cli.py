@@ -238,12 +238,13 @@ def _ablate(args: argparse.Namespace) -> int:
     names = [n for n in args.variants.split(",") if n] if args.variants else DEFAULT_VARIANTS
     evaluations = ((["zeroshot", "attmim"] if args.demo else ["zeroshot"])
                    + (["probe"] if args.probe else [])
+                   + (["finetune"] if args.finetune else [])
                    + (["retrieval"] if args.retrieval else []))
     spec = AblationSpec(base=base, out=out, variants=variant_overrides(names, args.define),
                         seeds=seeds, equal=args.equal,
                         reference=args.reference, budget_s=args.budget_s,
                         steps=args.steps or 0,
-                        evaluations=evaluations)
+                        evaluations=evaluations, finetune_steps=args.finetune_steps)
     if args.demo:
         prepare_demo_data(out)
     summary = run_ablation(spec, progress=not args.quiet)
@@ -506,6 +507,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     ab.add_argument("--probe", action="store_true", help="also a linear probe of each run's "
                     "frozen image features (xlip eval probe; added to finished runs without "
                     "training them again)")
+    ab.add_argument("--finetune", action="store_true", help="also fine-tuning of each run's "
+                    "image encoder with a linear head (xlip eval finetune) at 100, 10 and 1 %% "
+                    "of the training patients, added to finished runs alike")
+    ab.add_argument("--finetune-steps", type=int, default=300,
+                    help="--finetune: steps per fine-tuning (at most: it stops early on the "
+                    "validation AUC)")
     ab.add_argument("--retrieval", action="store_true", help="also image-report retrieval "
                     "(xlip eval retrieval) of each run, added to finished runs alike")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
