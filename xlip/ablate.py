@@ -8,7 +8,9 @@ analytically by :mod:`xlip.flops` on its own first batches, so the budget is the
 machine and under any load). Each (variant, seed) run lives in ``OUT/runs/VARIANT/seedS/``
 and is skipped when its ``result.json`` exists, so an interrupted ablation resumes.
 ``OUT/ablation.json`` and ``OUT/ablation.md`` summarise: mean ± sd over seeds of the
-zero-shot mean AUC, each seed's 95 % CI, per-finding AUCs, seconds per step and wall time.
+zero-shot mean AUC, each seed's 95 % CI, per-finding AUCs, seconds per step and wall time,
+and those of the evaluations asked for (linear probe, fine-tuning, retrieval), which are added
+to finished runs without training them again.
 """
 
 from __future__ import annotations
@@ -504,7 +506,7 @@ def markdown(summary: dict[str, Any]) -> str:
     columns = {key: sorted({f for r in v.values() if r.get(key)
                             for f in r[key].get("fractions", {})}, key=lambda f: -float(f))
                or ["1"] for key in ("probe", "finetune") if any(r.get(key) for r in v.values())}
-    probes = sum(len(fr) for fr in columns.values())
+    n_fraction_cols = sum(len(fr) for fr in columns.values())
     lines = [f"# Ablation: equal {budget['equal']}, seeds {seeds}", "",
              "Zero-shot mean AUC over findings: mean ± sd over seeds; per seed (sN: seed N) "
              "the AUC and its bootstrap 95 % CI." +
@@ -534,7 +536,7 @@ def markdown(summary: dict[str, Any]) -> str:
              " | ".join(small) + (" | " if small else "") +
              ("lesion masked | " if lesions else "") +
              ("i→t R@5 | t→i R@5 | " if retrieval else "") + "s/step | wall min |",
-             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired + probes +
+             "|---|---|---|---|" + "---|" * (len(small) + lesions + paired + n_fraction_cols +
                                              2 * retrieval) + "---|---|"]
     for name, r in v.items():
         per_seed = "; ".join(f"s{s['seed']} {s['mean_auc']:.3f} ({_ci(s['ci95'])})"
