@@ -50,6 +50,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "xlip_tokens": (["mim.policy=attention", "mlm.policy=entity", "mim.mask_at=tokens"],
                     "XLIP masking the full pass's patch tokens (the paper's wording), not the "
                     "image: no second encoder pass"),
+    "xlip_dec2": (["mim.policy=attention", "mlm.policy=entity", "model.mae_decoder_depth=2"],
+                  "XLIP with a 2-block MAE decoder (the demo's has 1; DESIGN.md's default 4)"),
     "xlip_random_mlm": (["mim.policy=attention", "mlm.policy=random"],
                         "CL + BERT-style random MLM + AttMIM"),
     "xlip-no_prompts": (["mim.policy=attention", "mlm.policy=entity"],
