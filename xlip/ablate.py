@@ -361,8 +361,7 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
     return out
 
 
-def evaluate_run(run: Path, evaluations: Sequence[str],
-                 finetune_steps: int = 300) -> dict[str, Any]:
+def evaluate_run(run: Path, evaluations: Sequence[str], finetune_steps: int) -> dict[str, Any]:
     """The ``evaluations`` of one finished run (checked by :func:`run_ablation` before any
     training: known names, a ``data.eval_manifest``). The probe and fine-tuning draw their
     label fractions' patients with the run's seed, so variants of one seed share their rows."""
@@ -389,34 +388,36 @@ def evaluate_run(run: Path, evaluations: Sequence[str],
             res = linear_probes(model.model, cfg, ProbeOptions(
                 cfg.data.eval_manifest, test_split=cfg.data.eval_split, seed=cfg.train.seed),
                 PROBE_FRACTIONS)
-            full = res[1.0]
-            if "error" in full:
-                raise InputError(f"{run}: linear probe: {full['error']}")
-            out["probe"] = {k: full[k] for k in ("mean_auc", "mean_auc_ci95", "C", "n_train",
-                                                 "validation")}
-            out["probe"]["per_finding"] = {f: d["auc"] for f, d in full["per_finding"].items()}
-            out["probe"]["fractions"] = {
-                f"{fr:g}": ({"error": r["error"]} if "error" in r else
-                            {"mean_auc": r["mean_auc"], "n_train": r["n_train"], "C": r["C"]})
-                for fr, r in res.items()}
+            if "error" in res[1.0]:
+                raise InputError(f"{run}: linear probe: {res[1.0]['error']}")
+            out["probe"] = _by_fraction(res, ("mean_auc", "mean_auc_ci95", "C", "n_train",
+                                              "validation"), ("mean_auc", "n_train", "C"))
         elif name == "finetune":  # the whole encoder and a head, once per label fraction
-            runs = {fr: finetune(model.model, cfg, FinetuneOptions(
+            res = {fr: finetune(model.model, cfg, FinetuneOptions(
                 cfg.data.eval_manifest, test_split=cfg.data.eval_split, seed=cfg.train.seed,
                 fraction=fr, steps=finetune_steps)) for fr in FINETUNE_FRACTIONS}
-            full = runs[1.0]
-            out["finetune"] = {k: full[k] for k in ("mean_auc", "mean_auc_ci95", "n_train",
-                                                    "steps", "validation")}
-            out["finetune"]["per_finding"] = {f: d["auc"] for f, d in full["per_finding"].items()}
-            out["finetune"]["fractions"] = {
-                f"{fr:g}": {k: r[k] for k in ("mean_auc", "n_train", "steps_done", "best_step",
-                                              "best_val_mean_auc", "wall_s")}
-                for fr, r in runs.items()}
+            out["finetune"] = _by_fraction(
+                res, ("mean_auc", "mean_auc_ci95", "n_train", "steps", "validation"),
+                ("mean_auc", "n_train", "steps_done", "best_step", "best_val_mean_auc", "wall_s"))
         elif name == "retrieval":
             res = evaluate_retrieval(model.model, model.tokenizer, cfg, cfg.data.eval_manifest,
                                      cfg.data.eval_split)
             out["retrieval"] = {k: res[k] for k in ("image_to_text", "text_to_image",
                                                     "n_images", "n_reports")}
     return out
+
+
+def _by_fraction(res: dict[float, dict[str, Any]], keys: Sequence[str],
+                 fraction_keys: Sequence[str]) -> dict[str, Any]:
+    """A probe's or fine-tuning's results per label fraction, as ``result.json`` keeps them:
+    ``keys`` and the per-finding AUCs of all labels (fraction 1), ``fraction_keys`` (or the
+    error) of each fraction."""
+    full = res[1.0]
+    return {**{k: full[k] for k in keys},
+            "per_finding": {f: d["auc"] for f, d in full["per_finding"].items()},
+            "fractions": {f"{fr:g}": ({"error": r["error"]} if "error" in r else
+                                      {k: r[k] for k in fraction_keys})
+                          for fr, r in res.items()}}
 
 
 def summarise(spec: AblationSpec, steps: dict[str, int],
