@@ -382,6 +382,34 @@ def test_ablation_flags_fail_with_one_line(corpus, tmp_path, capsys, argv, messa
     assert not (tmp_path / "a" / "runs").exists()
 
 
+def test_a_variant_cannot_set_what_the_ablation_sets(corpus, tmp_path, capsys):
+    # a variant's train.steps used to be replaced by the ablation's steps without a word
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    assert main(["ablate", "--config", str(cfg), "--variants", "long", "--define",
+                 "long=mim.policy=none,mlm.policy=none,loss.w_mim=0,loss.w_mlm=0,train.steps=9",
+                 "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "variant long: train.steps is set by the ablation" in err and "--steps" in err
+    assert "Traceback" not in err and not (tmp_path / "a" / "runs").exists()
+    with pytest.raises(ablate.ConfigError, match="variant s: train.seed is set by the ablation"):
+        ablate.variant_config({}, "s", ["train.seed=3"], 0, tmp_path)
+
+
+def test_defined_variants_run_only_when_listed(corpus, tmp_path, capsys):
+    # with --variants, exactly the listed variants run; a definition left out of the list is
+    # refused rather than run (it used to be added to the list) or ignored
+    assert list(ablate.variant_overrides(["clip"], ["mine=mim.policy=random"],
+                                         add_defined=True)) == ["clip", "mine"]
+    assert list(ablate.variant_overrides(["mine"], ["mine=mim.policy=random"],
+                                         add_defined=False)) == ["mine"]
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    assert main(["ablate", "--config", str(cfg), "--variants", "clip", "--define",
+                 "mine=mim.policy=random", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--define mine: mine is not in --variants" in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "runs").exists()
+
+
 def test_ablation_refuses_torchrun(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = write_cfg(corpus, tmp_path / "c.yaml")

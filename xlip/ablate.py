@@ -98,8 +98,11 @@ class AblationSpec:
     finetune_steps: int = 300  # evaluation "finetune": xlip eval finetune --steps
 
 
-def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict[str, list[str]]:
-    """Names from :data:`VARIANTS`, plus ``NAME=key=value,key=value`` definitions."""
+def variant_overrides(names: Sequence[str], defined: Sequence[str] = (),
+                      add_defined: bool = True) -> dict[str, list[str]]:
+    """Names from :data:`VARIANTS` or ``defined`` (``NAME=key=value,key=value``).
+    ``add_defined``: defined variants not in ``names`` are added (the default list plus your
+    own); otherwise ``names`` is the whole list, and a definition left out of it is an error."""
     custom = {}
     for text in defined:
         name, _, rest = text.partition("=")
@@ -117,12 +120,25 @@ def variant_overrides(names: Sequence[str], defined: Sequence[str] = ()) -> dict
             raise ConfigError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)} "
                               "(or define one with --define NAME=key=value,...)")
     for name in custom:
+        if name not in out and not add_defined:
+            raise ConfigError(f"--define {name}: {name} is not in --variants; add it there "
+                              "or leave the --define out")
         out.setdefault(name, custom[name])
     return out
 
 
+#: what the ablation itself sets for every run: a variant that set them would be overridden
+SET_BY_ABLATION = {"train.steps": "--steps N or --equal time|flops",
+                   "train.seed": "--seeds", "train.out_dir": "--out"}
+
+
 def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: int,
                    out_dir: Path, steps: int | None = None) -> Config:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in SET_BY_ABLATION:
+            raise ConfigError(f"variant {name}: {key} is set by the ablation for every run; "
+                              f"leave it out of the variant and use {SET_BY_ABLATION[key]}")
     data = drop_unused_options(
         merge(base, overrides + [f"train.seed={seed}", f"train.out_dir={out_dir}"]))
     drop = {"image_only"} if name.endswith("no_prompts") else set()
