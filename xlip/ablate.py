@@ -66,8 +66,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                    "mlm.row_fraction=0.25"],
                   "XLIP with AttMIM and EntMLM on a random quarter of the rows (cheaper step)"),
 }
-#: not run by default: the cheaper steps that lost (README), and the decoder depths, which
-#: duplicate ``xlip`` in the demo config (2 blocks)
+#: not run by default: the cheaper steps that lost (README) and the decoder depths (in the
+#: demo config, 2 blocks, ``xlip_dec2`` is ``xlip`` itself)
 DEFAULT_VARIANTS = [v for v in VARIANTS
                     if v not in ("xlip_fast_random", "xlip_lite", "xlip_dec1", "xlip_dec2")]
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
