@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from xlip.config import Config, ConfigError, drop_unused_options, from_dict, merge
+from xlip.config import (Config, ConfigError, drop_unused_options, from_dict, merge,
+                         parse_override)
 from xlip.errors import InputError
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
@@ -135,7 +136,7 @@ SET_BY_ABLATION = {"train.steps": "--steps N or --equal time|flops",
 def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: int,
                    out_dir: Path, steps: int | None = None) -> Config:
     for item in overrides:
-        key = item.partition("=")[0].strip()
+        key = ".".join(parse_override(item)[0])
         if key in SET_BY_ABLATION:
             raise ConfigError(f"variant {name}: {key} is set by the ablation for every run; "
                               f"leave it out of the variant and use {SET_BY_ABLATION[key]}")
