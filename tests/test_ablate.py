@@ -251,6 +251,38 @@ def test_equal_flops_counts_each_variant_on_its_own_batches(corpus, tmp_path):
     assert summary["budget"]["reference"] == "xlip"
 
 
+def test_equal_flops_counts_every_batch_of_an_accumulated_step(corpus, tmp_path):
+    """With train.grad_accum=2 a step is two batches: its FLOPs are their sum, so a variant
+    that accumulates gets half the steps of one that does not at the same compute."""
+    from xlip.data.collate import Collator
+    from xlip.data.dataset import MixedDataset
+    from xlip.flops import batch_shape, step_flops
+    from xlip.text.tokenizer import load_tokenizer
+    from xlip.train.distributed import DistInfo
+    from xlip.train.loop import build_loader
+
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    base = load_config(cfg).to_dict()
+    variants = {"clip": ablate.variant_overrides(["clip"])["clip"],
+                "clip_acc2": ablate.variant_overrides(["clip"])["clip"] + ["train.grad_accum=2"]}
+    spec = ablate.AblationSpec(base=base, out=tmp_path / "abl", variants=variants,
+                               equal="flops", reference="clip")
+    flops = ablate.flops_per_step(spec)
+    tok = load_tokenizer(corpus[1])
+    c = ablate.variant_config(base, "clip_acc2", variants["clip_acc2"], 0, tmp_path / "x",
+                              ablate.FLOP_BATCHES)
+    dataset = MixedDataset(c, train=True)
+    batches = list(build_loader(c, dataset, Collator(c, tok, train=True,
+                                                     findings=dataset.findings()), 0, DistInfo()))
+    assert len(batches) == 2 * ablate.FLOP_BATCHES
+    per_step = [sum(step_flops(c, batch_shape(b, len(tok))).total for b in batches[i:i + 2])
+                for i in range(0, len(batches), 2)]
+    assert flops["clip_acc2"] == pytest.approx(np.mean(per_step), rel=1e-9)
+    assert flops["clip_acc2"] == pytest.approx(2 * flops["clip"], rel=0.1)
+    steps = ablate.step_budget(spec, lambda s: None, flops)
+    assert steps["clip"] == 40 and abs(steps["clip_acc2"] - 20) <= 2
+
+
 def test_equal_flops_refuses_what_it_cannot_count(corpus, tmp_path, capsys):
     cfg = write_cfg(corpus, tmp_path / "c.yaml")
     assert main(["ablate", "--config", str(cfg), "--variants", "clip,xlip_lite", "--equal",

@@ -347,7 +347,8 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
     """FLOPs of one training step (forward and backward, :func:`xlip.flops.step_flops`) of each
     variant and of the reference: the mean over the first :data:`FLOP_BATCHES` batches that the
     variant's own loader gives with seed 0 (its rows with an image, padded text length, MLM
-    rows and masked tokens are the data's). Counted, not timed: the same on every machine."""
+    rows and masked tokens are the data's), times ``train.grad_accum`` (a step's batches).
+    Counted, not timed: the same on every machine."""
     from xlip.data.collate import Collator
     from xlip.data.dataset import MixedDataset
     from xlip.data.stream import ShardStream, streamed
@@ -379,7 +380,7 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
         collate = Collator(cfg, tok, train=True, findings=dataset.findings())
         counts = [step_flops(cfg, batch_shape(batch, len(tok))).total
                   for batch in build_loader(cfg, dataset, collate, 0, DistInfo())]
-        out[name] = statistics.fmean(counts)
+        out[name] = statistics.fmean(counts) * cfg.train.grad_accum  # per batch → per step
     return out
 
 
