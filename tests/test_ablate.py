@@ -414,6 +414,18 @@ def test_ablation_flags_fail_with_one_line(corpus, tmp_path, capsys, argv, messa
     assert not (tmp_path / "a" / "runs").exists()
 
 
+def test_without_seeds_the_config_seed_runs(corpus, tmp_path):
+    # --seeds used to default to 0, so a config's own train.seed was replaced without a word
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    out = tmp_path / "a"
+    assert main(["ablate", "--config", str(cfg), "--variants", "clip", "--out", str(out),
+                 "--quiet", "train.seed=2"]) == 0
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["seeds"] == [2]
+    assert [s["seed"] for s in summary["variants"]["clip"]["seeds"]] == [2]
+    assert [p.name for p in (out / "runs" / "clip").iterdir()] == ["seed2"]
+
+
 def test_a_variant_cannot_set_what_the_ablation_sets(corpus, tmp_path, capsys):
     # a variant's train.steps used to be replaced by the ablation's steps without a word
     cfg = write_cfg(corpus, tmp_path / "c.yaml")

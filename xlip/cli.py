@@ -219,13 +219,6 @@ def _ablate(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("xlip ablate runs its variants one after another in one process: start "
                           "it without torchrun (use xlip pretrain under torchrun for one run)")
-    try:
-        seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: give whole numbers, e.g. --seeds 0,1,2"
-                          ) from None
-    if not seeds:
-        raise ConfigError("--seeds is empty: give at least one, e.g. --seeds 0")
     if args.demo == bool(args.config):
         raise ConfigError("xlip ablate needs exactly one of --config FILE and --demo")
     if args.demo:
@@ -235,6 +228,7 @@ def _ablate(args: argparse.Namespace) -> int:
         base["train"]["out_dir"] = str(out / "runs")
     else:
         base = load_config(args.config, overrides).to_dict()
+    seeds = _seeds(args.seeds, base["train"]["seed"])
     names = [n for n in args.variants.split(",") if n] if args.variants else DEFAULT_VARIANTS
     evaluations = ((["zeroshot", "attmim"] if args.demo else ["zeroshot"])
                    + (["probe"] if args.probe else [])
@@ -253,6 +247,19 @@ def _ablate(args: argparse.Namespace) -> int:
     print((out / "ablation.md").read_text())
     print(f"written: {out / 'ablation.json'} {out / 'ablation.md'}")
     return 0 if summary["variants"] else 1
+
+
+def _seeds(arg: str | None, config_seed: int) -> list[int]:
+    """--seeds as a list of distinct seeds; without it, the config's ``train.seed``."""
+    if arg is None:
+        return [config_seed]
+    try:
+        seeds = list(dict.fromkeys(int(x) for x in arg.split(",") if x.strip()))
+    except ValueError:
+        raise ConfigError(f"--seeds {arg!r}: give whole numbers, e.g. --seeds 0,1,2") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty: give at least one, e.g. --seeds 0")
+    return seeds
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -497,7 +504,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
                     f"{', '.join(DEFAULT_VARIANTS)})")
     ab.add_argument("--define", action="append", default=[], metavar="NAME=KEY=VALUE,...",
                     help="a custom variant, e.g. lr3=train.lr=3e-3,mim.ratio=0.6")
-    ab.add_argument("--seeds", default="0", help="comma list of train.seed values")
+    ab.add_argument("--seeds", help="comma list of train.seed values, one run of each "
+                    "variant per seed (default: the config's train.seed)")
     ab.add_argument("--equal", choices=["steps", "time", "flops"], default="steps",
                     help="same steps for every variant, the same wall-clock budget, or the "
                     "same FLOPs (counted, not timed: the same on any machine)")
