@@ -136,6 +136,25 @@ def test_batched_masks_equal_the_per_row_reference(tok, policy, separate):
         assert (text == tok.mask_token_id).any()
 
 
+def test_masked_texts_are_cut_to_their_own_longest_row(tok):
+    """Label prompts (four negated findings) set the clean texts' padded length; the masked
+    reports are far shorter and are cut to their longest row: what they would be collated
+    without the prompt rows, which is what EntMLM's BERT pass then costs."""
+    cfg = tiny_config(text={"max_length": 96}, data={"prompt_negatives": 4},
+                      mlm={"policy": "entity"})
+    img = torch.zeros(1, 8, 8)
+    reports = [Sample(0, "paired", "Small left pneumothorax.", ("Pneumothorax",), img, 21),
+               Sample(0, "paired", "Cardiomegaly. No effusion.", ("Cardiomegaly",), img, 22)]
+    prompt = Sample(2, "image_only", "", ("Nodule",), img, 23)
+    mixed = Collator(cfg, tok, findings=FINDINGS)(reports + [prompt])
+    alone = Collator(cfg, tok, findings=FINDINGS)(reports)
+    assert mixed["mlm_rows"].tolist() == [0, 1]
+    assert mixed["mlm_input_ids"].shape[1] < mixed["input_ids"].shape[1]
+    assert mixed["mlm_attention_mask"][:, -1].any()  # no column of padding only is left
+    for key in ("mlm_input_ids", "mlm_attention_mask", "mlm_labels", "mlm_positions"):
+        assert torch.equal(mixed[key], alone[key]), key
+
+
 def test_same_seeds_same_batch_in_any_company(tok):
     rows = samples()
     first = Collator(config(), tok, findings=FINDINGS)(rows)

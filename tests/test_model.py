@@ -5,7 +5,7 @@ from tests.conftest import VOCAB, random_batch, tiny_config
 from xlip.losses import XLIPLoss
 from xlip.model.layers import attend
 from xlip.model.vision import VisionTransformer, load_timm_weights, patchify, unpatchify
-from xlip.model.xlip import XLIPModel
+from xlip.model.xlip import XLIPModel, add_mlm_positions
 
 
 def total_loss(model, cfg, batch, seed=0):
@@ -387,6 +387,34 @@ def test_one_bert_call_gives_what_two_calls_give(cfg):
     assert torch.allclose(txt["tokens"], clean["tokens"], atol=1e-5)
     assert torch.allclose(txt["pooled"], clean["pooled"], atol=1e-5)
     assert torch.allclose(mtxt, masked, atol=1e-5)
+
+
+def test_mlm_texts_cut_to_their_own_length_give_what_padded_ones_give():
+    """The collator cuts the masked texts to their longest row (below the clean texts' L):
+    the step then runs two BERT calls, and EntMLM's logits and every loss are those of the
+    masked texts padded to L (one call)."""
+    cfg = tiny_config(text={"dropout": 0.0})
+    model = XLIPModel(cfg, VOCAB).train()
+    short = random_batch(cfg, B=4, L=10)  # clean and masked texts alike 10 wide
+    wide = dict(short)
+    pad = 6
+    wide["input_ids"] = torch.nn.functional.pad(short["input_ids"], (0, pad))
+    wide["attention_mask"] = torch.nn.functional.pad(short["attention_mask"], (0, pad))
+    wide["guide_mask"] = torch.nn.functional.pad(short["guide_mask"], (0, pad))
+    cut = dict(wide)  # clean texts 16 wide, masked ones 10: two calls
+    full = dict(wide)  # masked texts padded to 16 too: one call
+    full["mlm_input_ids"] = torch.nn.functional.pad(short["mlm_input_ids"], (0, pad))
+    full["mlm_attention_mask"] = torch.nn.functional.pad(short["mlm_attention_mask"], (0, pad))
+    full["mlm_labels"] = torch.nn.functional.pad(short["mlm_labels"], (0, pad), value=-100)
+    calls = []
+    model.text.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    _, out_cut, parts_cut = total_loss(model, cfg, add_mlm_positions(cut))
+    _, out_full, parts_full = total_loss(model, cfg, add_mlm_positions(full))
+    assert calls == [(4, 16), (4, 10), (8, 16)]
+    assert torch.allclose(out_cut["mlm_logits"], out_full["mlm_logits"], atol=1e-5)
+    assert torch.equal(out_cut["mlm_labels"], out_full["mlm_labels"])
+    for key, value in parts_full.items():
+        assert torch.allclose(parts_cut[key], value, atol=1e-5), key
 
 
 def test_hybrid_masked_pass_normalises_with_running_stats():

@@ -32,8 +32,10 @@ class StepShape:
 
     Args:
         images: Bi, rows with an image (CL, MIM; their clean texts go through BERT).
-        length: L, the padded token length of the clean and the masked texts.
+        length: L, the padded token length of the clean texts.
         mlm_rows: Bm, rows with a masked text (EntMLM).
+        mlm_length: Lm, the padded token length of the masked texts (the collator cuts them
+            to their own longest); 0: L.
         mlm_tokens: M, labelled (masked) token positions in the MLM rows.
         vocab: the text encoder's vocabulary size (the MLM head's output).
     """
@@ -43,6 +45,7 @@ class StepShape:
     mlm_rows: int
     mlm_tokens: int
     vocab: int
+    mlm_length: int = 0
 
 
 def batch_shape(batch: dict, vocab: int) -> StepShape:
@@ -50,7 +53,8 @@ def batch_shape(batch: dict, vocab: int) -> StepShape:
     keys)."""
     return StepShape(images=int(batch["has_image"].sum()), length=batch["input_ids"].shape[1],
                      mlm_rows=len(batch["mlm_rows"]),
-                     mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=vocab)
+                     mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=vocab,
+                     mlm_length=batch["mlm_input_ids"].shape[1])
 
 
 @dataclass
@@ -187,8 +191,10 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
     fast = cfg.train.mode == "fast"
     mim, mlm = cfg.mim.policy != "none", cfg.mlm.policy != "none"
     Bm = shape.mlm_rows if mlm else 0
+    Lm = shape.mlm_length or L
 
-    bert(led, "text", cfg, Bi + Bm, L)  # clean texts of the image rows + masked texts, one call
+    bert(led, "text", cfg, Bi, L)  # clean texts of the image rows
+    bert(led, "text", cfg, Bm, Lm)  # masked texts (in the same call when Lm is L: same FLOPs)
     # the full image: with gradients (default), without (fast: AttMIM's scores only), or only
     # the hybrid stem's BatchNorm statistics (fast, random masking)
     if not fast or cfg.mim.policy == "attention":
@@ -220,7 +226,7 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
         ctx = K if fast else N
         led.add("mm_decoder/image_proj", linear(Bm * ctx, width, hidden), True)
         for _ in range(m.mm_decoder_depth):
-            fusion_block(led, "mm_decoder/blocks", Bm, L, hidden, ctx, hidden, True,
+            fusion_block(led, "mm_decoder/blocks", Bm, Lm, hidden, ctx, hidden, True,
                          ctx_grad=True)
         led.add("mm_decoder/head", linear(shape.mlm_tokens, hidden, hidden)
                 + linear(shape.mlm_tokens, hidden, shape.vocab), True)

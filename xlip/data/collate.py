@@ -230,6 +230,11 @@ class Collator:
                 for s, t, p in zip(samples, texts, prompt)]
         attention = enc["attention_mask"][:B]
         mlm_mask = enc["attention_mask"][B:] if separate else attention[rows]
+        # the masked texts at their own longest length: reports are often far shorter than the
+        # label prompts that set L, and EntMLM's BERT pass and decoder then skip the padding
+        # (the columns cut are padding in every MLM row: the same masks and labels)
+        Lm = int(mlm_mask.sum(1).max()) if len(mlm_rows) else L
+        mlm_ids, mlm_labels, mlm_mask = mlm_ids[:, :Lm], mlm_labels[:, :Lm], mlm_mask[:, :Lm]
         batch = {
             "images": torch.stack(images) if images else torch.zeros(0, 1, 1, 1),
             "has_image": has_image,

@@ -126,23 +126,22 @@ class XLIPModel(nn.Module):
     def _encode_texts(self, batch: dict[str, Tensor],
                       img_rows: Tensor) -> tuple[dict[str, Tensor] | None, Tensor | None]:
         """BERT over the clean texts of the rows with an image (CL, AttMIM; text-only rows need
-        none) and the masked texts of the MLM rows, in one call: one batch of Bi + Bm rows
-        costs less than two. Returns (``pooled`` (Bi, H) / ``tokens`` (Bi, L, H), masked
-        token states (Bm, L, H)), None where there are no such rows."""
-        ids, masks = [], []
-        if len(img_rows):
-            ids.append(batch["input_ids"][img_rows])
-            masks.append(batch["attention_mask"][img_rows])
-        mlm = self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
-        if mlm:
-            ids.append(batch["mlm_input_ids"])
-            masks.append(batch["mlm_attention_mask"])
-        if not ids:
-            return None, None
-        out = self.text(torch.cat(ids), torch.cat(masks))
+        none) and the masked texts of the MLM rows (Bm, Lm): in one call when they have one
+        length (one batch of Bi + Bm rows costs less than two), else in two (the collator cuts
+        the masked texts to their own longest, often far below the prompts' L). Returns
+        (``pooled`` (Bi, H) / ``tokens`` (Bi, L, H), masked token states (Bm, Lm, H)), None
+        where there are no such rows."""
         n = len(img_rows)
-        txt = {"pooled": out["pooled"][:n], "tokens": out["tokens"][:n]} if n else None
-        return txt, (out["tokens"][n:] if mlm else None)
+        clean = ((batch["input_ids"][img_rows], batch["attention_mask"][img_rows])
+                 if n else None)
+        mlm = self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
+        masked = (batch["mlm_input_ids"], batch["mlm_attention_mask"]) if mlm else None
+        if clean is not None and masked is not None and clean[0].shape[1] == masked[0].shape[1]:
+            out = self.text(torch.cat([clean[0], masked[0]]), torch.cat([clean[1], masked[1]]))
+            return ({"pooled": out["pooled"][:n], "tokens": out["tokens"][:n]},
+                    out["tokens"][n:])
+        txt = self.text(*clean) if clean is not None else None
+        return txt, (self.text(*masked)["tokens"] if masked is not None else None)
 
     def _encode_images(self, batch: dict[str, Tensor], txt: dict[str, Tensor], img_rows: Tensor,
                        out: dict[str, Tensor],
