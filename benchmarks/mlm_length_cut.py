@@ -1,0 +1,104 @@
+"""The XLIP training step with EntMLM's masked texts cut to their own longest row (what the
+collator gives) against the same batches with them padded to the clean texts' length (what it
+gave before 2026-12-04), side by side in one process.
+
+The batches are the demo's (its config and synthetic corpus, built into ``--demo-dir`` when
+missing): label prompts with four negated findings set the clean texts' padded length, while
+the impressions that EntMLM masks are far shorter. Each batch runs once cut and once padded,
+in alternating order, on one model and optimizer; the first ``--warmup`` batches are not timed.
+Reports the median seconds per step of each, their ratio, and each one's FLOPs per step
+(``xlip.flops``).
+
+    python benchmarks/mlm_length_cut.py --demo-dir runs/demo \
+        --out benchmarks/results/mlm_length_cut.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def padded(batch: dict) -> dict:
+    """``batch`` with its masked texts padded to the clean texts' length (ids 0, labels -100)."""
+    from xlip.masking import mlm_positions
+
+    pad = batch["input_ids"].shape[1] - batch["mlm_input_ids"].shape[1]
+    out = dict(batch)
+    out["mlm_input_ids"] = F.pad(batch["mlm_input_ids"], (0, pad))
+    out["mlm_attention_mask"] = F.pad(batch["mlm_attention_mask"], (0, pad))
+    out["mlm_labels"] = F.pad(batch["mlm_labels"], (0, pad), value=-100)
+    out["mlm_positions"] = mlm_positions(out["mlm_labels"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demo-dir", default="runs/demo", help="the demo's corpus and tokenizer")
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="JSON file for the figures")
+    args = ap.parse_args()
+
+    from xlip.data.collate import Collator
+    from xlip.data.dataset import MixedDataset
+    from xlip.demo import demo_config, prepare_demo_data
+    from xlip.flops import batch_shape, step_flops
+    from xlip.losses import XLIPLoss
+    from xlip.model.xlip import XLIPModel
+    from xlip.text.tokenizer import load_tokenizer
+    from xlip.train.distributed import DistInfo
+    from xlip.train.loop import build_loader, tokenizer_dir
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.demo_dir)
+    prepare_demo_data(out)
+    cfg = demo_config(out, ["data.verify_images=false", "data.num_workers=0"])
+    tok = load_tokenizer(tokenizer_dir(cfg))
+    dataset = MixedDataset(cfg, train=True)
+    loader = build_loader(cfg, dataset, Collator(cfg, tok, train=True,
+                                                 findings=dataset.findings()), 0, DistInfo())
+    batches = [b for _, b in zip(range(args.batches), loader)]
+    torch.manual_seed(0)
+    model, crit = XLIPModel(cfg, len(tok)).train(), XLIPLoss(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(batch: dict) -> float:
+        t = time.perf_counter()
+        losses = crit(model(batch, generator=torch.Generator().manual_seed(0)), batch)
+        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"cut": [], "padded": []}
+    flops: dict[str, list[int]] = {"cut": [], "padded": []}
+    for i, batch in enumerate(batches):
+        pair = [("cut", batch), ("padded", padded(batch))]
+        for name, b in pair if i % 2 == 0 else pair[::-1]:
+            flops[name].append(step_flops(cfg, batch_shape(b, len(tok))).total)
+            dt = step(b)
+            if i >= args.warmup:
+                times[name].append(dt)
+    res = {name: {"s_per_step": statistics.median(t),
+                  "gflop_per_step": statistics.fmean(flops[name]) / 1e9}
+           for name, t in times.items()}
+    res["time_ratio"] = res["cut"]["s_per_step"] / res["padded"]["s_per_step"]
+    res["flop_ratio"] = res["cut"]["gflop_per_step"] / res["padded"]["gflop_per_step"]
+    res["clean_length"] = statistics.fmean(b["input_ids"].shape[1] for b in batches)
+    res["masked_length"] = statistics.fmean(b["mlm_input_ids"].shape[1] for b in batches)
+    res["timed_batches"], res["threads"] = len(times["cut"]), args.threads
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
