@@ -41,7 +41,7 @@ def padded(batch: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo-dir", default="runs/demo", help="the demo's corpus and tokenizer")
-    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--batches", type=int, default=26)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON file for the figures")
