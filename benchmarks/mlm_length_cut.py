@@ -27,15 +27,14 @@ import torch.nn.functional as F
 
 def padded(batch: dict) -> dict:
     """``batch`` with its masked texts padded to the clean texts' length (ids 0, labels -100)."""
-    from xlip.masking import mlm_positions
+    from xlip.model.xlip import add_mlm_positions
 
     pad = batch["input_ids"].shape[1] - batch["mlm_input_ids"].shape[1]
     out = dict(batch)
     out["mlm_input_ids"] = F.pad(batch["mlm_input_ids"], (0, pad))
     out["mlm_attention_mask"] = F.pad(batch["mlm_attention_mask"], (0, pad))
     out["mlm_labels"] = F.pad(batch["mlm_labels"], (0, pad), value=-100)
-    out["mlm_positions"] = mlm_positions(out["mlm_labels"])
-    return out
+    return add_mlm_positions(out)
 
 
 def main() -> None:
