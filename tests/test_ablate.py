@@ -205,6 +205,44 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
     assert [Path(p).name for p in seen] == ["clip"]  # clip is calibrated again
 
 
+def test_equal_time_calibration_measures_past_the_warm_up(corpus, tmp_path, monkeypatch):
+    """On a GPU the 30 calibration steps last about 2 s, most of it warm-up (cuDNN autotuning
+    each new text length): XLIP's step was measured at 0.089 s and ran at 0.063 s, so CLIP got
+    1,469 steps where equal time gave it 1,070. A measurement shorter than calibrate_s is made
+    again over enough steps, and only its steps after the first third count."""
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    out = tmp_path / "abl"
+    out.mkdir()
+    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
+                               variants=ablate.variant_overrides(["clip"]), equal="time",
+                               reference="clip", calibrate_s=10.0)
+    runs = []
+
+    def fake_pretrain(cfg, progress=True):  # 0.2 s a step for 20 steps, then 0.05 s
+        runs.append(cfg.train.steps)
+        rows, every = [], cfg.train.log_every
+        for step in range(every, cfg.train.steps + 1, every):
+            elapsed = 0.2 * min(step, 20) + 0.05 * max(0, step - 20)
+            rows.append(json.dumps({"step": step, "elapsed_s": elapsed}))
+        run = Path(cfg.train.out_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+    monkeypatch.setattr("xlip.train.loop.pretrain", fake_pretrain)
+    assert ablate.step_budget(spec, lambda s: None) == {"clip": 40}
+    # 30 steps measured steps 10-30 (2.5 s, 0.125 s/step): too short, so once more with
+    # 30 x 10 s / 2.5 s x 1.1 = 132 steps, measured from step 44 on
+    assert runs == [30, 132]
+    sec = json.loads((out / "calibration.json").read_text())["clip"]["s_per_step"]
+    assert sec == pytest.approx(0.05)
+    # long enough the first time: one run
+    runs.clear()
+    (out / "calibration.json").unlink()
+    assert ablate.calibrate(ablate.variant_config(spec.base, "clip", [], 0, out / "cal", 30),
+                            out / "cal", 2.0, lambda s: None) == pytest.approx(0.125)
+    assert runs == [30]
+
+
 def test_equal_flops_counts_each_variant_on_its_own_batches(corpus, tmp_path):
     """--equal flops: each variant's FLOPs per step are what torch's FlopCounterMode counts on
     the real model over the batches its loader gives, and its steps spend the reference's

@@ -95,6 +95,7 @@ class AblationSpec:
     budget_s: float = 0.0  # equal=time: seconds per run; 0: the reference's steps × s/step
     steps: int = 0  # steps per run (equal=steps) or of the reference; 0: the config's
     calibrate_steps: int = 30
+    calibrate_s: float = 10.0  # equal=time: measure at least this long (longer runs if needed)
     evaluations: list[str] = field(default_factory=lambda: ["zeroshot"])
     finetune_steps: int = 300  # evaluation "finetune": xlip eval finetune --steps
 
@@ -290,6 +291,30 @@ EQUAL = ("steps", "time", "flops")
 FLOP_BATCHES = 8  # equal=flops: a variant's FLOPs per step are the mean over its first batches
 
 
+def calibrate(cfg: Config, run: Path, min_seconds: float, log: Callable[[str], None]) -> float:
+    """Seconds per step of ``cfg`` (``train.steps`` short), measured after its first third of
+    steps. Where the measured steps took less than ``min_seconds`` (a GPU runs the demo's 30
+    steps in about 2 s, most of them warming up: cuDNN autotuning each new text length, the
+    allocator growing), the run is made again, long enough to measure ``min_seconds``."""
+    from xlip.train.loop import pretrain
+
+    steps = cfg.train.steps
+    for attempt in range(2):
+        shutil.rmtree(run, ignore_errors=True)
+        cfg.train.steps = steps
+        cfg.train.log_every = max(1, steps // 3)
+        log(f"calibrating {run.name}: {steps} steps")
+        pretrain(cfg, progress=False)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        sec = seconds_per_step(run)
+        measured = rows[-1]["elapsed_s"] - (rows[0]["elapsed_s"] if len(rows) > 1 else 0.0)
+        shutil.rmtree(run, ignore_errors=True)
+        if measured >= min_seconds or attempt:
+            return sec
+        steps = min(20 * steps, math.ceil(steps * min_seconds / max(measured, 1e-3) * 1.1))
+    return sec
+
+
 def step_budget(spec: AblationSpec, log: Callable[[str], None],
                 flops: dict[str, float] | None = None) -> dict[str, int]:
     """Steps per variant: the config's for equal steps; for equal time, the budget divided by
@@ -308,8 +333,6 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
                                         for n, s in out.items())
             + f"; budget {budget / 1e12:.2f} TFLOP")
         return out
-    from xlip.train.loop import pretrain
-
     path = spec.out / "calibration.json"
     cal = json.loads(path.read_text()) if path.is_file() else {}
     names = list(spec.variants)
@@ -324,15 +347,11 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
         cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED, run,
                              spec.calibrate_steps)
         digest = config_digest(cfg)
-        cfg.train.log_every = max(1, spec.calibrate_steps // 3)
         entry = cal.get(name)
         if isinstance(entry, dict) and entry.get("config_digest") == digest:
             sec[name] = entry["s_per_step"]
             continue  # measured before under this very config (a changed one is re-measured)
-        shutil.rmtree(run, ignore_errors=True)
-        log(f"calibrating {name}: {spec.calibrate_steps} steps")
-        pretrain(cfg, progress=False)
-        sec[name] = seconds_per_step(run)
+        sec[name] = calibrate(cfg, run, spec.calibrate_s, log)
         cal[name] = {"s_per_step": sec[name], "config_digest": digest}
         path.write_text(json.dumps(cal, indent=2))
         shutil.rmtree(run, ignore_errors=True)
