@@ -31,6 +31,7 @@ import yaml
 from xlip.config import (Config, ConfigError, drop_unused_options, from_dict, merge,
                          parse_override)
 from xlip.errors import InputError
+from xlip.eval import FINETUNE_STEPS
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 
@@ -97,7 +98,7 @@ class AblationSpec:
     calibrate_steps: int = 30
     calibrate_s: float = 10.0  # equal=time: measure at least this long (longer runs if needed)
     evaluations: list[str] = field(default_factory=lambda: ["zeroshot"])
-    finetune_steps: int = 300  # evaluation "finetune": xlip eval finetune --steps
+    finetune_steps: int = FINETUNE_STEPS  # evaluation "finetune": xlip eval finetune --steps
 
 
 def variant_overrides(names: Sequence[str], defined: Sequence[str] = (),

@@ -11,6 +11,7 @@ from pathlib import Path
 from xlip import __version__
 from xlip.config import ConfigError
 from xlip.errors import XlipError
+from xlip.eval import FINETUNE_STEPS
 from xlip.cli_eval import add_eval_commands
 from xlip.files import writable_dir, writable_file
 
@@ -521,7 +522,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     ab.add_argument("--finetune", action="store_true", help="also fine-tuning of each run's "
                     "image encoder with a linear head (xlip eval finetune) at 100, 10 and 1 %% "
                     "of the training patients, added to finished runs alike")
-    ab.add_argument("--finetune-steps", type=int, default=300,
+    ab.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
                     help="--finetune: steps per fine-tuning (at most: it stops early on the "
                     "validation AUC)")
     ab.add_argument("--retrieval", action="store_true", help="also image-report retrieval "

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from xlip.config import ConfigError
+from xlip.eval import FINETUNE_STEPS
 from xlip.files import writable_dir
 
 
@@ -229,7 +230,7 @@ def add_eval_commands(sub: argparse._SubParsersAction, suite) -> None:
     ft.add_argument("--seed", type=int, default=0, help="seed of the fraction, the held-out "
                     "validation patients, the random initialisation, the head, the batch "
                     "order and the augmentation")
-    ft.add_argument("--steps", type=int, default=300, help="most optimisation steps")
+    ft.add_argument("--steps", type=int, default=FINETUNE_STEPS, help="most optimisation steps")
     ft.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW; "
                     "10%% of the steps warm-up, then cosine decay)")
     ft.add_argument("--head-lr-scale", type=float, default=10.0,

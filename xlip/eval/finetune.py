@@ -38,6 +38,7 @@ from xlip.config import Config
 from xlip.data.images import prepare_image
 from xlip.data.manifest import Record
 from xlip.errors import InputError
+from xlip.eval import FINETUNE_STEPS
 from xlip.eval.metrics import auc, auc_table
 from xlip.eval.probe import (ProbeOptions, decode_images, finding_table, labels, pooled_features,
                              split_rows, usable_findings)
@@ -54,7 +55,7 @@ WARMUP_SHARE = 0.1  # of the steps: linear warm-up, then cosine decay
 class FinetuneOptions(ProbeOptions):
     """The probe's rows (manifest, splits, fraction, init, findings, seed) and the training."""
 
-    steps: int = 300
+    steps: int = FINETUNE_STEPS
     lr: float = 3e-4
     head_lr_scale: float = 10.0  # the new head learns at this multiple of lr
     batch_size: int = 32
