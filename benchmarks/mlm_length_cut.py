@@ -50,7 +50,7 @@ def main() -> None:
     from xlip.data.dataset import MixedDataset
     from xlip.demo import demo_config, prepare_demo_data
     from xlip.flops import batch_shape, step_flops
-    from xlip.losses import XLIPLoss
+    from xlip.losses import XLIPLoss, total_loss
     from xlip.model.xlip import XLIPModel
     from xlip.text.tokenizer import load_tokenizer
     from xlip.train.distributed import DistInfo
@@ -72,7 +72,7 @@ def main() -> None:
     def step(batch: dict) -> float:
         t = time.perf_counter()
         losses = crit(model(batch, generator=torch.Generator().manual_seed(0)), batch)
-        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+        total_loss(losses).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

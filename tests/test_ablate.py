@@ -247,12 +247,11 @@ def test_equal_flops_counts_each_variant_on_its_own_batches(corpus, tmp_path):
     """--equal flops: each variant's FLOPs per step are what torch's FlopCounterMode counts on
     the real model over the batches its loader gives, and its steps spend the reference's
     compute (to within half a step)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from xlip.data.collate import Collator
     from xlip.data.dataset import MixedDataset
-    from xlip.losses import XLIPLoss
+    from xlip.losses import XLIPLoss, total_loss
     from xlip.model.xlip import XLIPModel
     from xlip.text.tokenizer import load_tokenizer
     from xlip.train.distributed import DistInfo
@@ -275,7 +274,7 @@ def test_equal_flops_counts_each_variant_on_its_own_batches(corpus, tmp_path):
         for batch in loader:
             with FlopCounterMode(display=False) as counter:
                 losses = crit(model(batch), batch)
-                sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+                total_loss(losses).backward()
             seen.append(counter.get_total_flops())
         assert len(seen) == ablate.FLOP_BATCHES
         assert flops[name] == pytest.approx(np.mean(seen), rel=1e-9)

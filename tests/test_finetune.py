@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config
 from xlip.api import XLIP
 from xlip.cli import main
 from xlip.eval import finetune as ft

@@ -21,7 +21,7 @@ from torch import nn
 
 from tests.conftest import ROOT, build_corpus, random_batch, tiny_config
 from xlip.config import ConfigError, load_config
-from xlip.losses import XLIPLoss
+from xlip.losses import XLIPLoss, total_loss
 from xlip.model.xlip import XLIPModel
 from xlip.optim import to_device
 from xlip.precision import autocast, set_tf32
@@ -207,7 +207,7 @@ def test_bf16_step_with_the_hybrid_stem(where):
     with autocast("bf16", device):
         out = model(batch, generator=torch.Generator(device=device).manual_seed(0))
         losses = XLIPLoss(model.cfg)(out, batch)
-    total = sum(v for k, v in losses.items() if k.endswith("_loss"))
+    total = total_loss(losses)
     total.backward()
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert torch.isfinite(total)

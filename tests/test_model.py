@@ -2,16 +2,16 @@ import pytest
 import torch
 
 from tests.conftest import VOCAB, random_batch, tiny_config
-from xlip.losses import XLIPLoss
+from xlip.losses import XLIPLoss, loss_terms, total_loss
 from xlip.model.layers import attend
 from xlip.model.vision import VisionTransformer, load_timm_weights, patchify, unpatchify
 from xlip.model.xlip import XLIPModel, add_mlm_positions
 
 
-def total_loss(model, cfg, batch, seed=0):
+def run_losses(model, cfg, batch, seed=0):
     out = model(batch, generator=torch.Generator().manual_seed(seed))
     losses = XLIPLoss(cfg)(out, batch)
-    return sum(v for k, v in losses.items() if k.endswith("_loss")), out, losses
+    return total_loss(losses), out, losses
 
 
 @pytest.mark.parametrize("mim,mlm,stem,mode", [
@@ -34,7 +34,7 @@ def test_every_parameter_gets_a_gradient(mim, mlm, stem, mode):
                                                   "w_mlm": float(mlm != "none")})
     torch.manual_seed(0)
     model = XLIPModel(cfg, VOCAB)
-    loss, out, losses = total_loss(model, cfg, random_batch(cfg))
+    loss, out, losses = run_losses(model, cfg, random_batch(cfg))
     loss.backward()
     assert torch.isfinite(loss)
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -250,13 +250,13 @@ def test_one_batch_overfit(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for step in range(120):
-        loss, out, losses = total_loss(model, cfg, batch, seed=step % 2)
+        loss, out, losses = run_losses(model, cfg, batch, seed=step % 2)
         if first is None:
-            first = {k: float(v.detach()) for k, v in losses.items() if k.endswith("_loss")}
+            first = {k: float(v.detach()) for k, v in loss_terms(losses).items()}
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = {k: float(v.detach()) for k, v in losses.items() if k.endswith("_loss")}
+    last = {k: float(v.detach()) for k, v in loss_terms(losses).items()}
     assert last["cl_loss"] < 0.1 * first["cl_loss"]
     assert last["mlm_loss"] < 0.2 * first["mlm_loss"]
     assert last["mim_loss"] < 0.7 * first["mim_loss"]
@@ -310,7 +310,7 @@ def test_logit_scale_keeps_its_gradient_above_the_bound_and_is_clamped_after_the
     model = XLIPModel(cfg, VOCAB)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(150.0))  # above max_logit_scale=100
-    loss, _, _ = total_loss(model, cfg, random_batch(cfg))
+    loss, _, _ = run_losses(model, cfg, random_batch(cfg))
     loss.backward()
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
     torch.optim.SGD([model.logit_scale], lr=0.0).step()
@@ -354,7 +354,7 @@ def test_fast_mode_gradients_flow_only_through_the_visible_pass(mim):
     assert torch.equal(again["mim_mask"], out["mim_mask"])  # same masks, same generator
     assert torch.allclose(again["image_embed"], out["image_embed"], atol=1e-5)
     loss = XLIPLoss(cfg)(out, batch)
-    sum(v for k, v in loss.items() if k.endswith("_loss")).backward()
+    total_loss(loss).backward()
     assert all(p.grad is not None for p in model.vision.parameters())
 
 
@@ -408,8 +408,8 @@ def test_mlm_texts_cut_to_their_own_length_give_what_padded_ones_give():
     full["mlm_labels"] = torch.nn.functional.pad(short["mlm_labels"], (0, pad), value=-100)
     calls = []
     model.text.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
-    _, out_cut, parts_cut = total_loss(model, cfg, add_mlm_positions(cut))
-    _, out_full, parts_full = total_loss(model, cfg, add_mlm_positions(full))
+    _, out_cut, parts_cut = run_losses(model, cfg, add_mlm_positions(cut))
+    _, out_full, parts_full = run_losses(model, cfg, add_mlm_positions(full))
     assert calls == [(4, 16), (4, 10), (8, 16)]
     assert torch.allclose(out_cut["mlm_logits"], out_full["mlm_logits"], atol=1e-5)
     assert torch.equal(out_cut["mlm_labels"], out_full["mlm_labels"])

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
 from xlip.cli import main
 from xlip.errors import InputError
 from xlip.eval import probe

@@ -39,7 +39,7 @@ from xlip.data.synthetic import SynthConfig, synthesize
 from xlip.errors import InputError
 from xlip.files import writable_dir, writable_file, write_atomic
 from xlip.flops import batch_shape, step_flops
-from xlip.losses import XLIPLoss
+from xlip.losses import XLIPLoss, total_loss
 from xlip.masking import mlm_positions
 from xlip.model.xlip import XLIPModel
 from xlip.optim import adamw
@@ -232,7 +232,7 @@ def time_steps(cfg: Config, batch: dict, steps: int, vocab: int, device: torch.d
         t = time.perf_counter()
         with autocast(cfg.train.precision, device):
             losses = crit(model(batch), batch)
-        sum(v for k, v in losses.items() if k.endswith("_loss")).backward()
+        total_loss(losses).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)

@@ -122,8 +122,19 @@ class MLMLoss(nn.Module):
         return mean_over_ranks(ce.sum(), n), per / count.clamp(min=1)
 
 
+def loss_terms(losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weighted terms of an :class:`XLIPLoss` output (keys ending in ``_loss``); the other
+    keys (``*_per_sample``) are diagnostics."""
+    return {k: v for k, v in losses.items() if k.endswith("_loss")}
+
+
+def total_loss(losses: dict[str, Tensor]) -> Tensor | float:
+    """The objective a step minimises: the sum of :func:`loss_terms` (0 when there is none)."""
+    return sum(loss_terms(losses).values())
+
+
 class XLIPLoss(nn.Module):
-    """L = w_cl·CL + w_mim·MIM + w_mlm·MLM over the model's output dict."""
+    """L = w_cl·CL + w_mim·MIM + w_mlm·MLM over the model's output dict (:func:`total_loss`)."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from xlip.config import Config
 from xlip.errors import XlipError
+from xlip.losses import loss_terms, total_loss
 from xlip.precision import autocast
 
 Batch = dict[str, Any]  # tensors (moved to the device) and other values
@@ -134,8 +135,8 @@ class TrainSteps:
                 batch = to_device(next(batches), self.device)
                 with autocast(self.precision, self.device):
                     losses, out = self.forward(batch, step, micro)
-                total = sum(v for k, v in losses.items() if k.endswith("_loss"))
-                terms.append({k: v.detach() for k, v in losses.items() if k.endswith("_loss")})
+                total = total_loss(losses)
+                terms.append({k: v.detach() for k, v in loss_terms(losses).items()})
                 if torch.is_tensor(total) and total.requires_grad:  # a constant: nothing to learn
                     (total / self.grad_accum).backward()
                 if self.on_micro is not None:
