@@ -206,8 +206,8 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
 
 
 def test_equal_time_calibration_measures_past_the_warm_up(corpus, tmp_path, monkeypatch):
-    """On a GPU the 30 calibration steps last about 2 s, most of it warm-up (cuDNN autotuning
-    each new text length): XLIP's step was measured at 0.089 s and ran at 0.063 s, so CLIP got
+    """On a GPU the 30 calibration steps last about 2 s, and early steps are slower than later
+    ones (warm-up): XLIP's step was measured at 0.089 s and ran at 0.063 s, so CLIP got
     1,469 steps where equal time gave it 1,070. A measurement shorter than calibrate_s is made
     again over enough steps, and only its steps after the first third count."""
     cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)

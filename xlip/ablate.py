@@ -295,8 +295,8 @@ FLOP_BATCHES = 8  # equal=flops: a variant's FLOPs per step are the mean over it
 def calibrate(cfg: Config, run: Path, min_seconds: float, log: Callable[[str], None]) -> float:
     """Seconds per step of ``cfg`` (``train.steps`` short), measured after its first third of
     steps. Where the measured steps took less than ``min_seconds`` (a GPU runs the demo's 30
-    steps in about 2 s, most of them warming up: cuDNN autotuning each new text length, the
-    allocator growing), the run is made again, long enough to measure ``min_seconds``."""
+    steps in about 2 s, and there the early steps of one run were far slower than the later
+    ones: warm-up whose cause was not measured), the run is made again, long enough to measure ``min_seconds``."""
     from xlip.train.loop import pretrain
 
     steps = cfg.train.steps
