@@ -194,14 +194,20 @@ def same_config(run: Path, cfg: Config) -> bool:
     return True
 
 
-def seconds_per_step(run: Path, skip_first: int = 1) -> float:
-    """Mean seconds per step between the first and the last log line of ``metrics.jsonl``
-    (the first interval holds start-up work and is left out)."""
+def timed_window(run: Path, skip_first: int = 1) -> tuple[float, int]:
+    """Seconds and steps between the first and the last log line of ``metrics.jsonl`` (the
+    first interval holds start-up work and is left out; with one line, from the start)."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     if len(rows) <= skip_first:
-        return rows[-1]["elapsed_s"] / rows[-1]["step"]
+        return rows[-1]["elapsed_s"], rows[-1]["step"]
     a, b = rows[skip_first - 1], rows[-1]
-    return (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+    return b["elapsed_s"] - a["elapsed_s"], b["step"] - a["step"]
+
+
+def seconds_per_step(run: Path, skip_first: int = 1) -> float:
+    """Mean seconds per step over :func:`timed_window`."""
+    seconds, steps = timed_window(run, skip_first)
+    return seconds / steps
 
 
 def run_ablation(spec: AblationSpec, progress: bool = True,
@@ -296,24 +302,25 @@ def calibrate(cfg: Config, run: Path, min_seconds: float, log: Callable[[str], N
     """Seconds per step of ``cfg`` (``train.steps`` short), measured after its first third of
     steps. Where the measured steps took less than ``min_seconds`` (a GPU runs the demo's 30
     steps in about 2 s, and there the early steps of one run were far slower than the later
-    ones: warm-up whose cause was not measured), the run is made again, long enough to measure ``min_seconds``."""
+    ones: warm-up whose cause was not measured), the run is made again, long enough to measure
+    ``min_seconds``."""
     from xlip.train.loop import pretrain
 
-    steps = cfg.train.steps
-    for attempt in range(2):
+    def timed(steps: int) -> tuple[float, int]:
         shutil.rmtree(run, ignore_errors=True)
-        cfg.train.steps = steps
-        cfg.train.log_every = max(1, steps // 3)
+        cfg.train.steps, cfg.train.log_every = steps, max(1, steps // 3)
         log(f"calibrating {run.name}: {steps} steps")
         pretrain(cfg, progress=False)
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        sec = seconds_per_step(run)
-        measured = rows[-1]["elapsed_s"] - (rows[0]["elapsed_s"] if len(rows) > 1 else 0.0)
+        window = timed_window(run)
         shutil.rmtree(run, ignore_errors=True)
-        if measured >= min_seconds or attempt:
-            return sec
-        steps = min(20 * steps, math.ceil(steps * min_seconds / max(measured, 1e-3) * 1.1))
-    return sec
+        return window
+
+    first = cfg.train.steps
+    seconds, steps = timed(first)
+    if seconds < min_seconds:  # mostly warm-up: once more, long enough
+        seconds, steps = timed(min(20 * first, math.ceil(first * min_seconds
+                                                         / max(seconds, 1e-3) * 1.1)))
+    return seconds / steps
 
 
 def step_budget(spec: AblationSpec, log: Callable[[str], None],
@@ -355,7 +362,6 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
         sec[name] = calibrate(cfg, run, spec.calibrate_s, log)
         cal[name] = {"s_per_step": sec[name], "config_digest": digest}
         path.write_text(json.dumps(cal, indent=2))
-        shutil.rmtree(run, ignore_errors=True)
     budget = spec.budget_s or base_steps * sec[spec.reference]
     out = {name: max(1, round(budget / sec[name])) for name in spec.variants}
     log("equal time: " + ", ".join(f"{n} {s} steps ({sec[n]:.3f} s/step)"
