@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,36 +38,38 @@ def padded(batch: dict) -> dict:
     return add_mlm_positions(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo-dir", default="runs/demo", help="the demo's corpus and tokenizer")
-    ap.add_argument("--batches", type=int, default=26)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="JSON file for the figures")
-    args = ap.parse_args()
-
+def demo_batches(demo_dir: str, n: int, overrides: Sequence[str] = ()) -> tuple[Any, Any, list]:
+    """(config, tokenizer, the first ``n`` training batches) of the demo's config and corpus
+    (built into ``demo_dir`` when missing), with ``overrides``."""
     from xlip.data.collate import Collator
     from xlip.data.dataset import MixedDataset
     from xlip.demo import demo_config, prepare_demo_data
-    from xlip.flops import batch_shape, step_flops
-    from xlip.losses import XLIPLoss, total_loss
-    from xlip.model.xlip import XLIPModel
     from xlip.text.tokenizer import load_tokenizer
     from xlip.train.distributed import DistInfo
     from xlip.train.loop import build_loader, tokenizer_dir
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.demo_dir)
+    out = Path(demo_dir)
     prepare_demo_data(out)
-    cfg = demo_config(out, ["data.verify_images=false", "data.num_workers=0"])
+    cfg = demo_config(out, ["data.verify_images=false", "data.num_workers=0", *overrides])
     tok = load_tokenizer(tokenizer_dir(cfg))
     dataset = MixedDataset(cfg, train=True)
     loader = build_loader(cfg, dataset, Collator(cfg, tok, train=True,
                                                  findings=dataset.findings()), 0, DistInfo())
-    batches = [b for _, b in zip(range(args.batches), loader)]
+    return cfg, tok, [b for _, b in zip(range(n), loader)]
+
+
+def time_side_by_side(cfg: Any, vocab: int, batches: list, forms: dict[str, Callable],
+                      warmup: int) -> dict[str, Any]:
+    """Each batch in each of ``forms`` (name → batch → batch), the order alternating between
+    batches, on one model and optimizer; the first ``warmup`` batches are not timed. Returns
+    per form the median seconds and the mean FLOPs per step (``xlip.flops``), and the ratio
+    of the first form to the second."""
+    from xlip.flops import batch_shape, step_flops
+    from xlip.losses import XLIPLoss, total_loss
+    from xlip.model.xlip import XLIPModel
+
     torch.manual_seed(0)
-    model, crit = XLIPModel(cfg, len(tok)).train(), XLIPLoss(cfg)
+    model, crit = XLIPModel(cfg, vocab).train(), XLIPLoss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(batch: dict) -> float:
@@ -77,23 +80,41 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t
 
-    times: dict[str, list[float]] = {"cut": [], "padded": []}
-    flops: dict[str, list[int]] = {"cut": [], "padded": []}
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    flops: dict[str, list[int]] = {name: [] for name in forms}
     for i, batch in enumerate(batches):
-        pair = [("cut", batch), ("padded", padded(batch))]
-        for name, b in pair if i % 2 == 0 else pair[::-1]:
-            flops[name].append(step_flops(cfg, batch_shape(b, len(tok))).total)
+        pairs = [(name, form(batch)) for name, form in forms.items()]
+        for name, b in pairs if i % 2 == 0 else pairs[::-1]:
+            flops[name].append(step_flops(cfg, batch_shape(b, vocab)).total)
             dt = step(b)
-            if i >= args.warmup:
+            if i >= warmup:
                 times[name].append(dt)
-    res = {name: {"s_per_step": statistics.median(t),
-                  "gflop_per_step": statistics.fmean(flops[name]) / 1e9}
-           for name, t in times.items()}
-    res["time_ratio"] = res["cut"]["s_per_step"] / res["padded"]["s_per_step"]
-    res["flop_ratio"] = res["cut"]["gflop_per_step"] / res["padded"]["gflop_per_step"]
+    res: dict[str, Any] = {name: {"s_per_step": statistics.median(t),
+                                  "gflop_per_step": statistics.fmean(flops[name]) / 1e9}
+                           for name, t in times.items()}
+    first, second = list(forms)[:2]
+    res["time_ratio"] = res[first]["s_per_step"] / res[second]["s_per_step"]
+    res["flop_ratio"] = res[first]["gflop_per_step"] / res[second]["gflop_per_step"]
+    res["timed_batches"] = len(times[first])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--demo-dir", default="runs/demo", help="the demo's corpus and tokenizer")
+    ap.add_argument("--batches", type=int, default=26)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="JSON file for the figures")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg, tok, batches = demo_batches(args.demo_dir, args.batches)
+    res = time_side_by_side(cfg, len(tok), batches, {"cut": lambda b: b, "padded": padded},
+                            args.warmup)
     res["clean_length"] = statistics.fmean(b["input_ids"].shape[1] for b in batches)
     res["masked_length"] = statistics.fmean(b["mlm_input_ids"].shape[1] for b in batches)
-    res["timed_batches"], res["threads"] = len(times["cut"]), args.threads
+    res["threads"] = args.threads
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

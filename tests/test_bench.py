@@ -25,11 +25,12 @@ def shape_of(batch: dict) -> StepShape:
     return batch_shape(batch, VOCAB)
 
 
-def counted(cfg, seed: int = 0) -> tuple[int, int]:
-    """(forward, backward) FLOPs of one training step as torch's FlopCounterMode counts them."""
+def counted(cfg, seed: int = 0, batch: dict | None = None) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one training step as torch's FlopCounterMode counts them
+    (on ``random_batch`` unless a batch is given)."""
     torch.manual_seed(seed)
     model, crit = XLIPModel(cfg, VOCAB).train(), XLIPLoss(cfg)
-    batch = random_batch(cfg)
+    batch = random_batch(cfg) if batch is None else batch
     with FlopCounterMode(display=False) as fwd:
         losses = crit(model(batch), batch)
         loss = total_loss(losses)
@@ -82,6 +83,22 @@ def test_step_flops_equal_torch_flop_counter(sections):
     cfg = tiny_config(**sections)
     led = step_flops(cfg, shape_of(random_batch(cfg)))
     assert counted(cfg) == (led.forward, led.backward)
+
+
+def test_step_flops_count_clean_texts_grouped_by_length():
+    """With the clean texts in two length groups (the collator's ``clean_groups``) BERT's
+    clean pass costs each group's rows × its length; FlopCounterMode on the real step agrees."""
+    cfg = tiny_config(mim={"policy": "attention"})
+    batch = random_batch(cfg, B=4, L=10)
+    batch["attention_mask"][:2, 4:] = 0
+    batch["guide_mask"] &= batch["attention_mask"].bool()
+    grouped = dict(batch, clean_rows=torch.tensor([0, 1, 2, 3]), clean_groups=((2, 4), (2, 10)))
+    led, one = step_flops(cfg, shape_of(grouped)), step_flops(cfg, shape_of(batch))
+    assert counted(cfg, batch=grouped) == (led.forward, led.backward)
+    text = {n: sum(t.forward + t.backward for t in x.terms if t.name.startswith("text"))
+            for n, x in (("grouped", led), ("one", one))}
+    assert text["grouped"] < text["one"]
+    assert one.total - led.total == text["one"] - text["grouped"]  # nothing else changes
 
 
 def test_flop_counter_misses_cpu_sdpa():

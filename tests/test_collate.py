@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from xlip.data.collate import Collator, Sample
+from xlip.data.collate import Collator, Sample, length_groups
 from xlip.masking import seeded_uniform
 from xlip.text.ner import extract_entities, guide_entities
 from xlip.text.tokenizer import train_wordpiece
@@ -155,12 +155,18 @@ def test_masked_texts_are_cut_to_their_own_longest_row(tok):
         assert torch.equal(mixed[key], alone[key]), key
 
 
+def assert_same_batch(a: dict, b: dict) -> None:
+    """Equal keys and values: tensors, and the clean texts' length groups (a tuple)."""
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]) if torch.is_tensor(value) else value == b[key], key
+
+
 def test_same_seeds_same_batch_in_any_company(tok):
     rows = samples()
     first = Collator(config(), tok, findings=FINDINGS)(rows)
     again = Collator(config(), tok, findings=FINDINGS)(samples())
-    for key, value in first.items():
-        assert torch.equal(value, again[key]), key
+    assert_same_batch(first, again)
     # a row collated alone gets the masks it got in the batch (padding aside)
     alone = Collator(config(), tok, findings=FINDINGS)([rows[2]])
     L = alone["input_ids"].shape[1]
@@ -186,8 +192,7 @@ def test_text_cache_is_bounded_and_changes_nothing(tok):
     coll = Collator(config(), tok, findings=FINDINGS, cache_size=3)
     first = coll(rows)
     assert len(coll._spans) == 3
-    for key, value in coll(rows).items():  # some texts from the cache, some again
-        assert torch.equal(value, first[key]), key
+    assert_same_batch(coll(rows), first)  # some texts from the cache, some again
     assert len(coll._spans) == 3
 
 
@@ -226,3 +231,35 @@ def test_prompt_rows_are_collated_as_before(tok):
     slow.prompt_spans = lambda sentences: text_spans(" ".join(sentences))
     for key, value in slow(rows).items():
         assert torch.equal(value, fast[key]), key
+
+
+def test_length_groups_split_where_padding_is_saved():
+    # 40 reports of ≤ 16 tokens and 24 prompts of ≤ 55: two calls, 40 × 16 + 24 × 55 tokens
+    lengths = [12, 16, 14] * 13 + [16] + [55, 50, 47] * 8
+    rows, groups = length_groups(lengths)
+    assert groups == ((40, 16), (24, 55))
+    assert sorted(rows.tolist()) == list(range(64))  # every row once
+    short, long = rows[:40].tolist(), rows[40:].tolist()
+    assert short == sorted(short) and long == sorted(long)  # batch order within a group
+    assert max(lengths[j] for j in short) == 16 and min(lengths[j] for j in long) == 47
+    assert length_groups([20] * 8) is None  # one length: one call
+    assert length_groups([]) is None
+    # a split saving under min_saving of the padded tokens is not worth a second call
+    assert length_groups([50] * 15 + [40]) is None  # saves 10 of 800 tokens
+    assert length_groups([50] * 15 + [40], min_saving=0.0)[1] == ((1, 40), (15, 50))
+
+
+def test_collator_groups_the_image_rows_clean_texts_by_length(tok):
+    """Each group's length covers each of its rows' tokens, and the groups cover every image
+    row once (text-only rows have no clean pass)."""
+    rows = samples()
+    batch = Collator(config(), tok, findings=FINDINGS)(rows)
+    assert "clean_groups" in batch  # the prompts are far longer than the shortest reports
+    img = batch["attention_mask"][batch["has_image"]].sum(1)
+    order, start = batch["clean_rows"].tolist(), 0
+    assert sorted(order) == list(range(int(batch["has_image"].sum())))
+    for size, length in batch["clean_groups"]:
+        group = order[start:start + size]
+        start += size
+        assert max(img[j] for j in group) == length
+    assert start == len(order)

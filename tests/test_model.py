@@ -417,6 +417,51 @@ def test_mlm_texts_cut_to_their_own_length_give_what_padded_ones_give():
         assert torch.allclose(parts_cut[key], value, atol=1e-5), key
 
 
+@pytest.mark.parametrize("mlm_length", [6, 9])
+def test_clean_texts_grouped_by_length_give_what_one_padded_call_gives(mlm_length):
+    """Short reports and long prompts in one batch: BERT runs per length group (the masked
+    texts join the group of their length, else a call of their own), and every output, loss
+    and gradient is that of one call over the texts padded to the batch's longest."""
+    from xlip.data.collate import length_groups
+
+    cfg = tiny_config(text={"dropout": 0.0}, mim={"policy": "attention"})
+    model = XLIPModel(cfg, VOCAB).train()
+    plain = random_batch(cfg, B=6, L=16)
+    short = torch.tensor([True, False, True, True, False, True])  # rows 0, 2, 3, 5: 6 tokens
+    plain["attention_mask"][short, 6:] = 0
+    plain["input_ids"][plain["attention_mask"] == 0] = 0
+    plain["guide_mask"] &= plain["attention_mask"].bool()
+    for key in ("mlm_input_ids", "mlm_attention_mask", "mlm_labels"):  # MLM texts: cut
+        plain[key] = plain[key][:, :mlm_length].clone()
+    plain["mlm_attention_mask"][:] = 1
+    plain = add_mlm_positions(plain)
+    grouped = dict(plain)
+    grouped["clean_rows"], grouped["clean_groups"] = length_groups(
+        plain["attention_mask"].sum(1).tolist())
+    assert grouped["clean_rows"].tolist() == [0, 2, 3, 5, 1, 4]
+    assert grouped["clean_groups"] == ((4, 6), (2, 16))
+    calls = []
+    model.text.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    grads = []
+    for batch in (plain, grouped):
+        model.zero_grad()
+        loss, out, parts = run_losses(model, cfg, batch)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+        if batch is plain:
+            ref_out, ref_parts = out, parts
+    joined = [(4 + 6, 6), (2, 16)] if mlm_length == 6 else [(4, 6), (2, 16), (6, 9)]
+    assert calls[:2] == [(6, 16), (6, mlm_length)] and calls[2:] == joined
+    for key in ("image_embed", "text_embed", "mim_scores", "mim_pred", "mlm_logits"):
+        assert torch.allclose(out[key], ref_out[key], atol=1e-5), key
+    for key, value in ref_parts.items():
+        assert torch.allclose(parts[key], value, atol=1e-5), key
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, atol=1e-5), name
+
+
 def test_hybrid_masked_pass_normalises_with_running_stats():
     """In training, the masked (visible-only) pass of the hybrid stem uses the running
     BatchNorm statistics of whole images: a visible patch's tokens do not depend on the other

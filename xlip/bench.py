@@ -42,7 +42,7 @@ from xlip.flops import batch_shape, step_flops
 from xlip.losses import XLIPLoss, total_loss
 from xlip.masking import mlm_positions
 from xlip.model.xlip import XLIPModel
-from xlip.optim import adamw
+from xlip.optim import adamw, to_device
 from xlip.precision import autocast, cpu_has_fast_bf16, resolve_precision, set_tf32
 from xlip.text.labels import CANONICAL_FINDINGS
 from xlip.text.tokenizer import train_wordpiece
@@ -225,7 +225,7 @@ def time_steps(cfg: Config, batch: dict, steps: int, vocab: int, device: torch.d
     model = XLIPModel(cfg, vocab).to(device).train()
     crit = XLIPLoss(cfg)
     opt, _ = adamw(model, cfg)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = to_device(batch, device)
     times = []
     for i in range(warmup + steps):
         _sync(device)

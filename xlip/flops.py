@@ -33,6 +33,9 @@ class StepShape:
     Args:
         images: Bi, rows with an image (CL, MIM; their clean texts go through BERT).
         length: L, the padded token length of the clean texts.
+        clean_groups: the clean texts' BERT calls, (rows, length) each, when the collator
+            grouped them by length (:func:`~xlip.data.collate.length_groups`); (): one of
+            (images, length).
         mlm_rows: Bm, rows with a masked text (EntMLM).
         mlm_length: Lm, the padded token length of the masked texts (the collator cuts them
             to their own longest); 0: L.
@@ -46,6 +49,7 @@ class StepShape:
     mlm_tokens: int
     vocab: int
     mlm_length: int = 0
+    clean_groups: tuple[tuple[int, int], ...] = ()  # (rows, length): clean texts by length
 
 
 def batch_shape(batch: dict, vocab: int) -> StepShape:
@@ -54,7 +58,8 @@ def batch_shape(batch: dict, vocab: int) -> StepShape:
     return StepShape(images=int(batch["has_image"].sum()), length=batch["input_ids"].shape[1],
                      mlm_rows=len(batch["mlm_rows"]),
                      mlm_tokens=int((batch["mlm_labels"] != -100).sum()), vocab=vocab,
-                     mlm_length=batch["mlm_input_ids"].shape[1])
+                     mlm_length=batch["mlm_input_ids"].shape[1],
+                     clean_groups=tuple(batch.get("clean_groups", ())))
 
 
 @dataclass
@@ -193,7 +198,8 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
     Bm = shape.mlm_rows if mlm else 0
     Lm = shape.mlm_length or L
 
-    bert(led, "text", cfg, Bi, L)  # clean texts of the image rows
+    for rows, length in shape.clean_groups or ((Bi, L),):  # clean texts of the image rows
+        bert(led, "text", cfg, rows, length)
     bert(led, "text", cfg, Bm, Lm)  # masked texts (in the same call when Lm is L: same FLOPs)
     # the full image: with gradients (default), without (fast: AttMIM's scores only), or only
     # the hybrid stem's BatchNorm statistics (fast, random masking)

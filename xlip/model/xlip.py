@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,12 +137,44 @@ class XLIPModel(nn.Module):
                  if n else None)
         mlm = self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
         masked = (batch["mlm_input_ids"], batch["mlm_attention_mask"]) if mlm else None
+        if clean is not None and "clean_groups" in batch:  # by length (the collator's groups)
+            return self._grouped_texts(*clean, batch["clean_rows"], batch["clean_groups"], masked)
         if clean is not None and masked is not None and clean[0].shape[1] == masked[0].shape[1]:
             out = self.text(torch.cat([clean[0], masked[0]]), torch.cat([clean[1], masked[1]]))
             return ({"pooled": out["pooled"][:n], "tokens": out["tokens"][:n]},
                     out["tokens"][n:])
         txt = self.text(*clean) if clean is not None else None
         return txt, (self.text(*masked)["tokens"] if masked is not None else None)
+
+    def _grouped_texts(self, ids: Tensor, mask: Tensor, rows: Tensor,
+                       groups: Sequence[tuple[int, int]], masked: tuple[Tensor, Tensor] | None
+                       ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """:meth:`_encode_texts` with the clean texts ``ids``/``mask`` (Bi, L) in groups, each cut
+        to its own length (:func:`~xlip.data.collate.length_groups`): ``rows`` (Bi,) their
+        positions group after group, ``groups`` ((rows, length), ...). The token states are
+        padded back to (Bi, L) with zeros (padding: no consumer attends to it). The masked
+        texts join the group of their length, if any, in one call."""
+        n, L = ids.shape
+        tokens = pooled = mtok = None
+        start = 0
+        for size, length in groups:
+            pos = rows[start:start + size]  # python bounds: no host-device sync
+            start += size
+            g_ids, g_mask = ids[pos, :length], mask[pos, :length]
+            if masked is not None and mtok is None and masked[0].shape[1] == length:
+                out = self.text(torch.cat([g_ids, masked[0]]), torch.cat([g_mask, masked[1]]))
+                mtok = out["tokens"][size:]
+                out = {"pooled": out["pooled"][:size], "tokens": out["tokens"][:size]}
+            else:
+                out = self.text(g_ids, g_mask)
+            if tokens is None:
+                tokens = out["tokens"].new_zeros(n, L, out["tokens"].shape[-1])
+                pooled = out["pooled"].new_zeros(n, out["pooled"].shape[-1])
+            tokens = tokens.index_copy(0, pos, F.pad(out["tokens"], (0, 0, 0, L - length)))
+            pooled = pooled.index_copy(0, pos, out["pooled"])
+        if masked is not None and mtok is None:
+            mtok = self.text(*masked)["tokens"]
+        return {"pooled": pooled, "tokens": tokens}, mtok
 
     def _encode_images(self, batch: dict[str, Tensor], txt: dict[str, Tensor], img_rows: Tensor,
                        out: dict[str, Tensor],
