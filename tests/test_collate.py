@@ -263,3 +263,6 @@ def test_collator_groups_the_image_rows_clean_texts_by_length(tok):
         start += size
         assert max(img[j] for j in group) == length
     assert start == len(order)
+    compiled = config()
+    compiled.train.compile = True  # no groups: each new group shape would compile again
+    assert "clean_groups" not in Collator(compiled, tok, findings=FINDINGS)(rows)
