@@ -63,18 +63,22 @@ def time_side_by_side(cfg: Any, vocab: int, batches: list, forms: dict[str, Call
     """Each batch in each of ``forms`` (name → batch → batch), the order alternating between
     batches, on one model and optimizer; the first ``warmup`` batches are not timed. Returns
     per form the median seconds and the mean FLOPs per step (``xlip.flops``), and the ratio
-    of the first form to the second."""
+    of the first form to the second. Steps run under the config's ``train.precision``, as in
+    training (bf16 on a CPU with AMX or AVX512-BF16 under ``auto``)."""
     from xlip.flops import batch_shape, step_flops
     from xlip.losses import XLIPLoss, total_loss
     from xlip.model.xlip import XLIPModel
+    from xlip.precision import autocast, resolve_precision
 
+    cpu = torch.device("cpu")
     torch.manual_seed(0)
     model, crit = XLIPModel(cfg, vocab).train(), XLIPLoss(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(batch: dict) -> float:
         t = time.perf_counter()
-        losses = crit(model(batch, generator=torch.Generator().manual_seed(0)), batch)
+        with autocast(cfg.train.precision, cpu):  # as the trainer: bf16 where auto means it
+            losses = crit(model(batch, generator=torch.Generator().manual_seed(0)), batch)
         total_loss(losses).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -96,6 +100,7 @@ def time_side_by_side(cfg: Any, vocab: int, batches: list, forms: dict[str, Call
     res["time_ratio"] = res[first]["s_per_step"] / res[second]["s_per_step"]
     res["flop_ratio"] = res[first]["gflop_per_step"] / res[second]["gflop_per_step"]
     res["timed_batches"] = len(times[first])
+    res["precision"] = resolve_precision(cfg.train.precision, cpu)
     return res
 
 
