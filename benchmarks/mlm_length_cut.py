@@ -104,25 +104,36 @@ def time_side_by_side(cfg: Any, vocab: int, batches: list, forms: dict[str, Call
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The side-by-side step benchmarks' command line (their docstring's first paragraph as the
+    description); sets torch's thread count."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--demo-dir", default="runs/demo", help="the demo's corpus and tokenizer")
     ap.add_argument("--batches", type=int, default=26)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON file for the figures")
     args = ap.parse_args()
-
     torch.set_num_threads(args.threads)
+    return args
+
+
+def report(res: dict[str, Any], out: str | None) -> None:
+    """Print the figures as JSON, and write them to ``out`` if given."""
+    print(json.dumps(res, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+def main() -> None:
+    args = parse_args(__doc__)
     cfg, tok, batches = demo_batches(args.demo_dir, args.batches)
     res = time_side_by_side(cfg, len(tok), batches, {"cut": lambda b: b, "padded": padded},
                             args.warmup)
     res["clean_length"] = statistics.fmean(b["input_ids"].shape[1] for b in batches)
     res["masked_length"] = statistics.fmean(b["mlm_input_ids"].shape[1] for b in batches)
     res["threads"] = args.threads
-    print(json.dumps(res, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    report(res, args.out)
 
 
 if __name__ == "__main__":

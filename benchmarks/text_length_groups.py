@@ -15,19 +15,16 @@ groups' mean lengths.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mlm_length_cut import demo_batches, time_side_by_side  # noqa: E402
+from mlm_length_cut import demo_batches, parse_args, report, time_side_by_side  # noqa: E402
 
-VARIANTS = {"clip": ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"],
-            "xlip": []}
+from xlip.ablate import CLIP  # noqa: E402
+
+VARIANTS = {"clip": CLIP, "xlip": []}
 
 
 def one_call(batch: dict) -> dict:
@@ -36,15 +33,7 @@ def one_call(batch: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--demo-dir", default="runs/demo", help="the demo's corpus and tokenizer")
-    ap.add_argument("--batches", type=int, default=26)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="JSON file for the figures")
-    args = ap.parse_args()
-
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
     res = {"threads": args.threads}
     for name, overrides in VARIANTS.items():
         cfg, tok, batches = demo_batches(args.demo_dir, args.batches, overrides)
@@ -58,9 +47,7 @@ def main() -> None:
                                       for i in range(2)] if groups else []
         res[name]["group_rows"] = [statistics.fmean(g[i][0] for g in groups)
                                    for i in range(2)] if groups else []
-    print(json.dumps(res, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    report(res, args.out)
 
 
 if __name__ == "__main__":

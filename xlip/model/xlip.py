@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,54 +126,46 @@ class XLIPModel(nn.Module):
     def _encode_texts(self, batch: dict[str, Tensor],
                       img_rows: Tensor) -> tuple[dict[str, Tensor] | None, Tensor | None]:
         """BERT over the clean texts of the rows with an image (CL, AttMIM; text-only rows need
-        none) and the masked texts of the MLM rows (Bm, Lm): in one call when they have one
-        length (one batch of Bi + Bm rows costs less than two), else in two (the collator cuts
-        the masked texts to their own longest, often far below the prompts' L). Returns
-        (``pooled`` (Bi, H) / ``tokens`` (Bi, L, H), masked token states (Bm, Lm, H)), None
-        where there are no such rows."""
-        n = len(img_rows)
-        clean = ((batch["input_ids"][img_rows], batch["attention_mask"][img_rows])
-                 if n else None)
+        none) and the masked texts of the MLM rows (Bm, Lm). The clean texts run in the
+        collator's length groups (``clean_rows``, ``clean_groups``:
+        :func:`~xlip.data.collate.length_groups`), each cut to its own length and its token
+        states padded back to L with zeros (no consumer attends to padding), else as one group
+        at L. The masked texts join the call of the group of their length (one batch of rows
+        costs less than two calls), else get a call of their own (the collator cuts them to
+        their own longest, often far below the prompts' L). Returns (``pooled`` (Bi, H) /
+        ``tokens`` (Bi, L, H), masked token states (Bm, Lm, H)), None where there are no such
+        rows."""
         mlm = self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
         masked = (batch["mlm_input_ids"], batch["mlm_attention_mask"]) if mlm else None
-        if clean is not None and "clean_groups" in batch:  # by length (the collator's groups)
-            return self._grouped_texts(*clean, batch["clean_rows"], batch["clean_groups"], masked)
-        if clean is not None and masked is not None and clean[0].shape[1] == masked[0].shape[1]:
-            out = self.text(torch.cat([clean[0], masked[0]]), torch.cat([clean[1], masked[1]]))
-            return ({"pooled": out["pooled"][:n], "tokens": out["tokens"][:n]},
-                    out["tokens"][n:])
-        txt = self.text(*clean) if clean is not None else None
-        return txt, (self.text(*masked)["tokens"] if masked is not None else None)
-
-    def _grouped_texts(self, ids: Tensor, mask: Tensor, rows: Tensor,
-                       groups: Sequence[tuple[int, int]], masked: tuple[Tensor, Tensor] | None
-                       ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """:meth:`_encode_texts` with the clean texts ``ids``/``mask`` (Bi, L) in groups, each cut
-        to its own length (:func:`~xlip.data.collate.length_groups`): ``rows`` (Bi,) their
-        positions group after group, ``groups`` ((rows, length), ...). The token states are
-        padded back to (Bi, L) with zeros (padding: no consumer attends to it). The masked
-        texts join the group of their length, if any, in one call."""
-        n, L = ids.shape
-        tokens = pooled = mtok = None
+        n, txt, mtok = len(img_rows), None, None
+        ids, mask = batch["input_ids"][img_rows], batch["attention_mask"][img_rows]
+        L = ids.shape[1]
+        rows = batch.get("clean_rows")  # None: one group, the rows in batch order
+        groups = batch["clean_groups"] if rows is not None else ((n, L),) if n else ()
         start = 0
         for size, length in groups:
-            pos = rows[start:start + size]  # python bounds: no host-device sync
+            pos = rows[start:start + size] if rows is not None else None  # no host-device sync
             start += size
-            g_ids, g_mask = ids[pos, :length], mask[pos, :length]
+            g_ids, g_mask = (ids, mask) if pos is None else (ids[pos], mask[pos])
+            g_ids, g_mask = g_ids[:, :length], g_mask[:, :length]
             if masked is not None and mtok is None and masked[0].shape[1] == length:
                 out = self.text(torch.cat([g_ids, masked[0]]), torch.cat([g_mask, masked[1]]))
                 mtok = out["tokens"][size:]
                 out = {"pooled": out["pooled"][:size], "tokens": out["tokens"][:size]}
             else:
                 out = self.text(g_ids, g_mask)
-            if tokens is None:
-                tokens = out["tokens"].new_zeros(n, L, out["tokens"].shape[-1])
-                pooled = out["pooled"].new_zeros(n, out["pooled"].shape[-1])
-            tokens = tokens.index_copy(0, pos, F.pad(out["tokens"], (0, 0, 0, L - length)))
-            pooled = pooled.index_copy(0, pos, out["pooled"])
+            if pos is None:
+                txt = out
+                continue
+            if txt is None:
+                txt = {"tokens": out["tokens"].new_zeros(n, L, out["tokens"].shape[-1]),
+                       "pooled": out["pooled"].new_zeros(n, out["pooled"].shape[-1])}
+            txt = {"tokens": txt["tokens"].index_copy(
+                       0, pos, F.pad(out["tokens"], (0, 0, 0, L - length))),
+                   "pooled": txt["pooled"].index_copy(0, pos, out["pooled"])}
         if masked is not None and mtok is None:
             mtok = self.text(*masked)["tokens"]
-        return {"pooled": pooled, "tokens": tokens}, mtok
+        return txt, mtok
 
     def _encode_images(self, batch: dict[str, Tensor], txt: dict[str, Tensor], img_rows: Tensor,
                        out: dict[str, Tensor],
