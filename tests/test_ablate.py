@@ -205,6 +205,39 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
     assert [Path(p).name for p in seen] == ["clip"]  # clip is calibrated again
 
 
+def test_equal_time_times_aux_and_cl_only_steps_apart(corpus, tmp_path, monkeypatch):
+    """A variant with loss.aux_until=0.25: its steps with MIM and MLM and its CL-only steps
+    are calibrated apart and weighted 1:3 (a 30-step calibration run would time only the
+    CL-only steps, which come after its first third)."""
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    out = tmp_path / "abl"
+    out.mkdir()
+    spec = ablate.AblationSpec(
+        base=load_config(cfg).to_dict(), out=out, equal="time", reference="xlip_early",
+        calibrate_s=0.0,
+        variants={"clip": ablate.variant_overrides(["clip"])["clip"],
+                  "xlip_early": ablate.variant_overrides(["xlip"])["xlip"]
+                  + ["loss.aux_until=0.25"]})
+    runs = []
+
+    def fake_pretrain(cfg, progress=True):  # an aux step 0.4 s, a CL-only step 0.1 s
+        aux = cfg.loss.aux_steps(cfg.train.steps) if cfg.mim.policy != "none" else 0
+        runs.append((Path(cfg.train.out_dir).name, aux))
+        every = cfg.train.log_every
+        rows = [json.dumps({"step": n, "elapsed_s": 0.4 * min(n, aux) + 0.1 * max(0, n - aux)})
+                for n in range(every, cfg.train.steps + 1, every)]
+        Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.train.out_dir) / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+
+    monkeypatch.setattr("xlip.train.loop.pretrain", fake_pretrain)
+    # xlip_early: 0.25 x 0.4 + 0.75 x 0.1 = 0.175 s/step, CLIP 0.1: 40 x 0.175 / 0.1 = 70
+    assert ablate.step_budget(spec, lambda s: None) == {"clip": 70, "xlip_early": 40}
+    assert runs == [("clip", 0), ("xlip_early.aux", 30), ("xlip_early.cl", 0)]
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["xlip_early.aux"]["s_per_step"] == pytest.approx(0.4)
+    assert cal["xlip_early.cl"]["s_per_step"] == pytest.approx(0.1)
+
+
 def test_equal_time_calibration_measures_past_the_warm_up(corpus, tmp_path, monkeypatch):
     """On a GPU the 30 calibration steps last about 2 s, and early steps are slower than later
     ones (warm-up): XLIP's step was measured at 0.089 s and ran at 0.063 s, so CLIP got
@@ -286,6 +319,25 @@ def test_equal_flops_counts_each_variant_on_its_own_batches(corpus, tmp_path):
     summary = ablate.summarise(spec, steps, flops)
     assert summary["budget"]["flops_per_step"] == flops
     assert summary["budget"]["reference"] == "xlip"
+
+
+def test_equal_flops_counts_aux_until_as_its_share_of_aux_steps(corpus, tmp_path):
+    """A variant with loss.aux_until=0.25 costs a quarter of its own XLIP step and three
+    quarters of a CLIP step (on the same batches); the budget follows."""
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    spec = ablate.AblationSpec(
+        base=load_config(cfg).to_dict(), out=tmp_path / "abl",
+        variants={**ablate.variant_overrides(["clip", "xlip"]),
+                  "xlip_early": ablate.variant_overrides(["xlip"])["xlip"]
+                  + ["loss.aux_until=0.25"]},
+        equal="flops", reference="xlip_early")
+    flops = ablate.flops_per_step(spec)
+    # the CLIP variant's batches carry no masked texts, but the CL-only step's FLOPs do not
+    # depend on them
+    assert flops["xlip_early"] == pytest.approx(0.25 * flops["xlip"] + 0.75 * flops["clip"],
+                                                rel=1e-9)
+    steps = ablate.step_budget(spec, lambda s: None, flops)
+    assert steps["xlip_early"] == 40 and 40 < steps["clip"] < 40 * flops["xlip"] / flops["clip"]
 
 
 def test_equal_flops_counts_every_batch_of_an_accumulated_step(corpus, tmp_path):

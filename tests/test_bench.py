@@ -85,6 +85,27 @@ def test_step_flops_equal_torch_flop_counter(sections):
     assert counted(cfg) == (led.forward, led.backward)
 
 
+@pytest.mark.parametrize("sections", [{}, {"mim": {"mask_at": "tokens"}},
+                                      {"train": {"mode": "fast"}, "vision": {"stem": "hybrid"}}],
+                         ids=["default", "tokens-mask", "fast-hybrid"])
+def test_step_flops_after_aux_until_are_clips(sections):
+    """A step after ``loss.aux_until`` (``aux=False``) costs what FlopCounterMode counts on
+    the real model's CL-only step, which is the CLIP config's step."""
+    cfg = tiny_config(loss={"aux_until": 0.5}, **sections)
+    batch = random_batch(cfg)
+    led = step_flops(cfg, shape_of(batch), aux=False)
+    torch.manual_seed(0)
+    model, crit = XLIPModel(cfg, VOCAB).train(), XLIPLoss(cfg)
+    with FlopCounterMode(display=False) as fwd:
+        loss = total_loss(crit(model(batch, aux=False), batch))
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    assert (fwd.get_total_flops(), bwd.get_total_flops()) == (led.forward, led.backward)
+    clip = tiny_config(**{**sections, **CLIP, "train": {}, "mim": {"policy": "none"}})
+    assert led.total == step_flops(clip, shape_of(batch)).total
+    assert led.total < step_flops(cfg, shape_of(batch)).total
+
+
 def test_step_flops_count_clean_texts_grouped_by_length():
     """With the clean texts in two length groups (the collator's ``clean_groups``) BERT's
     clean pass costs each group's rows × its length; FlopCounterMode on the real step agrees."""

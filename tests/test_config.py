@@ -48,6 +48,10 @@ def test_save_roundtrip(tmp_path):
     (["mim.row_fraction=0"], r"mim.row_fraction=0.0 must lie in \(0, 1\]"),
     (["mlm.row_fraction=1.5"], r"mlm.row_fraction=1.5 must lie in \(0, 1\]"),
     (["train.mode=fast", "mim.row_fraction=0.5"], "train.mode=fast trains CL on the masked"),
+    (["loss.aux_until=0"], r"loss.aux_until=0.0: the share of the steps that run MIM"),
+    (["loss.aux_until=1.5"], r"loss.aux_until=1.5: the share"),
+    (["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0",
+      "loss.aux_until=0.5"], r"loss.aux_until=0.5 stops MIM and MLM early, but both are off"),
     (["train.adam_eps=0"], r"train.adam_eps=0.0 must be positive"),
     # silently accepted before: betas truncated to two, lr rising, no checkpoints, unused weight
     (["train.betas=[0.9, 0.98, 0.99]"], r"train.betas: expected 2 values, got 3"),

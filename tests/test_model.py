@@ -511,3 +511,36 @@ def test_mim_row_fraction_masks_a_random_share_of_the_image_rows():
     assert torch.equal(gen.get_state(), state)
     part.eval()  # evaluation never subsets
     assert part._mim_subset(8, gen, torch.device("cpu")) == slice(None)
+
+
+@pytest.mark.parametrize("sections", [{}, {"mim": {"mask_at": "tokens"}},
+                                      {"train": {"mode": "fast"}, "mim": {"policy": "random"}}],
+                         ids=["default", "tokens-mask", "fast-random"])
+def test_step_without_aux_is_the_clip_step(sections):
+    """``forward(aux=False)`` (the steps after ``loss.aux_until``): the outputs, loss and
+    gradients of a CLIP model with the same weights; the decoders get no gradient."""
+    same = {"vision": {"stem": "hybrid"}, "text": {"dropout": 0.0}}  # no random draws
+    cfg = tiny_config(**same, **sections)
+    clip = tiny_config(**same, mim={"policy": "none"}, mlm={"policy": "none"},
+                       loss={"w_mim": 0, "w_mlm": 0})
+    torch.manual_seed(0)
+    model, ref = XLIPModel(cfg, VOCAB).train(), XLIPModel(clip, VOCAB).train()
+    assert ref.load_state_dict(model.state_dict(), strict=False).unexpected_keys  # decoders
+    batch = random_batch(cfg)
+    out = model(batch, aux=False)
+    want = ref(batch)
+    assert sorted(out) == sorted(want)  # no MIM, no MLM outputs
+    for k in ("image_embed", "text_embed"):
+        torch.testing.assert_close(out[k], want[k], rtol=0, atol=0)
+    loss, ref_loss = (total_loss(XLIPLoss(c)(o, batch)) for c, o in ((cfg, out), (clip, want)))
+    assert set(XLIPLoss(cfg)(out, batch)) == {"cl_loss", "cl_per_sample"}
+    loss.backward()
+    ref_loss.backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith(("mae_decoder.", "mm_decoder.")):
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0)
+    # with aux the same model does run MIM and MLM (the test can fail)
+    assert {"mim_pred", "mlm_logits"} <= set(model(batch, aux=True))

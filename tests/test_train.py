@@ -78,6 +78,34 @@ def test_metrics_log_every_term_and_source(corpus, tmp_path):
         assert (out / name).exists()
 
 
+def test_aux_until_runs_mim_and_mlm_on_the_first_steps_only(corpus, tmp_path):
+    """loss.aux_until=0.5 of 4 steps: steps 1-2 log MIM and MLM, steps 3-4 CL only; the
+    decoders stop changing at the cutoff (no gradient, so AdamW leaves them), the encoders do
+    not; a resume from step 2 continues exactly."""
+    def cfg(out):
+        c = run_cfg(corpus, out)
+        c.loss.aux_until = 0.5
+        return c
+
+    out = pretrain(cfg(tmp_path / "run"), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [("mim_loss" in r, "mlm_loss" in r, "cl_loss" in r) for r in rows] == \
+        [(True, True, True)] * 2 + [(False, False, True)] * 2
+    ck = {n: load_file(str(out / "checkpoints" / f"step_000000{n}" / "model.safetensors"))
+          for n in (2, 4)}
+    decoders = [k for k in ck[2] if k.startswith(("mae_decoder.", "mm_decoder."))]
+    assert decoders and all(torch.equal(ck[2][k], ck[4][k]) for k in decoders)
+    assert not torch.equal(ck[2]["image_proj.weight"], ck[4]["image_proj.weight"])
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step_0000002", part / "checkpoints" / "step_0000002")
+    (part / "checkpoints" / "latest").write_text("step_0000002\n")
+    pretrain(cfg(part), resume="latest", progress=False)
+    b = load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(ck[4][k], b[k]) for k in b)
+
+
 def test_non_finite_loss_aborts_with_a_clear_message(corpus, tmp_path, monkeypatch):
     from xlip import losses
 

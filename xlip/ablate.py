@@ -15,6 +15,7 @@ to finished runs without training them again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -351,21 +352,36 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
     if not spec.budget_s and spec.reference not in names:
         names.append(spec.reference)
     sec: dict[str, float] = {}
+
+    def measured(key: str, cfg: Config) -> float:
+        run = cfg.train.out_dir = str(spec.out / "calibration" / key)
+        digest = config_digest(cfg)
+        entry = cal.get(key)
+        if isinstance(entry, dict) and entry.get("config_digest") == digest:
+            return entry["s_per_step"]  # measured before under this very config
+        cal[key] = {"s_per_step": calibrate(cfg, Path(run), spec.calibrate_s, log),
+                    "config_digest": digest}
+        path.write_text(json.dumps(cal, indent=2))
+        return cal[key]["s_per_step"]
+
     for name in names:
         overrides = spec.variants.get(name) or variant_overrides([spec.reference])[name]
-        run = spec.out / "calibration" / name
         # always seed 0: the seeds of one ablation, run by separate invocations (one seed
         # each, side by side), then share one measurement, so every seed gets the same steps
-        cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED, run,
-                             spec.calibrate_steps)
-        digest = config_digest(cfg)
-        entry = cal.get(name)
-        if isinstance(entry, dict) and entry.get("config_digest") == digest:
-            sec[name] = entry["s_per_step"]
-            continue  # measured before under this very config (a changed one is re-measured)
-        sec[name] = calibrate(cfg, run, spec.calibrate_s, log)
-        cal[name] = {"s_per_step": sec[name], "config_digest": digest}
-        path.write_text(json.dumps(cal, indent=2))
+        cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED,
+                             spec.out / "calibration" / name, spec.calibrate_steps)
+        share = cfg.loss.aux_until
+        if share >= 1.0:
+            sec[name] = measured(name, cfg)
+            continue
+        # loss.aux_until < 1: the steps with MIM and MLM and the CL-only ones after them are
+        # timed apart (a short run would time mostly one kind) and weighted by their shares
+        parts = {}
+        for phase, until in (("aux", 1.0), ("cl", 1e-9)):  # 1e-9: no step runs MIM or MLM
+            c = copy.deepcopy(cfg)
+            c.loss.aux_until = until
+            parts[phase] = measured(f"{name}.{phase}", c)
+        sec[name] = share * parts["aux"] + (1 - share) * parts["cl"]
     budget = spec.budget_s or base_steps * sec[spec.reference]
     out = {name: max(1, round(budget / sec[name])) for name in spec.variants}
     log("equal time: " + ", ".join(f"{n} {s} steps ({sec[n]:.3f} s/step)"
@@ -378,7 +394,8 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
     variant and of the reference: the mean over the first :data:`FLOP_BATCHES` batches that the
     variant's own loader gives with seed 0 (its rows with an image, padded text length, MLM
     rows and masked tokens are the data's), times ``train.grad_accum`` (a step's batches).
-    Counted, not timed: the same on every machine."""
+    With ``loss.aux_until`` < 1, the mean over the run: that share of steps with MIM and MLM,
+    the rest CL only. Counted, not timed: the same on every machine."""
     from xlip.data.collate import Collator
     from xlip.data.dataset import MixedDataset
     from xlip.data.stream import ShardStream, streamed
@@ -408,8 +425,12 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
         dataset = ShardStream(cfg, 0, 1, progress=False) if streamed(cfg) else MixedDataset(
             cfg, train=True)
         collate = Collator(cfg, tok, train=True, findings=dataset.findings())
-        counts = [step_flops(cfg, batch_shape(batch, len(tok))).total
-                  for batch in build_loader(cfg, dataset, collate, 0, DistInfo())]
+        # loss.aux_until < 1: that share of the steps with MIM and MLM, the rest CL only
+        share = cfg.loss.aux_until
+        counts = [share * step_flops(cfg, shape).total
+                  + (1 - share) * step_flops(cfg, shape, aux=False).total
+                  for shape in (batch_shape(batch, len(tok))
+                                for batch in build_loader(cfg, dataset, collate, 0, DistInfo()))]
         out[name] = statistics.fmean(counts) * cfg.train.grad_accum  # per batch → per step
     return out
 

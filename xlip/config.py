@@ -171,6 +171,13 @@ class LossConfig:
     # contrastive positives: text (identical reports, prompts of equal findings) | labels
     # (also soft positives weighted by label-set agreement, MedCLIP)
     cl_targets: str = "text"
+    # the share of train.steps, from the start, that run MIM and MLM; the later steps are CL
+    # only, their MIM and MLM passes skipped (not weighted to zero). 1: every step
+    aux_until: float = 1.0
+
+    def aux_steps(self, steps: int) -> int:
+        """How many of ``steps`` training steps, from the first, run MIM and MLM."""
+        return steps if self.aux_until >= 1.0 else round(self.aux_until * steps)
 
     def __post_init__(self) -> None:
         _check_loss(self)
@@ -400,6 +407,10 @@ def _check_mlm(m: MLMConfig) -> None:
 
 def _check_loss(lo: LossConfig) -> None:
     _choice("loss.cl_targets", lo.cl_targets, ("text", "labels"))
+    if not 0.0 < lo.aux_until <= 1.0:
+        raise ConfigError(f"loss.aux_until={lo.aux_until}: the share of the steps that run MIM "
+                          "and MLM must be in (0, 1] (1: every step); for no MIM and MLM at "
+                          "all set mim.policy=none mlm.policy=none loss.w_mim=0 loss.w_mlm=0")
     for term in ("mim", "mlm"):
         w = getattr(lo, f"w_{term}")
         if w < 0:
@@ -541,6 +552,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{task}.policy=none, so {', '.join(unused)} would be ignored: "
                               f"remove {'it' if len(unused) == 1 else 'them'}, or switch "
                               f"{task} on")
+    if cfg.loss.aux_until < 1.0 and cfg.mim.policy == "none" and cfg.mlm.policy == "none":
+        raise ConfigError(f"loss.aux_until={cfg.loss.aux_until} stops MIM and MLM early, but "
+                          "both are off (mim.policy=none, mlm.policy=none): remove it, or "
+                          "switch one on")
     if cfg.mim.policy == "attention" and cfg.mlm.policy == "none":
         raise ConfigError("mim.policy=attention scores patches with the cross-attention that "
                           "EntMLM trains, but mlm.policy=none; use mim.policy=random or "

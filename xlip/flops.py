@@ -182,9 +182,10 @@ def bert(ledger: Ledger, name: str, cfg: Config, rows: int, length: int) -> None
                           recompute=cfg.text.grad_checkpointing)
 
 
-def step_flops(cfg: Config, shape: StepShape) -> Ledger:
+def step_flops(cfg: Config, shape: StepShape, aux: bool = True) -> Ledger:
     """FLOPs of one training step of :class:`~xlip.model.xlip.XLIPModel` + :class:`XLIPLoss`
-    (training mode, every image row masked: ``mim.row_fraction`` 1)."""
+    (training mode, every image row masked: ``mim.row_fraction`` 1). ``aux`` False: a step
+    after ``loss.aux_until``, CL only."""
     if cfg.mim.row_fraction < 1.0:
         raise ValueError("step_flops counts mim.row_fraction=1 only")
     v, m, led = cfg.vision, cfg.model, Ledger()
@@ -193,8 +194,8 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
     N = v.grid ** 2
     K = N - num_masked(N, cfg.mim.ratio)
     Bi, L, E = shape.images, shape.length, m.embed_dim
-    fast = cfg.train.mode == "fast"
-    mim, mlm = cfg.mim.policy != "none", cfg.mlm.policy != "none"
+    fast = aux and cfg.train.mode == "fast"
+    mim, mlm = aux and cfg.mim.policy != "none", aux and cfg.mlm.policy != "none"
     Bm = shape.mlm_rows if mlm else 0
     Lm = shape.mlm_length or L
 
@@ -203,7 +204,7 @@ def step_flops(cfg: Config, shape: StepShape) -> Ledger:
     bert(led, "text", cfg, Bm, Lm)  # masked texts (in the same call when Lm is L: same FLOPs)
     # the full image: with gradients (default), without (fast: AttMIM's scores only), or only
     # the hybrid stem's BatchNorm statistics (fast, random masking)
-    if not fast or cfg.mim.policy == "attention":
+    if not fast or cfg.mim.policy == "attention":  # (and every CL-only step)
         vit(led, "vision.full", cfg, Bi, N, grad=not fast)
     elif v.stem == "hybrid":
         patch_embed(led, "vision.stem_stats", cfg, Bi, N, width, grad=False)

@@ -90,15 +90,18 @@ class XLIPModel(nn.Module):
 
     # -- training forward ---------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Tensor],
-                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator | None = None,
+                aux: bool = True) -> dict[str, Tensor]:
+        """``aux``: run MIM and MLM as the config says; False: CL only, their passes skipped
+        (the steps after ``loss.aux_until``)."""
         cfg, out = self.cfg, {}
         has_image = batch["has_image"]  # (B,) bool
         images = batch["images"]  # (Bi, C, H, W), aligned with img_rows
         # (Bi,): Bi is the images' shape, so finding the rows needs no host-device sync
         img_rows = torch.nonzero_static(has_image, size=images.shape[0]).squeeze(1)
-        txt, mtxt = self._encode_texts(batch, img_rows)
-        enc = self._encode_images(batch, txt, img_rows, out, generator) if len(img_rows) else None
+        txt, mtxt = self._encode_texts(batch, img_rows, aux)
+        enc = (self._encode_images(batch, txt, img_rows, out, generator, aux) if len(img_rows)
+               else None)
 
         if enc is not None:
             out["image_embed"] = F.normalize(self.image_proj(enc["pooled"]).float(), dim=-1)
@@ -123,8 +126,8 @@ class XLIPModel(nn.Module):
             out["mlm_batch"] = has_image.shape[0]
         return out
 
-    def _encode_texts(self, batch: dict[str, Tensor],
-                      img_rows: Tensor) -> tuple[dict[str, Tensor] | None, Tensor | None]:
+    def _encode_texts(self, batch: dict[str, Tensor], img_rows: Tensor, aux: bool = True
+                      ) -> tuple[dict[str, Tensor] | None, Tensor | None]:
         """BERT over the clean texts of the rows with an image (CL, AttMIM; text-only rows need
         none) and the masked texts of the MLM rows (Bm, Lm). The clean texts run in the
         collator's length groups (``clean_rows``, ``clean_groups``:
@@ -134,8 +137,8 @@ class XLIPModel(nn.Module):
         costs less than two calls), else get a call of their own (the collator cuts them to
         their own longest, often far below the prompts' L). Returns (``pooled`` (Bi, H) /
         ``tokens`` (Bi, L, H), masked token states (Bm, Lm, H)), None where there are no such
-        rows."""
-        mlm = self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
+        rows (no masked texts when not ``aux``)."""
+        mlm = aux and self.cfg.mlm.policy != "none" and batch["mlm_rows"].numel() > 0
         masked = (batch["mlm_input_ids"], batch["mlm_attention_mask"]) if mlm else None
         n, txt, mtok = len(img_rows), None, None
         ids, mask = batch["input_ids"][img_rows], batch["attention_mask"][img_rows]
@@ -168,8 +171,8 @@ class XLIPModel(nn.Module):
         return txt, mtok
 
     def _encode_images(self, batch: dict[str, Tensor], txt: dict[str, Tensor], img_rows: Tensor,
-                       out: dict[str, Tensor],
-                       generator: torch.Generator | None) -> dict[str, Tensor]:
+                       out: dict[str, Tensor], generator: torch.Generator | None,
+                       aux: bool = True) -> dict[str, Tensor]:
         """Encode the batch's images, mask them and reconstruct (MIM outputs go to ``out``).
 
         Returns the encoding that CL and MLM's image context use: ``pooled`` (Bi, D) and
@@ -179,8 +182,11 @@ class XLIPModel(nn.Module):
         instead of a second, visible-patch pass (:meth:`mim_visible`).
         ``train.mode=fast`` (FLIP-style): the visible patches only; the full image is encoded
         without gradients, and only to score patches for AttMIM (skipped with random masking).
+        Not ``aux``: the full image only, with gradients, for CL (no MIM).
         """
         cfg, images = self.cfg, batch["images"]
+        if not aux:
+            return self.vision(images)
         fast = cfg.train.mode == "fast"
         full = None
         if not fast or cfg.mim.policy == "attention":

@@ -172,18 +172,21 @@ def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
-def wrap_for_training(model: nn.Module, info: DistInfo, compile_model: bool = False
-                      ) -> nn.Module:
+def wrap_for_training(model: nn.Module, info: DistInfo, compile_model: bool = False,
+                      unused: bool = False) -> nn.Module:
     """The module a training step calls: ``model`` (already on ``info.device``) compiled in
     place when ``compile_model`` (``train.compile``), then, with several processes, wrapped in
     DDP: the order the PyTorch docs give (``model.compile()``, then
     ``DistributedDataParallel(model)``). ``model`` itself keeps its parameter names (no
-    ``_orig_mod.`` prefix) for the optimizer, clipping and saving."""
+    ``_orig_mod.`` prefix) for the optimizer, clipping and saving. ``unused``: some steps
+    leave parameters without a gradient (``loss.aux_until`` < 1), which DDP must search for
+    (``find_unused_parameters``; it costs a walk of the graph per step)."""
     if compile_model:
         model.compile()
     if info.world_size == 1:
         return model
-    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+               find_unused_parameters=unused)
 
 
 def reduce_sums(sums: Mapping[str, float | torch.Tensor],

@@ -200,7 +200,9 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
         # a model from an earlier finish would sit beside a config it was not trained under
         # (a resumed run that then stops early); the checkpoints keep its weights
         (out_dir / "model.safetensors").unlink(missing_ok=True)
-    net = wrap_for_training(model, info, tr.compile)  # compiled (train.compile), then DDP
+    aux_steps = cfg.loss.aux_steps(tr.steps)  # steps 0 … aux_steps - 1 run MIM and MLM
+    # after them the decoders get no gradient: DDP must be told that some parameters go unused
+    net = wrap_for_training(model, info, tr.compile, unused=aux_steps < tr.steps)
     criterion = XLIPLoss(cfg)
     loader = build_loader(cfg, dataset, collate, start, info,
                           state.get("stream_position") if state else None)
@@ -229,7 +231,7 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     def forward(batch: dict[str, torch.Tensor], step: int, micro: int):
         gen = torch.Generator(device=info.device).manual_seed(
             tr.seed * 1_000_003 + (step * tr.grad_accum + micro) * 7 + info.rank)
-        out = net(batch, generator=gen)
+        out = net(batch, generator=gen, aux=step < aux_steps)
         return criterion(out, batch), out
 
     def after_step(done: int, grad_norm: torch.Tensor) -> None:
