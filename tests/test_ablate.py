@@ -327,9 +327,7 @@ def test_equal_flops_counts_aux_until_as_its_share_of_aux_steps(corpus, tmp_path
     cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
     spec = ablate.AblationSpec(
         base=load_config(cfg).to_dict(), out=tmp_path / "abl",
-        variants={**ablate.variant_overrides(["clip", "xlip"]),
-                  "xlip_early": ablate.variant_overrides(["xlip"])["xlip"]
-                  + ["loss.aux_until=0.25"]},
+        variants=ablate.variant_overrides(["clip", "xlip", "xlip_early"]),  # aux_until 0.25
         equal="flops", reference="xlip_early")
     flops = ablate.flops_per_step(spec)
     # the CLIP variant's batches carry no masked texts, but the CL-only step's FLOPs do not
