@@ -541,6 +541,34 @@ def test_defined_variants_run_only_when_listed(corpus, tmp_path, capsys):
     assert not (tmp_path / "a" / "runs").exists()
 
 
+def test_default_list_runs_a_variant_the_config_already_is_once(corpus, tmp_path, monkeypatch,
+                                                               capsys):
+    """On a config with mim.mask_at=tokens and a 64-wide MAE decoder (the demo's), xlip_tokens
+    and xlip_lean are xlip: the default list leaves them out, saying so; named in --variants
+    they run."""
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    base = load_config(cfg, ["mim.mask_at=tokens", "model.mae_decoder_width=64"]).to_dict()
+    kept, same = ablate.distinct_variants(base, ablate.variant_overrides(
+        ablate.DEFAULT_VARIANTS))
+    assert same == {"xlip_tokens": "xlip", "xlip_lean": "xlip"}
+    assert list(kept) == [v for v in ablate.DEFAULT_VARIANTS if v not in same]
+    kept, same = ablate.distinct_variants(load_config(cfg).to_dict(), ablate.variant_overrides(
+        ablate.DEFAULT_VARIANTS))  # the config masks the image: all differ
+    assert same == {} and list(kept) == ablate.DEFAULT_VARIANTS
+    ran = []
+
+    def fake_run(spec, progress=True):
+        ran.append(list(spec.variants))
+        (spec.out / "ablation.md").write_text("")
+        return {"variants": spec.variants}
+
+    monkeypatch.setattr(ablate, "run_ablation", fake_run)
+    assert main(["ablate", "--config", str(cfg), "--out", str(tmp_path / "a"), "--quiet",
+                 "mim.mask_at=tokens", "model.mae_decoder_width=64"]) == 0
+    assert "xlip_lean: the same config as xlip here, not run" in capsys.readouterr().err
+    assert "xlip_lean" not in ran[0] and "xlip" in ran[0]
+
+
 def test_ablation_refuses_torchrun(corpus, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = write_cfg(corpus, tmp_path / "c.yaml")

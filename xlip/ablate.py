@@ -56,7 +56,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "xlip_lean": (["mim.policy=attention", "mlm.policy=entity", "mim.mask_at=tokens",
                    "model.mae_decoder_width=64"],
                   "XLIP's cheaper step: AttMIM on the full pass's tokens, a 64-wide MAE "
-                  "decoder (the demo config: 1.40× CLIP's FLOPs, xlip 2.34×)"),
+                  "decoder (the demo config's since 2026-12-04: 1.40× CLIP's FLOPs)"),
+    "xlip_image": (["mim.policy=attention", "mlm.policy=entity", "mim.mask_at=image",
+                    "model.mae_decoder_width=128"],
+                   "XLIP masking the image (a second, visible-patch encoder pass) with a "
+                   "128-wide MAE decoder: the demo's step until 2026-12-04 (2.34× CLIP's "
+                   "FLOPs there)"),
     "xlip_dec2": (["mim.policy=attention", "mlm.policy=entity", "model.mae_decoder_depth=2"],
                   "XLIP with a 2-block MAE decoder (the demo's; DESIGN.md's default 4)"),
     "xlip_dec1": (["mim.policy=attention", "mlm.policy=entity", "model.mae_decoder_depth=1"],
@@ -65,22 +70,27 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                         "CL + BERT-style random MLM + AttMIM"),
     "xlip-no_prompts": (["mim.policy=attention", "mlm.policy=entity"],
                         "XLIP without the image-only (label prompt) rows"),
-    "xlip_fast": (["mim.policy=attention", "mlm.policy=entity", "train.mode=fast"],
+    # fast mode masks the image (a config that masks tokens, like the demo's, is set back)
+    "xlip_fast": (["mim.policy=attention", "mlm.policy=entity", "train.mode=fast",
+                   "mim.mask_at=image"],
                   "XLIP, FLIP-style step: one visible-patch pass with gradients"),
-    "xlip_fast_random": (["mim.policy=random", "mlm.policy=entity", "train.mode=fast"],
+    "xlip_fast_random": (["mim.policy=random", "mlm.policy=entity", "train.mode=fast",
+                          "mim.mask_at=image"],
                          "FLIP-style step with random masking: no full-image pass at all"),
     "xlip_lite": (["mim.policy=attention", "mlm.policy=entity", "mim.row_fraction=0.25",
                    "mlm.row_fraction=0.25"],
                   "XLIP with AttMIM and EntMLM on a random quarter of the rows (cheaper step)"),
     "xlip_early": (["mim.policy=attention", "mlm.policy=entity", "loss.aux_until=0.25"],
                    "XLIP with AttMIM and EntMLM on the first quarter of the steps, CL only "
-                   "after (the demo config: 1.34× CLIP's FLOPs)"),
+                   "after"),
 }
-#: not run by default: the cheaper steps that lost (README) and the decoder depths (in the
-#: demo config, 2 blocks, ``xlip_dec2`` is ``xlip`` itself)
+#: not run by default: the cheaper steps that lost (README), the decoder depths (in the demo
+#: config, 2 blocks, ``xlip_dec2`` is ``xlip`` itself) and the demo's earlier step. Of the
+#: others, those that a config already makes ``xlip`` (``xlip_tokens`` and ``xlip_lean`` in
+#: the demo's) are left out of a default run (:func:`distinct_variants`)
 DEFAULT_VARIANTS = [v for v in VARIANTS
                     if v not in ("xlip_fast_random", "xlip_lite", "xlip_dec1", "xlip_dec2",
-                                 "xlip_early")]
+                                 "xlip_early", "xlip_image")]
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
 EVALUATIONS = ("zeroshot", "attmim", "probe", "finetune", "retrieval")
@@ -142,6 +152,24 @@ def variant_overrides(names: Sequence[str], defined: Sequence[str] = (),
 #: what the ablation itself sets for every run: a variant that set them would be overridden
 SET_BY_ABLATION = {"train.steps": "--steps N or --equal time|flops",
                    "train.seed": "--seeds", "train.out_dir": "--out"}
+
+
+def distinct_variants(base: dict[str, Any], variants: dict[str, list[str]]
+                      ) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """``variants`` less those whose config under ``base`` is an earlier one's (a default list
+    on a config that already sets what a variant changes would train the same runs twice);
+    returns (kept, {left out: the kept variant it equals})."""
+    kept: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for name, overrides in variants.items():
+        digest = config_digest(variant_config(base, name, overrides, 0, Path("."), 1))
+        if digest in seen:
+            same[name] = seen[digest]
+            continue
+        seen.setdefault(digest, name)
+        kept[name] = overrides
+    return kept, same
 
 
 def variant_config(base: dict[str, Any], name: str, overrides: list[str], seed: int,

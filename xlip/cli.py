@@ -212,7 +212,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from xlip.ablate import DEFAULT_VARIANTS, AblationSpec, run_ablation, variant_overrides
+    from xlip.ablate import (DEFAULT_VARIANTS, AblationSpec, distinct_variants, run_ablation,
+                             variant_overrides)
     from xlip.config import load_config
 
     out = writable_dir(args.out, "--out")
@@ -237,6 +238,11 @@ def _ablate(args: argparse.Namespace) -> int:
                    + (["retrieval"] if args.retrieval else []))
     # with --variants, exactly the listed ones run; without, the defaults and your own
     variants = variant_overrides(names, args.define, add_defined=not args.variants)
+    if not args.variants:  # the default list: a variant this config already is runs once
+        variants, same = distinct_variants(base, variants)
+        for name, like in same.items():
+            print(f"{name}: the same config as {like} here, not run (name it in --variants to "
+                  "run it anyway)", file=sys.stderr)
     spec = AblationSpec(base=base, out=out, variants=variants,
                         seeds=seeds, equal=args.equal,
                         reference=args.reference, budget_s=args.budget_s,
