@@ -167,7 +167,7 @@ def distinct_variants(base: dict[str, Any], variants: dict[str, list[str]]
         if digest in seen:
             same[name] = seen[digest]
             continue
-        seen.setdefault(digest, name)
+        seen[digest] = name
         kept[name] = overrides
     return kept, same
 
