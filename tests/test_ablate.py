@@ -338,6 +338,23 @@ def test_equal_flops_counts_aux_until_as_its_share_of_aux_steps(corpus, tmp_path
     assert steps["xlip_early"] == 40 and 40 < steps["clip"] < 40 * flops["xlip"] / flops["clip"]
 
 
+def test_a_variant_without_overrides_is_the_base_config(corpus, tmp_path):
+    """A variant whose override list is empty runs the base config as it is, also when its
+    name is a built-in variant's: its FLOPs are the base's, not the built-in list's."""
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)  # an XLIP config
+    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=tmp_path / "abl",
+                               variants={"clip": [], "xlip": ablate.VARIANTS["xlip"][0]},
+                               equal="flops")
+    assert spec.overrides("clip") == [] and spec.overrides("xlip") == ablate.VARIANTS["xlip"][0]
+    flops = ablate.flops_per_step(spec)
+    assert flops["clip"] == flops["xlip"]  # the base is XLIP; the built-in clip would be less
+    assert ablate.step_budget(spec, lambda s: None, flops) == {"clip": 40, "xlip": 40}
+    # the reference, not run itself, still takes its built-in overrides
+    other = ablate.AblationSpec(base=spec.base, out=tmp_path / "abl2",
+                                variants={"clip": ablate.VARIANTS["clip"][0]}, equal="flops")
+    assert other.overrides("xlip") == ablate.VARIANTS["xlip"][0]
+
+
 def test_equal_flops_counts_every_batch_of_an_accumulated_step(corpus, tmp_path):
     """With train.grad_accum=2 a step is two batches: its FLOPs are their sum, so a variant
     that accumulates gets half the steps of one that does not at the same compute."""

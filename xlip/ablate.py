@@ -119,6 +119,13 @@ class AblationSpec:
     evaluations: list[str] = field(default_factory=lambda: ["zeroshot"])
     finetune_steps: int = FINETUNE_STEPS  # evaluation "finetune": xlip eval finetune --steps
 
+    def overrides(self, name: str) -> list[str]:
+        """A variant's overrides; the reference's built-in ones when it is not run itself. An
+        empty list is the base config, not a missing entry."""
+        if name in self.variants:
+            return self.variants[name]
+        return variant_overrides([name])[name]
+
 
 def variant_overrides(names: Sequence[str], defined: Sequence[str] = (),
                       add_defined: bool = True) -> dict[str, list[str]]:
@@ -397,7 +404,7 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
         return cal[key]["s_per_step"]
 
     for name in names:
-        overrides = spec.variants.get(name) or variant_overrides([spec.reference])[name]
+        overrides = spec.overrides(name)
         # always seed 0: the seeds of one ablation, run by separate invocations (one seed
         # each, side by side), then share one measurement, so every seed gets the same steps
         cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED,
@@ -445,7 +452,7 @@ def flops_per_step(spec: AblationSpec) -> dict[str, float]:
     out: dict[str, float] = {}
     tok = None
     for name in names:
-        overrides = spec.variants.get(name) or variant_overrides([spec.reference])[name]
+        overrides = spec.overrides(name)
         cfg = variant_config(spec.base, name, overrides, CALIBRATION_SEED,
                              spec.out / "calibration" / name, FLOP_BATCHES)
         if cfg.mim.row_fraction < 1.0 or cfg.mlm.row_fraction < 1.0:
