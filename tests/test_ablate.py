@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -630,3 +631,32 @@ def test_clip_variant_of_a_config_that_tunes_mim_and_mlm(tmp_path):
     assert (xlip.mim.mask_at, xlip.mlm.prompts) == ("tokens", True)
     row = preset_config("tiny", BenchOptions(base=base), ablate.CLIP)
     assert (row.mim.policy, row.mim.mask_at) == ("none", "image")
+
+
+def test_a_run_in_use_by_another_process_is_left_alone(corpus, tmp_path, capsys):
+    """Two invocations on one --out (lanes side by side, one seed each) must not both take a
+    run: the second used to delete the first one's run folder under it and train it again."""
+    from xlip.files import exclusive
+
+    cfg = write_cfg(corpus, tmp_path / "c.yaml")
+    out = tmp_path / "a"
+    run = out / "runs" / "clip" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10}\n')  # the other process's run so far
+    with exclusive(out / ".locks" / "clip.seed0.lock", str(run), "wait"):
+        assert main(["ablate", "--config", str(cfg), "--out", str(out), "--variants", "clip",
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: in use by another xlip process (pid {os.getpid()})" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (run / "metrics.jsonl").read_text() == '{"step": 10}\n'
+    # a training of its own into a run folder in use: refused before a file is touched
+    with exclusive(run / ".lock", "x", "wait"):
+        assert main(["pretrain", "--config", str(cfg), "--quiet",
+                     f"train.out_dir={run}"]) == 2
+    assert "in use by another xlip process" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl"]
+    # once the holder is gone the ablation runs
+    assert main(["ablate", "--config", str(cfg), "--out", str(out), "--variants", "clip",
+                 "--quiet"]) == 0
+    assert (run / "result.json").is_file()

@@ -5,6 +5,7 @@ silent loss of rows or a traceback; a bug still shows its traceback."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from tests.conftest import ROOT
 from xlip.cli import main
 from xlip.data.manifest import ManifestError, load_manifest, read_rows
 from xlip.data.validate import validate
+from xlip.errors import XlipError
 
 HEADER = "image,text,labels,split,patient_id"
 
@@ -210,3 +212,27 @@ def test_zero_shot_of_an_untrained_model_is_refused(tmp_path, capsys):
     assert main(["eval", "benchmark", "nih-cxr14", "--model", str(tmp_path), "--data-root",
                  str(tmp_path), "--init", "random", "--out", str(tmp_path / "o")]) == 2
     assert "--init random applies to --protocol probe" in capsys.readouterr().err
+
+
+def test_a_run_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """The lock of a run folder, held by another process: refused with its pid; once that
+    process is killed (no clean exit), the lock is free again: no stale lock file to remove."""
+    from xlip.files import exclusive
+
+    lock = tmp_path / "run" / ".lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom xlip.files import exclusive\n"
+         f"with exclusive({str(lock)!r}, 'run', 'wait'):\n"
+         "    print('held', flush=True)\n    time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(XlipError, match=rf"^run: in use by another xlip process "
+                                            rf"\(pid {holder.pid}\); wait$"):
+            with exclusive(lock, "run", "wait"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(lock, "run", "wait"):
+        assert lock.read_text() == f"{os.getpid()}\n"

@@ -33,6 +33,7 @@ from xlip.config import (Config, ConfigError, drop_unused_options, from_dict, me
                          parse_override)
 from xlip.errors import InputError
 from xlip.eval import FINETUNE_STEPS
+from xlip.files import exclusive
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 
@@ -257,8 +258,6 @@ def seconds_per_step(run: Path, skip_first: int = 1) -> float:
 def run_ablation(spec: AblationSpec, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate every (variant, seed) not done yet; write the summary."""
-    from xlip.train.loop import NonFiniteLossError, pretrain
-
     for name in spec.evaluations:
         if name not in EVALUATIONS:
             raise ConfigError(f"unknown evaluation {name!r}; available: "
@@ -286,55 +285,69 @@ def run_ablation(spec: AblationSpec, progress: bool = True,
             k += 1
             run = spec.out / "runs" / name / f"seed{seed}"
             cfg = variant_config(spec.base, name, overrides, seed, run, steps.get(name))
-            digest = config_digest(cfg)
-            if (run / "result.json").is_file():
-                done = json.loads((run / "result.json").read_text())
-                if done.get("config_digest", digest) != digest and not same_config(run, cfg):
-                    raise ConfigError(
-                        f"{run}: finished under another config than this ablation's (changed "
-                        f"overrides, steps or base config); use a new --out or delete the run")
-                missing = [e for e in spec.evaluations if e not in done and e != "attmim"
-                           and "failed" not in done]
-                if "finetune" in done and done["finetune"]["steps"] != spec.finetune_steps:
-                    missing.append("finetune")  # fine-tuned for another budget: again
-                if missing:  # an evaluation added since (e.g. the probe): the model is kept
-                    log(f"[{k}/{total}] {name} seed {seed}: trained; evaluating "
-                        f"{', '.join(missing)}")
-                    done.update(evaluate_run(run, missing, spec.finetune_steps))
-                    (run / "result.json").write_text(json.dumps(done, indent=2))
-                else:
-                    log(f"[{k}/{total}] {name} seed {seed}: done already")
-                continue
-            result: dict[str, Any] = {}
-            if (run / "model.safetensors").is_file() and same_config(run, cfg):
-                # trained, but its evaluation failed or was interrupted: evaluate only
-                log(f"[{k}/{total}] {name} seed {seed}: trained already; evaluating")
-                rows = (run / "metrics.jsonl").read_text().splitlines()
-                wall = json.loads(rows[-1])["elapsed_s"] if rows else float("nan")
-            else:
-                log(f"[{k}/{total}] {name} seed {seed}: {cfg.train.steps} steps → {run}")
-                if run.exists():
-                    shutil.rmtree(run)
-                t0 = time.perf_counter()
-                try:
-                    pretrain(cfg, progress=progress)
-                except NonFiniteLossError as err:  # one diverged run does not stop the others
-                    result["failed"] = str(err)
-                    log(f"    failed: {err}")
-                wall = time.perf_counter() - t0
-            if "failed" not in result:
-                result.update(evaluate_run(run, spec.evaluations, spec.finetune_steps),
-                              s_per_step=seconds_per_step(run))
-                log(f"    zero-shot mean AUC {result['zeroshot']['mean_auc']:.3f} "
-                    f"({wall / 60:.1f} min)")
-            result.update(variant=name, seed=seed, steps=cfg.train.steps, wall_s=wall,
-                          overrides=overrides, config_digest=digest)
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "result.json").write_text(json.dumps(result, indent=2))
+            # one process per run: a second invocation on the same --out (lanes side by side)
+            # would delete this run's folder under it and retrain it
+            with exclusive(spec.out / ".locks" / f"{name}.seed{seed}.lock", str(run),
+                           "wait for it to finish, or run other seeds or variants, or give "
+                           "another --out"):
+                run_one(spec, name, overrides, seed, cfg, f"[{k}/{total}] {name} seed {seed}",
+                        progress, log)
     summary = summarise(spec, steps, flops)
     (spec.out / "ablation.json").write_text(json.dumps(summary, indent=2))
     (spec.out / "ablation.md").write_text(markdown(summary))
     return summary
+
+
+def run_one(spec: AblationSpec, name: str, overrides: list[str], seed: int, cfg: Config,
+            label: str, progress: bool, log: Callable[[str], None]) -> None:
+    """Train and evaluate one variant and seed into ``cfg.train.out_dir`` and write its
+    ``result.json``; a finished run is skipped, or only gets the evaluations it lacks."""
+    from xlip.train.loop import NonFiniteLossError, pretrain
+
+    run, digest = Path(cfg.train.out_dir), config_digest(cfg)
+    if (run / "result.json").is_file():
+        done = json.loads((run / "result.json").read_text())
+        if done.get("config_digest", digest) != digest and not same_config(run, cfg):
+            raise ConfigError(
+                f"{run}: finished under another config than this ablation's (changed "
+                f"overrides, steps or base config); use a new --out or delete the run")
+        missing = [e for e in spec.evaluations if e not in done and e != "attmim"
+                   and "failed" not in done]
+        if "finetune" in done and done["finetune"]["steps"] != spec.finetune_steps:
+            missing.append("finetune")  # fine-tuned for another budget: again
+        if missing:  # an evaluation added since (e.g. the probe): the model is kept
+            log(f"{label}: trained; evaluating {', '.join(missing)}")
+            done.update(evaluate_run(run, missing, spec.finetune_steps))
+            (run / "result.json").write_text(json.dumps(done, indent=2))
+        else:
+            log(f"{label}: done already")
+        return
+    result: dict[str, Any] = {}
+    if (run / "model.safetensors").is_file() and same_config(run, cfg):
+        # trained, but its evaluation failed or was interrupted: evaluate only
+        log(f"{label}: trained already; evaluating")
+        rows = (run / "metrics.jsonl").read_text().splitlines()
+        wall = json.loads(rows[-1])["elapsed_s"] if rows else float("nan")
+    else:
+        log(f"{label}: {cfg.train.steps} steps → {run}")
+        if run.exists():
+            shutil.rmtree(run)
+        t0 = time.perf_counter()
+        try:
+            pretrain(cfg, progress=progress)
+        except NonFiniteLossError as err:  # one diverged run does not stop the others
+            result["failed"] = str(err)
+            log(f"    failed: {err}")
+        wall = time.perf_counter() - t0
+    if "failed" not in result:
+        result.update(evaluate_run(run, spec.evaluations, spec.finetune_steps),
+                      s_per_step=seconds_per_step(run))
+        log(f"    zero-shot mean AUC {result['zeroshot']['mean_auc']:.3f} "
+            f"({wall / 60:.1f} min)")
+    result.update(variant=name, seed=seed, steps=cfg.train.steps, wall_s=wall,
+                  overrides=overrides, config_digest=digest)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "result.json").write_text(json.dumps(result, indent=2))
 
 
 CALIBRATION_SEED = 0

@@ -100,3 +100,34 @@ def writable_file(path: str | Path, what: str) -> Path:
         raise XlipError(f"{what} {p}: the file exists and cannot be overwritten; give another "
                         "path")
     return p
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str, fix: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created, with its folders) while the block
+    runs, so that two processes never write one run at once: a second one gets an
+    :class:`XlipError` naming ``what``, the holder's pid and ``fix``. An advisory ``flock``:
+    the system drops it when the holder exits, however it exits, so no stale lock is left;
+    the empty file stays. Where there is no ``fcntl`` (Windows) the block runs unguarded."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms xlip is tested on
+        yield
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise XlipError(f"{what}: in use by another xlip process (pid {pid}); {fix}") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -6,6 +6,7 @@ fine-tuning runs too."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -22,7 +23,7 @@ from xlip.data.dataset import MixedDataset
 from xlip.data.images import dataset_stats
 from xlip.data.sampler import MixedBatchSampler
 from xlip.data.stream import ShardStream, streamed
-from xlip.files import writable_dir
+from xlip.files import exclusive, writable_dir
 from xlip.losses import XLIPLoss
 from xlip.model.weights import load_weights, save_text_files, save_weights
 from xlip.model.xlip import XLIPModel
@@ -34,7 +35,8 @@ from xlip.text.tokenizer import load_tokenizer
 from xlip.train.checkpoint import (gather_rng_states, load_state, point_latest_at,
                                    resolve_checkpoint, restore_rng, save_checkpoint)
 from xlip.train.distributed import (DistInfo, any_rank, barrier, init_distributed,
-                                    reduce_sums, sync_batchnorm, wrap_for_training)
+                                    launch_from_env, reduce_sums, sync_batchnorm,
+                                    wrap_for_training)
 from xlip.train.resume import apply_optimizer_settings, check_resume
 from xlip.train.tracking import Tracker, check_reporters
 
@@ -150,7 +152,18 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     """Pre-train XLIP as ``cfg`` says; returns the run folder.
 
     ``resume``: 'latest' or a checkpoint folder. A config that differs from the checkpoint's
-    is refused (naming the keys) unless the change is safe or ``resume_override`` is set."""
+    is refused (naming the keys) unless the change is safe or ``resume_override`` is set.
+    While it trains, the run folder is locked (``RUN/.lock``, held by rank 0): a second
+    training into the same folder stops at once instead of overwriting this one's files."""
+    if launch_from_env(os.environ).rank != 0:  # rank 0 holds the lock for the whole job
+        return _pretrain(cfg, resume, progress, resume_override)
+    out_dir = writable_dir(cfg.train.out_dir, "train.out_dir")
+    with exclusive(out_dir / ".lock", f"train.out_dir {out_dir}",
+                   "wait for it to finish, or give another train.out_dir"):
+        return _pretrain(cfg, resume, progress, resume_override)
+
+
+def _pretrain(cfg: Config, resume: str | None, progress: bool, resume_override: bool) -> Path:
     cfg.validate()  # a config changed after construction
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: name at least one manifest to train on")
