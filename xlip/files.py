@@ -10,6 +10,7 @@ computes for an hour and then fails on a folder it cannot write.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -108,7 +109,8 @@ def exclusive(path: str | Path, what: str, fix: str) -> Iterator[None]:
     runs, so that two processes never write one run at once: a second one gets an
     :class:`XlipError` naming ``what``, the holder's pid and ``fix``. An advisory ``flock``:
     the system drops it when the holder exits, however it exits, so no stale lock is left;
-    the empty file stays. Where there is no ``fcntl`` (Windows) the block runs unguarded."""
+    the file stays. Where there is no ``fcntl`` (Windows), or the file system refuses locks
+    (some cluster mounts), the block runs unguarded (the latter with a note on stderr)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on the platforms xlip is tested on
@@ -117,12 +119,20 @@ def exclusive(path: str | Path, what: str, fix: str) -> Iterator[None]:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "a+") as f:
+        locked = True
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             pid = f.read().strip() or "unknown"
             raise XlipError(f"{what}: in use by another xlip process (pid {pid}); {fix}") from None
+        except OSError as err:  # a file system without flock (e.g. Lustre mounted noflock)
+            print(f"note: {p}: cannot lock here ({err.strerror or err}); {what} runs "
+                  "unguarded against a second process", file=sys.stderr)
+            locked = False
+        if not locked:
+            yield
+            return
         try:
             f.seek(0)
             f.truncate()
