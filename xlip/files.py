@@ -130,14 +130,13 @@ def exclusive(path: str | Path, what: str, fix: str) -> Iterator[None]:
             print(f"note: {p}: cannot lock here ({err.strerror or err}); {what} runs "
                   "unguarded against a second process", file=sys.stderr)
             locked = False
-        if not locked:
-            yield
-            return
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
+            if locked:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{os.getpid()}\n")
+                f.flush()
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:  # explicitly: forked loader workers share this open file and its lock
+                fcntl.flock(f, fcntl.LOCK_UN)
