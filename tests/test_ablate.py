@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,44 @@ def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, mo
     with pytest.raises(SystemExit):
         ablate.step_budget(spec, lambda s: None)
     assert [Path(p).name for p in seen] == ["clip"]  # clip is calibrated again
+
+
+def test_equal_time_waits_for_a_calibration_in_progress(corpus, tmp_path, monkeypatch, capsys):
+    """Two invocations started side by side (one seed each) used to calibrate the same variants
+    at the same moment; the second then stopped at the calibration run folder's lock. Now it
+    waits for the first's measurement and reuses it."""
+    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
+    out = tmp_path / "abl"
+    out.mkdir()
+    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
+                               variants=ablate.variant_overrides(["clip", "xlip"]),
+                               equal="time")
+    cal = {}
+    for name, seconds in (("clip", 0.05), ("xlip", 0.2)):
+        c = ablate.variant_config(spec.base, name, spec.variants[name], 0,
+                                  out / "calibration" / name, spec.calibrate_steps)
+        cal[name] = {"s_per_step": seconds, "config_digest": ablate.config_digest(c)}
+    calibrated = []
+    monkeypatch.setattr("xlip.train.loop.pretrain",  # imported here: it takes seconds
+                        lambda cfg, progress=True: calibrated.append(cfg.train.out_dir))
+    lock = out / ".locks" / "calibration.lock"
+    # the other invocation: holds the lock while it "measures", writes its result, exits
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, time\nfrom xlip.files import exclusive\n"
+         f"with exclusive({str(lock)!r}, 'calibration', ''):\n"
+         "    print('held', flush=True)\n    time.sleep(1.5)\n"
+         f"    pathlib.Path({str(out / 'calibration.json')!r}).write_text({json.dumps(cal)!r})\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert not (out / "calibration.json").exists()
+        assert ablate.step_budget(spec, lambda s: None) == {"clip": 160, "xlip": 40}
+    finally:
+        other.kill()
+        other.wait()
+    assert calibrated == []  # nothing measured again: the other's figures were read
+    assert f"in use by another xlip process (pid {other.pid}); waiting for it" in \
+        capsys.readouterr().err
 
 
 def test_equal_time_times_aux_and_cl_only_steps_apart(corpus, tmp_path, monkeypatch):

@@ -398,6 +398,22 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
                                         for n, s in out.items())
             + f"; budget {budget / 1e12:.2f} TFLOP")
         return out
+    # one calibration at a time: an invocation started beside another (one seed each) waits
+    # for the other's measurement and reuses it, instead of timing the same variant at the
+    # same moment (each slowing the other) or stopping at its run folder's lock
+    with exclusive(spec.out / ".locks" / "calibration.lock", f"calibration in {spec.out}",
+                   "", wait=True):
+        sec = calibrated_seconds(spec, log)
+    budget = spec.budget_s or base_steps * sec[spec.reference]
+    out = {name: max(1, round(budget / sec[name])) for name in spec.variants}
+    log("equal time: " + ", ".join(f"{n} {s} steps ({sec[n]:.3f} s/step)"
+                                   for n, s in out.items()) + f"; budget {budget:.0f} s")
+    return out
+
+
+def calibrated_seconds(spec: AblationSpec, log: Callable[[str], None]) -> dict[str, float]:
+    """Seconds per step of each variant (and the reference), from ``OUT/calibration.json``
+    where it holds a measurement under the same config, else measured and added there."""
     path = spec.out / "calibration.json"
     cal = json.loads(path.read_text()) if path.is_file() else {}
     names = list(spec.variants)
@@ -434,11 +450,7 @@ def step_budget(spec: AblationSpec, log: Callable[[str], None],
             c.loss.aux_until = until
             parts[phase] = measured(f"{name}.{phase}", c)
         sec[name] = share * parts["aux"] + (1 - share) * parts["cl"]
-    budget = spec.budget_s or base_steps * sec[spec.reference]
-    out = {name: max(1, round(budget / sec[name])) for name in spec.variants}
-    log("equal time: " + ", ".join(f"{n} {s} steps ({sec[n]:.3f} s/step)"
-                                   for n, s in out.items()) + f"; budget {budget:.0f} s")
-    return out
+    return sec
 
 
 def flops_per_step(spec: AblationSpec) -> dict[str, float]:

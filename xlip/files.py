@@ -104,12 +104,13 @@ def writable_file(path: str | Path, what: str) -> Path:
 
 
 @contextmanager
-def exclusive(path: str | Path, what: str, fix: str) -> Iterator[None]:
+def exclusive(path: str | Path, what: str, fix: str, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (created, with its folders) while the block
     runs, so that two processes never write one run at once: a second one gets an
-    :class:`XlipError` naming ``what``, the holder's pid and ``fix``. An advisory ``flock``:
-    the system drops it when the holder exits, however it exits, so no stale lock is left;
-    the file stays. Where there is no ``fcntl`` (Windows), or the file system refuses locks
+    :class:`XlipError` naming ``what``, the holder's pid and ``fix``; with ``wait``, it says
+    on stderr that it waits for that pid and takes the lock when it is free. An advisory
+    ``flock``: the system drops it when the holder exits, however it exits, so no stale lock
+    is left; the file stays. Where there is no ``fcntl`` (Windows), or the file system refuses locks
     (some cluster mounts), the block runs unguarded (the latter with a note on stderr)."""
     try:
         import fcntl
@@ -125,7 +126,12 @@ def exclusive(path: str | Path, what: str, fix: str) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             pid = f.read().strip() or "unknown"
-            raise XlipError(f"{what}: in use by another xlip process (pid {pid}); {fix}") from None
+            if not wait:
+                raise XlipError(f"{what}: in use by another xlip process (pid {pid}); {fix}"
+                                ) from None
+            print(f"note: {what}: in use by another xlip process (pid {pid}); waiting for it",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         except OSError as err:  # a file system without flock (e.g. Lustre mounted noflock)
             print(f"note: {p}: cannot lock here ({err.strerror or err}); {what} runs "
                   "unguarded against a second process", file=sys.stderr)
