@@ -1,6 +1,7 @@
 """`xlip ablate` (variants side by side, resume, equal time) and `xlip visualize`."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -167,19 +168,26 @@ def test_a_config_key_added_since_a_run_does_not_make_it_changed(tmp_path):
     assert not ablate.same_config(tmp_path, cfg)
 
 
-def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, monkeypatch):
+def equal_time_spec(corpus, tmp_path) -> tuple[Path, Path, ablate.AblationSpec]:
+    """clip and xlip at equal time, 40 steps of xlip: (config file, OUT, spec)."""
     cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
     out = tmp_path / "abl"
     out.mkdir()
-    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
-                               variants=ablate.variant_overrides(["clip", "xlip"]),
-                               equal="time")
+    return cfg, out, ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
+                                         variants=ablate.variant_overrides(["clip", "xlip"]),
+                                         equal="time")
 
-    def calibrated(name, seconds, base=spec.base):
-        c = ablate.variant_config(base, name, spec.variants[name], 0, out / "calibration" / name,
-                                  spec.calibrate_steps)
-        return {"s_per_step": seconds, "config_digest": ablate.config_digest(c)}
 
+def calibration_entry(spec, name, seconds, base=None) -> dict:
+    """A calibration.json entry for ``name``, as if measured under ``base`` (the spec's)."""
+    c = ablate.variant_config(base or spec.base, name, spec.variants[name], 0,
+                              spec.out / "calibration" / name, spec.calibrate_steps)
+    return {"s_per_step": seconds, "config_digest": ablate.config_digest(c)}
+
+
+def test_equal_time_gives_each_variant_the_reference_budget(corpus, tmp_path, monkeypatch):
+    cfg, out, spec = equal_time_spec(corpus, tmp_path)
+    calibrated = functools.partial(calibration_entry, spec)
     # measured seconds per step, as if calibrated: CLIP 4x cheaper than XLIP
     (out / "calibration.json").write_text(json.dumps(
         {"clip": calibrated("clip", 0.05), "xlip": calibrated("xlip", 0.2)}))
@@ -212,17 +220,9 @@ def test_equal_time_waits_for_a_calibration_in_progress(corpus, tmp_path, monkey
     """Two invocations started side by side (one seed each) used to calibrate the same variants
     at the same moment; the second then stopped at the calibration run folder's lock. Now it
     waits for the first's measurement and reuses it."""
-    cfg = write_cfg(corpus, tmp_path / "c.yaml", steps=40)
-    out = tmp_path / "abl"
-    out.mkdir()
-    spec = ablate.AblationSpec(base=load_config(cfg).to_dict(), out=out,
-                               variants=ablate.variant_overrides(["clip", "xlip"]),
-                               equal="time")
-    cal = {}
-    for name, seconds in (("clip", 0.05), ("xlip", 0.2)):
-        c = ablate.variant_config(spec.base, name, spec.variants[name], 0,
-                                  out / "calibration" / name, spec.calibrate_steps)
-        cal[name] = {"s_per_step": seconds, "config_digest": ablate.config_digest(c)}
+    _, out, spec = equal_time_spec(corpus, tmp_path)
+    cal = {"clip": calibration_entry(spec, "clip", 0.05),
+           "xlip": calibration_entry(spec, "xlip", 0.2)}
     calibrated = []
     monkeypatch.setattr("xlip.train.loop.pretrain",  # imported here: it takes seconds
                         lambda cfg, progress=True: calibrated.append(cfg.train.out_dir))
