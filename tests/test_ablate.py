@@ -504,12 +504,14 @@ def test_variant_sources_follow_the_switches(tmp_path):
         " {manifest: m.csv, kind: text_only}]", "mlm.text_only=true"]).to_dict()
     kinds = {}
     for name, overrides in ablate.variant_overrides(["clip", "xlip", "xlip-no_prompts",
-                                                     "clip+random_mim"]).items():
+                                                     "clip+random_mim",
+                                                     "clip-no_prompts"]).items():
         cfg = ablate.variant_config(base, name, overrides, 0, tmp_path)
         kinds[name] = [s.kind for s in cfg.data.sources]
     assert kinds == {"clip": ["paired", "image_only"], "clip+random_mim": ["paired", "image_only"],
                      "xlip": ["paired", "image_only", "text_only"],
-                     "xlip-no_prompts": ["paired", "text_only"]}
+                     "xlip-no_prompts": ["paired", "text_only"],
+                     "clip-no_prompts": ["paired"]}  # plain CLIP: pairs only
 
 
 def test_ablation_refuses_to_resume_under_another_config(corpus, tmp_path, capsys):

@@ -37,10 +37,11 @@ from xlip.files import exclusive
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 
-#: name: (overrides, description). ``xlip-no_prompts`` also drops the image-only sources, and
+#: name: (overrides, description). ``*-no_prompts`` also drop the image-only sources, and
 #: variants without MLM drop text-only sources (they train nothing else).
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "clip": (CLIP, "contrastive only"),
+    "clip-no_prompts": (CLIP, "plain CLIP: image-report pairs only, no label prompts"),
     "clip+random_mim": (["mim.policy=random", "mlm.policy=none", "loss.w_mlm=0"],
                         "CL + MAE-style random masking"),
     "clip+entmlm": (["mim.policy=none", "loss.w_mim=0", "mlm.policy=entity"],
@@ -85,13 +86,14 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                    "XLIP with AttMIM and EntMLM on the first quarter of the steps, CL only "
                    "after"),
 }
-#: not run by default: the cheaper steps that lost (README), the decoder depths (in the demo
-#: config, 2 blocks, ``xlip_dec2`` is ``xlip`` itself) and the demo's earlier step. Of the
-#: others, those that a config already makes ``xlip`` (``xlip_tokens`` and ``xlip_lean`` in
-#: the demo's) are left out of a default run (:func:`distinct_variants`)
+#: not run by default: plain CLIP (the baseline without XLIP's label prompts), the cheaper
+#: steps that lost (README), the decoder depths (in the demo config, 2 blocks, ``xlip_dec2``
+#: is ``xlip`` itself) and the demo's earlier step. Of the others, those that a config
+#: already makes ``xlip`` (``xlip_tokens`` and ``xlip_lean`` in the demo's) are left out of a
+#: default run (:func:`distinct_variants`)
 DEFAULT_VARIANTS = [v for v in VARIANTS
-                    if v not in ("xlip_fast_random", "xlip_lite", "xlip_dec1", "xlip_dec2",
-                                 "xlip_early", "xlip_image")]
+                    if v not in ("clip-no_prompts", "xlip_fast_random", "xlip_lite",
+                                 "xlip_dec1", "xlip_dec2", "xlip_early", "xlip_image")]
 #: zeroshot: zero-shot AUC on data.eval_manifest; attmim: on a synthetic corpus, the share of
 #: lesion patches that AttMIM masks (xlip.eval.attmim)
 EVALUATIONS = ("zeroshot", "attmim", "probe", "finetune", "retrieval")
