@@ -294,3 +294,32 @@ def test_shard_throughput_base_preset_takes_the_bench_sizes(tmp_path):
     assert (base.data.batch_size, t.max_length) == (8, 64)
     assert base.model.mae_decoder_depth == 4 and base.model.embed_dim == 256  # the defaults
     assert base.mim.policy == demo.mim.policy and base.data.sources == demo.data.sources
+
+
+def test_compute_curve_reads_the_committed_ablations(tmp_path, monkeypatch):
+    """benchmarks/compute_curve.py plots what the committed result files say: each point's mean
+    is its file's per-seed AUCs averaged (the 2x-budget CLIP point: that file's own mean), and
+    the figure is written."""
+    import importlib.util
+    import statistics
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compute_curve.py"
+    spec = importlib.util.spec_from_file_location("compute_curve", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pts = mod.points()
+    assert {p["curve"] for p in pts} == {"clip", "xlip", "plain"}
+    budget2x = json.loads((mod.RESULTS / "ablation_demo_budget2x.json").read_text())
+    clip2x = next(p for p in pts if p["curve"] == "clip" and p["steps"] == 2624)
+    assert clip2x["mean"] == pytest.approx(budget2x["variants"]["clip"]["mean_auc"])
+    assert clip2x["seeds"] == 5 and clip2x["tflop"] == pytest.approx(68.1, abs=0.1)
+    lean = json.loads((mod.RESULTS / "ablation_demo_lean_cpu.json").read_text())
+    xlip560 = next(p for p in pts if p["curve"] == "xlip" and p["steps"] == 560)
+    assert xlip560["mean"] == pytest.approx(statistics.fmean(
+        r["zeroshot"] for r in lean["runs"] if r["run"] == "xlip_tok_w64@560"))
+    out = tmp_path / "curve.png"
+    monkeypatch.setattr(sys, "argv", ["compute_curve.py", "--out", str(out)])
+    mod.main()
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
