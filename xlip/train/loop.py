@@ -160,10 +160,12 @@ def pretrain(cfg: Config, resume: str | None = None, progress: bool = True,
     out_dir = writable_dir(cfg.train.out_dir, "train.out_dir")
     with exclusive(out_dir / ".lock", f"train.out_dir {out_dir}",
                    "wait for it to finish, or give another train.out_dir"):
-        return _pretrain(cfg, resume, progress, resume_override)
+        return _pretrain(cfg, resume, progress, resume_override, out_dir)
 
 
-def _pretrain(cfg: Config, resume: str | None, progress: bool, resume_override: bool) -> Path:
+def _pretrain(cfg: Config, resume: str | None, progress: bool, resume_override: bool,
+              out_dir: Path | None = None) -> Path:
+    """``out_dir``: train.out_dir, already checked writable (rank 0); None: check it here."""
     cfg.validate()  # a config changed after construction
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: name at least one manifest to train on")
@@ -176,7 +178,7 @@ def _pretrain(cfg: Config, resume: str | None, progress: bool, resume_override: 
     torch.set_flush_denormal(True)
     torch.manual_seed(tr.seed + info.rank)
     random.seed(tr.seed + info.rank)
-    out_dir = writable_dir(tr.out_dir, "train.out_dir")
+    out_dir = out_dir or writable_dir(tr.out_dir, "train.out_dir")
     ck, state = None, None
     if resume:  # every file of the checkpoint checked before the data is loaded
         ck = resolve_checkpoint(out_dir, resume)
