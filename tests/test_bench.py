@@ -272,19 +272,25 @@ def test_peak_memory_sees_an_allocation():
     assert re.fullmatch(r"cpu_\d+core_[a-z0-9]+", machine_kind(torch.device("cpu")))
 
 
+def benchmark_script(name: str):
+    """The module of ``benchmarks/<name>.py`` (a script folder, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_shard_throughput_base_preset_takes_the_bench_sizes(tmp_path):
     """benchmarks/shard_throughput.py --stream-preset base: the streaming loader and the step
     at xlip bench's base sizes (ViT-B/16 at 224 px, BERT-base, batch 8, 64 tokens), nothing of
     the demo's small model left; `demo` leaves the demo config alone."""
-    import importlib.util
-    from pathlib import Path
-
     from xlip.demo import demo_config
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shard_throughput.py"
-    spec = importlib.util.spec_from_file_location("shard_throughput", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("shard_throughput")
     demo = demo_config(tmp_path, [])
     assert mod.at_preset(demo, "demo") is demo
     base = mod.at_preset(demo, "base")
@@ -300,15 +306,10 @@ def test_compute_curve_reads_the_committed_ablations(tmp_path, monkeypatch):
     """benchmarks/compute_curve.py plots what the committed result files say: each point's mean
     is its file's per-seed AUCs averaged (the 2x-budget CLIP point: that file's own mean), and
     the figure is written."""
-    import importlib.util
     import statistics
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compute_curve.py"
-    spec = importlib.util.spec_from_file_location("compute_curve", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("compute_curve")
     pts = mod.points()
     assert {p["curve"] for p in pts} == {"clip", "xlip", "plain"}
     budget2x = json.loads((mod.RESULTS / "ablation_demo_budget2x.json").read_text())
