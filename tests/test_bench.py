@@ -245,6 +245,20 @@ def test_bench_writes_the_issue_keys(bench_result):
     assert "mim.mask_at=tokens" in md
 
 
+def test_bench_steps_group_runs_a_config_that_masks_tokens(tmp_path):
+    """The demo config masks the full pass's tokens (mim.mask_at=tokens), which fast mode
+    cannot: the fast variant masks the image instead of stopping the bench with an error."""
+    out = tmp_path / "F.json"
+    assert main(["bench", "--preset", "tiny", "--steps", "1", "--batch-size", "4",
+                 "--no-loader", "--out", str(out), "mim.mask_at=tokens"]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]
+            if r["precision"] == "fp32"}
+    assert "mim.mask_at=image" in rows["xlip_fast"]["overrides"]
+    # the config's own xlip masks tokens: no visible-patch pass; fast mode has one
+    assert "vision.visible" not in rows["xlip"]["flops_by_part"]
+    assert "vision.visible" in rows["xlip_fast"]["flops_by_part"]
+
+
 def test_bench_refuses_bad_options(tmp_path):
     with pytest.raises(InputError, match="--preset huge: unknown preset huge; choose from tiny"):
         BenchOptions(presets=("huge",))

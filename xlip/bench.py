@@ -51,7 +51,9 @@ from xlip.train.loop import build_loader
 
 CLIP = ["mim.policy=none", "mlm.policy=none", "loss.w_mim=0", "loss.w_mlm=0"]
 GROUPS: dict[str, list[tuple[str, list[str]]]] = {
-    "steps": [("clip", CLIP), ("xlip", []), ("xlip_fast", ["train.mode=fast"]),
+    # fast mode encodes the visible patches, so it masks the image even where the config
+    # masks the full pass's tokens (the demo's does), as the ablation's xlip_fast does
+    "steps": [("clip", CLIP), ("xlip", []), ("xlip_fast", ["train.mode=fast", "mim.mask_at=image"]),
               ("xlip_tokens", ["mim.mask_at=tokens"])],
     "attention": [("explicit", ["vision.attn_impl=explicit"]),
                   ("sdpa", ["vision.attn_impl=sdpa"])],
