@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import build_corpus, tiny_config
 from xlip import ablate
@@ -166,6 +167,32 @@ def test_a_config_key_added_since_a_run_does_not_make_it_changed(tmp_path):
     assert not ablate.same_config(tmp_path, cfg)
     cfg.train.diverge_factor, cfg.train.lr = 100.0, 1e-2
     assert not ablate.same_config(tmp_path, cfg)
+
+
+def test_a_decoder_the_run_never_built_does_not_make_it_changed(tmp_path):
+    """A CLIP run has no MAE or multimodal decoder, so their sizes cannot change it: a finished
+    CLIP run made under a config with another MAE decoder width (the demo config's changed
+    from 128 to 64) is the same run; an XLIP run, which builds the decoder, is not."""
+    import yaml
+
+    from xlip.config import from_dict
+    from xlip.model.xlip import XLIPModel
+
+    clip = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
+            "loss": {"w_mim": 0.0, "w_mlm": 0.0}}
+    for sections, inert in ((clip, True), ({}, False)):
+        cfg = from_dict({**sections, "train": {"out_dir": str(tmp_path)},
+                         "model": {"mae_decoder_width": 128, "mm_decoder_depth": 1}})
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+        cfg.model.mae_decoder_width, cfg.model.mm_decoder_depth = 64, 2
+        assert ablate.same_config(tmp_path, cfg) is inert
+    # inert indeed: the CLIP model is the same module for module, weight for weight
+    models = []
+    for width in (128, 64):
+        torch.manual_seed(0)
+        models.append(XLIPModel(from_dict({**clip, "model": {"mae_decoder_width": width}}), 50))
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def equal_time_spec(corpus, tmp_path) -> tuple[Path, Path, ablate.AblationSpec]:

@@ -244,6 +244,26 @@ def test_resume_refuses_changed_settings_and_applies_them_on_request(corpus, tmp
     assert rows[1]["lr"] == pytest.approx(5e-4 * lr_lambda(cfg)(2))
 
 
+def test_resume_ignores_the_sizes_of_a_decoder_the_model_lacks():
+    """A CLIP checkpoint resumes under a config with another MAE / multimodal decoder size
+    (the model has neither decoder); an XLIP checkpoint, which has them, is refused."""
+    from xlip.config import ConfigError, from_dict
+    from xlip.train.resume import check_resume
+
+    clip = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
+            "loss": {"w_mim": 0.0, "w_mlm": 0.0}}
+    for sections in (clip, {}):
+        old, new = (from_dict({**sections, "model": {"mae_decoder_width": w,
+                                                     "mm_decoder_depth": d}})
+                    for w, d in ((128, 1), (64, 2)))
+        if sections:
+            assert check_resume(old, new, "CK", override=False) == []
+        else:
+            with pytest.raises(ConfigError, match="model.mae_decoder_width: 128 → 64.*"
+                                                  "these change its parameters"):
+                check_resume(old, new, "CK", override=False)
+
+
 def test_resume_takes_safe_changes(corpus, tmp_path):
     ck = resumable(corpus, tmp_path)
     # the divergence guard's lowest loss travels with the checkpoint

@@ -222,7 +222,9 @@ def config_digest(cfg: Config) -> str:
 def same_config(run: Path, cfg: Config) -> bool:
     """Whether a finished run's ``config.yaml`` is ``cfg``, keys added to xlip since the run
     (absent from its file, at their default in ``cfg``) aside: a new setting must not make every
-    finished run of an ablation count as changed."""
+    finished run of an ablation count as changed. Nor do the sizes of a decoder neither builds
+    (:meth:`~xlip.config.Config.inert_keys`: a CLIP run does not change with the demo's MAE
+    decoder width)."""
     from xlip.train.resume import flatten
 
     try:
@@ -230,8 +232,9 @@ def same_config(run: Path, cfg: Config) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     new, default = flatten(cfg.to_dict()), flatten(Config().to_dict())
+    inert = cfg.inert_keys()  # the policies must match, so these are inert in the run too
     for key in set(old) | set(new):
-        if key in ("train.out_dir", "data.pixel_mean", "data.pixel_std"):
+        if key in ("train.out_dir", "data.pixel_mean", "data.pixel_std") or key in inert:
             continue
         if key not in old:
             if new[key] != default.get(key):

@@ -295,6 +295,18 @@ class Config:
         return (self.mim.policy != "none",
                 self.mlm.policy != "none" or self.mim.policy == "attention")
 
+    def inert_keys(self) -> set[str]:
+        """Dotted keys that cannot change a run under this config: the sizes of a decoder the
+        model does not build (a CLIP run's ``model.mae_decoder_width``). A finished run or a
+        checkpoint whose config differs from another only in these is the same run."""
+        has_mae, has_mm = self.decoders()
+        keys = set()
+        if not has_mae:
+            keys |= {f"model.mae_decoder_{k}" for k in ("width", "depth", "heads")}
+        if not has_mm:
+            keys.add("model.mm_decoder_depth")
+        return keys
+
     def mae_output_dim(self) -> int:
         """What the MAE decoder predicts per patch: C·p·p pixels, or the ViT width
         (``mim.target=features``)."""

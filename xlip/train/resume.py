@@ -40,9 +40,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (checkpoint value, new value)}`` for every key that differs."""
+    """``{dotted key: (checkpoint value, new value)}`` for every key that differs, the sizes of
+    a decoder neither config builds left out (:meth:`~xlip.config.Config.inert_keys`)."""
     a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    inert = old.inert_keys() & new.inert_keys()
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in inert}
 
 
 def _on(key: str, prefixes: tuple[str, ...]) -> bool:
