@@ -3,7 +3,7 @@ config's XLIP step (the lean step), from the ablation results committed under
 ``benchmarks/results/``; plain CLIP (image–report pairs only) as one point.
 
 Every run: the demo corpus and config, one thread, two runs side by side on a 2-core AMD EPYC
-with AVX512-BF16 (bf16), seeds 4–8 (4–6 at the demo's compute). Compute is steps × the FLOPs
+with AVX512-BF16 (bf16), seeds 4–8 (plain CLIP: 4–6). Compute is steps × the FLOPs
 of one step as ``xlip.flops`` counts them today on the demo's batches (XLIP 36.4 G, CLIP
 26.0 G, plain CLIP 23.5 G). ``ablation_demo_lean_cpu.json``'s runs (code of fc2ea07) came before
 the clean texts ran in length groups, which cut 3.6 GFLOP of padding from both steps; its
@@ -27,8 +27,8 @@ SOURCES = [
     ("ablation_demo_lean_cpu.json", "clip@560", "clip"),
     ("ablation_demo_lean_cpu.json", "clip@758", "clip"),
     ("ablation_demo_lean_cpu.json", "xlip_tok_w64@560", "xlip"),
-    ("ablation_demo_budget.json", "clip", "clip"),
-    ("ablation_demo_budget.json", "xlip_lean", "xlip"),
+    ("ablation_demo_budget_5seeds.json", "clip", "clip"),
+    ("ablation_demo_budget_5seeds.json", "xlip_lean", "xlip"),
     ("ablation_demo_budget2x.json", "clip", "clip"),
     ("ablation_demo_budget2x.json", "xlip", "xlip"),
     ("ablation_demo_plain_clip.json", "clip-no_prompts", "plain"),
