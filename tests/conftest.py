@@ -15,6 +15,9 @@ from xlip.config import Config, from_dict
 from xlip.text.labels import CANONICAL_FINDINGS
 
 VOCAB = 64
+# config sections of the CLIP baseline: contrastive only, no MIM, no MLM
+CLIP = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
+        "loss": {"w_mim": 0.0, "w_mlm": 0.0}}
 ROOT = Path(__file__).resolve().parents[1]
 # Real data for tests (never copied into the repo): $XLIP_SHARED_DATA, else ../shared/data.
 SHARED_DATA = Path(os.environ.get("XLIP_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import VOCAB, random_batch, tiny_config
+from conftest import CLIP, VOCAB, random_batch, tiny_config
 from xlip.bench import BenchOptions, PeakMemory, machine_kind, run_bench
 from xlip.cli import main
 from xlip.errors import InputError
@@ -16,10 +16,6 @@ from xlip.flops import StepShape, batch_shape, step_flops
 from xlip.losses import XLIPLoss, total_loss
 from xlip.model.xlip import XLIPModel
 from xlip.precision import resolve_precision
-
-CLIP = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
-        "loss": {"w_mim": 0, "w_mlm": 0}}
-
 
 def shape_of(batch: dict) -> StepShape:
     return batch_shape(batch, VOCAB)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import build_corpus, tiny_config
+from tests.conftest import CLIP, build_corpus, tiny_config
 from xlip.cli import main
 from xlip.config import load_config, save_config
 from xlip.data.manifest import load_manifest
@@ -250,9 +250,7 @@ def test_resume_ignores_the_sizes_of_a_decoder_the_model_lacks():
     from xlip.config import ConfigError, from_dict
     from xlip.train.resume import check_resume
 
-    clip = {"mim": {"policy": "none"}, "mlm": {"policy": "none"},
-            "loss": {"w_mim": 0.0, "w_mlm": 0.0}}
-    for sections in (clip, {}):
+    for sections in (CLIP, {}):
         old, new = (from_dict({**sections, "model": {"mae_decoder_width": w,
                                                      "mm_decoder_depth": d}})
                     for w, d in ((128, 1), (64, 2)))
